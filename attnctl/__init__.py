@@ -1,0 +1,14 @@
+"""attnctl: precise control over attention in diffusers pipelines.
+
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
+        image = pipe("a cat and a frog").images[0]
+    ctl.maps["cat"]  # [h, w]
+"""
+
+from .control import Session, control
+from .controls import Control
+from .layers import LayerSelection
+from .maps import AttentionMaps
+
+__all__ = ["AttentionMaps", "Control", "LayerSelection", "Session", "control"]
+__version__ = "0.1.0"

@@ -1,0 +1,270 @@
+"""`attnctl.control(pipe, *controls)`: install controls on entry, restore the pipeline exactly on exit.
+
+Three hook points, one per level (DESIGN.md):
+- attention: an `AttnctlProcessor` replaces the processor of each layer a control selects;
+- denoiser: a diffusers `ModelHook` tracks the step, the timestep, the token grid and which batch rows
+  are conditional, and lets controls wrap the denoiser call;
+- sampler: controls may wrap methods of the pipeline's objects on the instance (restored on exit).
+Everything installed is recorded as an undo action and undone in reverse order in a `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .controls import Control
+from .families import FamilyAdapter, LayerInfo, adapter_for
+from .layers import LayerSelection
+from .processors.attention import AttentionEdit, AttnctlProcessor
+
+HOOK_NAME = "attnctl"
+DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
+
+
+@contextlib.contextmanager
+def control(pipe: Any, *controls: Control) -> Iterator[Session]:
+    """Install `controls` on a diffusers pipeline for the duration of a `with` block.
+
+    The pipeline is called as usual inside the block. On exit, also after an exception, every
+    attention processor, hook and wrapped method is put back exactly as it was.
+    """
+    for c in controls:
+        if not isinstance(c, Control):
+            raise TypeError(f"control(...) takes attnctl controls, got {c!r} ({type(c).__name__})")
+    session = Session(pipe)
+    try:
+        session.install(controls)
+        yield session
+    finally:
+        session.restore()
+
+
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _DenoiserHook(ModelHook):
+    """Tracks each denoiser forward. Stateful, so diffusers hands it the pipeline's cache context."""
+
+    _is_stateful = True
+
+    def __init__(self, session: Session, adapter: FamilyAdapter):
+        super().__init__()
+        self.session = session
+        self.adapter = adapter
+        self.state = StateManager(_NoState)  # receives cache_context("cond"/"uncond") from pipelines
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        context = self.state._context
+        self.session._begin_forward(self.adapter, context.name if context is not None else None, args, kwargs)
+        for wrap in self.session.forward_hooks:
+            args, kwargs = wrap.before(self.session, module, args, kwargs)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        for wrap in reversed(self.session.forward_hooks):
+            output = wrap.after(self.session, module, output)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+
+class ForwardHook:
+    """A denoiser-level contribution: change a denoiser call's inputs and/or its output."""
+
+    def before(self, session: Session, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
+
+    def after(self, session: Session, module: torch.nn.Module, output: Any) -> Any:
+        return output
+
+
+class Session:
+    """What `control(...)` yields: live state during generation and results afterwards (`maps`)."""
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+        self.denoisers = [
+            getattr(pipe, a) for a in DENOISER_ATTRS if isinstance(getattr(pipe, a, None), torch.nn.Module)
+        ]
+        if not self.denoisers:
+            raise ValueError(
+                f"{type(pipe).__name__} has no denoiser (looked for {', '.join(DENOISER_ATTRS)}); "
+                "attnctl.control needs a diffusers pipeline"
+            )
+        self.adapters = [adapter_for(d) for d in self.denoisers]
+        self.adapter = self.adapters[0]
+        self.layers: list[LayerInfo] = self.adapter.layers(self.denoisers[0])
+        self.controls: list[Control] = []
+        self.forward_hooks: list[ForwardHook] = []
+        self.maps: Any = None  # filled by AttentionMaps (an attnctl.maps.MapStore)
+        # live state, updated at every denoiser forward
+        self.step = -1  # index of the denoising step of the current forward
+        self.timestep: float | None = None
+        self.branch: str | None = None  # forced "cond"/"uncond" for forwards made by controls
+        self.cond_rows: list[int] = []
+        self.batch = 0
+        self.grid: tuple[int, int, int] = (1, 0, 0)
+        self.text_len: int | None = None
+        self.prompt: str | list[str] | None = None
+        self._forwards_since_prompt = 0
+        self._edits: dict[str, list[AttentionEdit]] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    # ---- installing -------------------------------------------------------------------------
+    def install(self, controls: tuple[Control, ...]) -> None:
+        self.controls = list(controls)
+        for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
+            self._install_hook(denoiser, adapter)
+        self._wrap_method(self.pipe, "encode_prompt", self._on_encode_prompt)
+        for c in controls:
+            c.install(self)
+
+    def select(self, layers: Any = None, kinds: tuple[str, ...] | None = None, heads: Any = None) -> list[LayerInfo]:
+        """Resolve a control's `layers` value (None, a pattern, or a list of patterns/indices)."""
+        if isinstance(layers, (str, int)):
+            layers = [layers]
+        selection = LayerSelection(
+            None if layers is None else tuple(layers), kinds, None if heads is None else tuple(heads)
+        )
+        return selection.resolve(self.layers)
+
+    def add_edit(self, layers: list[LayerInfo], edit: AttentionEdit) -> None:
+        """Route `edit` into the given layers, installing attnctl's processor where needed."""
+        for layer in layers:
+            if layer.name not in self._edits:
+                self._edits[layer.name] = []
+                for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
+                    self._swap_processor(denoiser, adapter, layer)
+            self._edits[layer.name].append(edit)
+
+    def edits_for(self, layer: LayerInfo) -> list[AttentionEdit]:
+        return [e for e in self._edits.get(layer.name, ()) if e.active(self, layer)]
+
+    def wrap(self, owner: Any, attr: str, wrapper: Callable[[Callable], Callable]) -> None:
+        """Replace `owner.attr` on the instance by `wrapper(original)` until the session ends."""
+        had = attr in vars(owner)
+        previous = vars(owner).get(attr)
+        setattr(owner, attr, wrapper(getattr(owner, attr)))
+
+        def undo() -> None:
+            if had:
+                setattr(owner, attr, previous)
+            else:
+                delattr(owner, attr)
+
+        self._undo.append(undo)
+
+    def _wrap_method(self, owner: Any, attr: str, before: Callable[[tuple, dict], None]) -> None:
+        if not callable(getattr(owner, attr, None)):
+            return
+
+        def wrapper(original: Callable) -> Callable:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                before(args, kwargs)
+                return original(*args, **kwargs)
+
+            return call
+
+        self.wrap(owner, attr, wrapper)
+
+    def _install_hook(self, denoiser: torch.nn.Module, adapter: FamilyAdapter) -> None:
+        had_registry = hasattr(denoiser, "_diffusers_hook")
+        had_forward = "forward" in vars(denoiser)
+        previous_forward = vars(denoiser).get("forward")
+        registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+        registry.register_hook(_DenoiserHook(self, adapter), HOOK_NAME)
+
+        def undo() -> None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if had_forward:
+                denoiser.forward = previous_forward
+            else:
+                vars(denoiser).pop("forward", None)
+            if not had_registry:
+                del denoiser._diffusers_hook
+
+        self._undo.append(undo)
+
+    def _swap_processor(self, denoiser: torch.nn.Module, adapter: FamilyAdapter, layer: LayerInfo) -> None:
+        try:
+            module = denoiser.get_submodule(layer.name)
+        except AttributeError:
+            return  # a second denoiser (e.g. Wan 2.2's transformer_2) may lack this layer
+        original = module.processor
+        module.set_processor(AttnctlProcessor(original, self, layer, adapter))
+        self._undo.append(lambda: module.set_processor(original))
+
+    def restore(self) -> None:
+        """Undo everything installed, newest first. Runs every undo even if one fails."""
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as e:  # noqa: BLE001 - keep restoring, report afterwards
+                errors.append(e)
+        self._edits.clear()
+        if errors:
+            raise RuntimeError(f"attnctl could not restore the pipeline completely: {errors}") from errors[0]
+
+    # ---- tracking ---------------------------------------------------------------------------
+    def _on_encode_prompt(self, args: tuple, kwargs: dict) -> None:
+        # A pipeline call encodes the prompt before its first denoiser forward; a second encode
+        # before any forward (e.g. HunyuanVideo's negative prompt) belongs to the same generation.
+        if self.prompt is not None and self._forwards_since_prompt == 0:
+            return
+        self.prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
+        self._forwards_since_prompt = 0
+        self.step = -1
+        self.timestep = None
+        for c in self.controls:
+            hook = getattr(c, "on_generation", None)
+            if hook is not None:
+                hook(self)
+
+    def _begin_forward(self, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict) -> None:
+        self._forwards_since_prompt += 1
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
+        if t != self.timestep:
+            self.step += 1
+            self.timestep = t
+        adapter.observe_forward(self, args, kwargs)
+        sample = args[0] if args else next(iter(kwargs.values()))
+        self.batch = sample.shape[0]
+        branch = self.branch or context
+        if branch in ("cond", "uncond"):
+            self.cond_rows = list(range(self.batch)) if branch == "cond" else []
+        elif getattr(self.pipe, "do_classifier_free_guidance", False) and self.batch % 2 == 0:
+            # diffusers' pipelines stack [uncond, cond] along the batch for CFG
+            self.cond_rows = list(range(self.batch // 2, self.batch))
+        else:
+            self.cond_rows = list(range(self.batch))
+
+    @property
+    def num_steps(self) -> int:
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        return 0 if timesteps is None else len(timesteps)
+
+    def prompts(self) -> list[str]:
+        """The prompt of each conditional image, in batch order of the conditional rows."""
+        if self.prompt is None:
+            raise ValueError(
+                "this control needs the prompt text, but the pipeline was called without `prompt` "
+                "(e.g. with prompt_embeds); pass the prompt as text"
+            )
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        n = max(1, len(self.cond_rows) // len(prompts))  # num_images_per_prompt
+        return [p for p in prompts for _ in range(n)]
+
+    def text_positions(self, word: str, occurrence: int = 0) -> list[list[int]]:
+        """Positions of `word` in the text keys, one list per conditional row."""
+        return [self.adapter.text_positions(self.pipe, p, word, occurrence) for p in self.prompts()]

@@ -1,0 +1,135 @@
+"""What a model-family adapter provides. Adapters are the only model-specific code in attnctl.
+
+An adapter knows, for one family of denoisers:
+- which attention modules exist and their kind (self / cross / joint),
+- how an attention module's processor turns hidden states into q, k, v (after norms and RoPE) and how
+  the attention output becomes the module's output again (`prepare` → `Prepared.finish`),
+- where text and image/video tokens sit in the attention sequence and their spatial grid,
+- which tokenizer produced the text sequence the denoiser sees (prompt words → text positions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ..control import Session
+
+KINDS = ("self", "cross", "joint")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One attention module of a denoiser."""
+
+    name: str  # module path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    kind: str  # "self" | "cross" | "joint"
+    heads: int
+    block: str  # the enclosing block's path, e.g. "up_blocks.1" or "transformer_blocks.3"
+    index: int  # position of the module among all attention modules, in model order
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where tokens sit in one attention call (sequence positions along dim 2 of q/k/v [B, H, S, D])."""
+
+    image_q: slice  # image/video queries
+    image_k: slice  # image/video keys (empty slice for cross-attention)
+    text_k: slice | None  # text keys (None: this call has no text keys, e.g. UNet self-attention)
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def image_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+
+@dataclasses.dataclass
+class Prepared:
+    """q, k, v of one attention call, shaped [B, H, S, D], and how to finish the module's forward."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    layout: Layout
+    finish: Callable[[torch.Tensor], Any]  # attention output [B, H, Sq, D] -> module output
+    mask: torch.Tensor | None = None  # additive or boolean mask broadcastable to [B, H, Sq, Sk]
+    scale: float | None = None  # None: 1/sqrt(D)
+
+
+class FamilyAdapter:
+    """Base adapter; subclasses fill in the family-specific parts."""
+
+    name: str = ""
+    # Denoiser class names this adapter accepts (names, so that optional classes need no import).
+    denoisers: tuple[str, ...] = ()
+
+    def matches(self, denoiser: torch.nn.Module) -> bool:
+        return type(denoiser).__name__ in self.denoisers
+
+    def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
+        """Every attention module of the denoiser, in model order."""
+        raise NotImplementedError
+
+    def observe_forward(self, session: Session, args: tuple, kwargs: dict) -> None:
+        """Read what a denoiser forward tells about the token grid (latent size, text length).
+
+        Called before each denoiser forward; sets `session.grid` (frames, height, width of the
+        image tokens at full token resolution) and `session.text_len`."""
+        raise NotImplementedError
+
+    def prepare(
+        self,
+        session: Session,
+        layer: LayerInfo,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Prepared:
+        """Do the replaced processor's work up to the attention kernel; return q, k, v and a finisher.
+
+        Receives exactly the arguments the attention module passed to its processor."""
+        raise NotImplementedError
+
+    def kernel_for(self, processor: Any) -> Callable:
+        """The attention kernel the model itself would use in this layer: f(q, k, v, mask, scale).
+
+        Default: PyTorch SDPA on [B, H, S, D], what diffusers' UNet, SD3 and CogVideoX processors call."""
+        from ..processors.attention import sdpa
+
+        return sdpa
+
+    def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
+        """Positions of `word` in the text-key sequence the denoiser sees for `prompt`."""
+        raise NotImplementedError
+
+
+def block_of(name: str) -> str:
+    """The block a module belongs to: the first two path parts ("up_blocks.1", "transformer_blocks.3")."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def grid_for(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """Token grid (h, w) of a feature map downsampled from a (height, width) grid to `tokens` cells.
+
+    Downsampling by 2 rounds up (convolutions with padding 1 and stride 2), so try factors 1, 2, 4, ...
+    """
+    factor = 1
+    while factor <= max(height, width):
+        h, w = -(-height // factor), -(-width // factor)
+        if h * w == tokens:
+            return h, w
+        factor *= 2
+    raise ValueError(f"cannot place {tokens} tokens on a grid downsampled from {height}x{width}")
+
+
+def heads_to_dim1(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, D] → [B, H, S, D]."""
+    return x.transpose(1, 2)

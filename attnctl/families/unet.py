@@ -1,0 +1,106 @@
+"""Stable Diffusion 1.x / 2.x / XL: `UNet2DConditionModel` with diffusers' `Attention` modules.
+
+attn1 is self-attention over the image tokens, attn2 cross-attention to the CLIP text sequence
+(77 tokens, start-of-text at 0). Image tokens are the feature map flattened row-major.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..tokens import token_positions
+from .base import FamilyAdapter, Layout, Prepared, block_of, grid_for
+
+
+class UNetAdapter(FamilyAdapter):
+    name = "sd"
+    denoisers = ("UNet2DConditionModel",)
+
+    def layers(self, denoiser: torch.nn.Module) -> list:
+        from .base import LayerInfo
+
+        out = []
+        for name in denoiser.attn_processors:
+            path = name.removesuffix(".processor")
+            module = denoiser.get_submodule(path)
+            kind = "cross" if module.is_cross_attention else "self"
+            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
+        return out
+
+    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        session.grid = (1, sample.shape[-2], sample.shape[-1])
+        ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        session.text_len = None if ehs is None else ehs.shape[1]
+
+    def prepare(
+        self,
+        session: Any,
+        layer: Any,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Prepared:
+        # Mirrors diffusers' AttnProcessor2_0 up to the SDPA call.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, kv_len = context.shape[:2]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        n = query.shape[2]
+        h, w = grid_for(n, session.grid[1], session.grid[2])
+        cross = layer.kind == "cross"
+        layout = Layout(
+            image_q=slice(0, n),
+            image_k=slice(0, 0) if cross else slice(0, n),
+            text_k=slice(0, key.shape[2]) if cross else None,
+            frames=1,
+            height=h,
+            width=w,
+        )
+        dtype = query.dtype
+
+        def finish(out: torch.Tensor) -> torch.Tensor:
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(dtype)
+            out = attn.to_out[1](attn.to_out[0](out))
+            if input_ndim == 4:
+                out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+            if attn.residual_connection:
+                out = out + residual
+            return out / attn.rescale_output_factor
+
+        return Prepared(query, key, value, layout, finish, mask=attention_mask)
+
+    def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
+        return token_positions(pipe.tokenizer, prompt, word, occurrence)

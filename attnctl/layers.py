@@ -1,0 +1,79 @@
+"""Layer selection: one type, resolved once to concrete module names.
+
+A selection names blocks or modules by path ("up_blocks.1", "transformer_blocks.3.attn",
+"*.attn2"), by block index (3 = the fourth block holding attention, in model order), by kind
+(self / cross / joint) and optionally by heads. Patterns are anchored at dot boundaries, so
+"blocks.1" matches "blocks.1.attn1" but never "blocks.10.attn1".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Sequence
+
+from .controls import check
+from .families.base import KINDS, LayerInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSelection:
+    patterns: tuple[str | int, ...] | None = None  # None: every layer of the allowed kinds
+    kinds: tuple[str, ...] | None = None  # None: every kind
+    heads: tuple[int, ...] | None = None  # None: every head
+
+    def __post_init__(self) -> None:
+        if self.patterns is not None:
+            ok = len(self.patterns) > 0 and all(
+                (isinstance(p, str) and p.strip()) or (isinstance(p, int) and not isinstance(p, bool) and p >= 0)
+                for p in self.patterns
+            )
+            check(ok, "layers", list(self.patterns), "module/block paths (strings) or block indices (ints >= 0)")
+        if self.kinds is not None:
+            check(
+                len(self.kinds) > 0 and all(k in KINDS for k in self.kinds), "kinds", list(self.kinds), f"any of {KINDS}"
+            )
+        if self.heads is not None:
+            ok = len(self.heads) > 0 and all(isinstance(h, int) and h >= 0 for h in self.heads)
+            check(ok, "heads", list(self.heads), "a non-empty list of head indices >= 0")
+
+    def resolve(self, layers: Sequence[LayerInfo]) -> list[LayerInfo]:
+        """The layers selected, in model order; an error listing what exists when nothing matches."""
+        pool = [layer for layer in layers if self.kinds is None or layer.kind in self.kinds]
+        if self.patterns is not None:
+            blocks = list(dict.fromkeys(layer.block for layer in layers))
+            chosen = set()
+            for p in self.patterns:
+                if isinstance(p, int):
+                    check(p < len(blocks), "layers", p, f"a block index below {len(blocks)}")
+                    chosen |= {layer.name for layer in pool if layer.block == blocks[p]}
+                else:
+                    chosen |= {layer.name for layer in pool if _matches(layer.name, p)}
+            pool = [layer for layer in pool if layer.name in chosen]
+        if not pool:
+            raise ValueError(f"no attention layer matches {self}; available layers:\n" + format_layers(layers))
+        if self.heads is not None:
+            too_many = [layer.name for layer in pool if max(self.heads) >= layer.heads]
+            check(not too_many, "heads", list(self.heads), f"head indices below the heads of {too_many[:3]}")
+        return pool
+
+    def __str__(self) -> str:
+        parts = []
+        if self.patterns is not None:
+            parts.append(f"layers={list(self.patterns)}")
+        if self.kinds is not None:
+            parts.append(f"kinds={list(self.kinds)}")
+        if self.heads is not None:
+            parts.append(f"heads={list(self.heads)}")
+        return "LayerSelection(" + ", ".join(parts) + ")"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Whether `pattern` names the module `name` or one of its ancestors (whole dot segments only)."""
+    parts = name.split(".")
+    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)
+
+
+def format_layers(layers: Sequence[LayerInfo]) -> str:
+    return "\n".join(f"  [{layer.index}] {layer.name}  ({layer.kind}, {layer.heads} heads)" for layer in layers)

@@ -1,0 +1,203 @@
+"""Attention maps: recorded per word, reduced as they are produced, rendered as heatmaps.
+
+Each recorded attention call adds, per word, one map averaged over heads, over the word's
+sub-tokens and over the conditional images, to a running sum kept per token grid. Memory is one
+[frames, h, w] sum per word and grid, whatever the number of layers and steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .controls import Control, check, check_number, check_words
+from .processors.attention import AttentionCall, AttentionEdit
+
+
+@dataclasses.dataclass
+class AttentionMaps(Control):
+    """Record per-word cross-attention maps (joint models: image queries → text keys).
+
+    tokens: words or phrases of the prompt to record (None: every word of the prompt).
+    layers: layer paths or block indices (None: every layer that attends to text).
+    steps: denoising step indices to record (None: every step).
+    occurrence: which occurrence of a repeated word (0 = first, -1 = last).
+    """
+
+    tokens: list[str] | None = None
+    layers: list[str | int] | None = None
+    steps: list[int] | None = None
+    occurrence: int = 0
+
+    def validate(self) -> None:
+        check_words("tokens", self.tokens, allow_none=True)
+        if self.steps is not None:
+            ok = isinstance(self.steps, (list, tuple)) and len(self.steps) > 0
+            ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps)
+            check(ok, "steps", self.steps, "None or a non-empty list of step indices >= 0")
+        check_number("occurrence", self.occurrence, integer=True)
+
+    def install(self, session: Any) -> None:
+        layers = session.select(self.layers, kinds=("cross", "joint"))
+        store = session.maps if isinstance(session.maps, MapStore) else MapStore()
+        session.maps = store
+        session.add_edit(layers, _Recorder(self, store))
+
+    def words(self, prompt: str) -> list[str]:
+        if self.tokens is not None:
+            return list(self.tokens)
+        return list(dict.fromkeys(re.findall(r"[\w'-]+", prompt)))
+
+
+class _Recorder(AttentionEdit):
+    def __init__(self, spec: AttentionMaps, store: MapStore):
+        self.spec = spec
+        self.store = store
+        self._positions: dict[str, list[list[int]]] = {}
+        self._prompt: Any = None
+
+    def active(self, session: Any, layer: Any) -> bool:
+        return bool(session.cond_rows) and (self.spec.steps is None or session.step in self.spec.steps)
+
+    def observe(self, call: AttentionCall) -> None:
+        session = call.session
+        if self._prompt is not session.prompt:  # resolve words once per generation
+            prompts = session.prompts()
+            self._positions = {
+                w: session.text_positions(w, self.spec.occurrence) for w in self.spec.words(prompts[0])
+            }
+            self._prompt = session.prompt
+        columns = sorted({c for rows in self._positions.values() for pos in rows for c in pos})
+        probs = call.text_probs(columns)  # [B, N, C] head-averaged
+        index = {c: i for i, c in enumerate(columns)}
+        layout = call.layout
+        grid = (layout.frames, layout.height, layout.width)
+        for word, rows in self._positions.items():
+            maps = [probs[r, :, [index[c] for c in pos]].mean(-1) for r, pos in zip(call.cond_rows, rows, strict=True)]
+            self.store.add(word, torch.stack(maps).mean(0).reshape(grid))
+
+
+class MapStore:
+    """Per-word running sums of maps, one per token grid. `store[word]` gives the mean map."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, dict[tuple[int, int, int], torch.Tensor]] = {}
+        self._counts: dict[str, dict[tuple[int, int, int], int]] = {}
+
+    def add(self, word: str, grid_map: torch.Tensor) -> None:
+        key = tuple(grid_map.shape)
+        sums = self._sums.setdefault(word, {})
+        counts = self._counts.setdefault(word, {})
+        grid_map = grid_map.detach().float().cpu()
+        sums[key] = sums[key] + grid_map if key in sums else grid_map.clone()
+        counts[key] = counts.get(key, 0) + 1
+
+    def words(self) -> list[str]:
+        return list(self._sums)
+
+    def grids(self, word: str) -> list[tuple[int, int, int]]:
+        return list(self._sums[self._check(word)])
+
+    def at(self, word: str, grid: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The mean map of `word` on one recorded grid (None: averaged over grids, at the finest)."""
+        word = self._check(word)
+        sums, counts = self._sums[word], self._counts[word]
+        if grid is not None:
+            grid = tuple(grid) if len(grid) == 3 else (1, *grid)
+            check(grid in sums, "grid", grid, f"one of the recorded grids {list(sums)}")
+            return _squeeze(sums[grid] / counts[grid])
+        finest = max(sums, key=lambda g: g[0] * g[1] * g[2])
+        total = torch.zeros(finest)
+        for g, s in sums.items():
+            # each recorded call weighs the same, whatever its resolution
+            total += F.interpolate(s[None], size=finest[1:], mode="bilinear", align_corners=False)[0]
+        return _squeeze(total / sum(counts.values()))
+
+    def __getitem__(self, word: str) -> torch.Tensor:
+        return self.at(word)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self._sums
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def _check(self, word: str) -> str:
+        if word not in self._sums:
+            raise KeyError(f"no map recorded for {word!r}; recorded words: {self.words()}")
+        return word
+
+    def save_grid(self, path: str | Path, image: Any = None, words: list[str] | None = None) -> Path:
+        """Write a PNG grid: the image (if given) followed by one heatmap per word over it."""
+        return render_grid(path, {w: self.at(w) for w in (words or self.words())}, image)
+
+
+def _squeeze(m: torch.Tensor) -> torch.Tensor:
+    return m[0] if m.shape[0] == 1 else m
+
+
+def heatmap(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A [h, w] map → an RGB heatmap [3, H, W] in [0, 1] (normalised to its own max)."""
+    m = grid_map.float()
+    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+    m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    # a compact 'inferno'-like ramp: black → purple → orange → yellow
+    stops = torch.tensor([[0, 0, 0.02], [0.34, 0.06, 0.43], [0.87, 0.32, 0.23], [0.99, 0.85, 0.25]])
+    pos = m.clamp(0, 1) * (len(stops) - 1)
+    lo = pos.floor().long().clamp(max=len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    return ((1 - frac) * stops[lo] + frac * stops[lo + 1]).permute(2, 0, 1)
+
+
+def render_grid(path: str | Path, maps: dict[str, torch.Tensor], image: Any = None, size: int = 256) -> Path:
+    """Save heatmaps of `maps` side by side (blended over `image` if given) with word labels."""
+    from PIL import Image, ImageDraw
+
+    base = None
+    if image is not None:
+        base = _to_pil(image).convert("RGB")
+        w0, h0 = base.size
+        width, height = size, max(1, round(size * h0 / w0))
+        base = base.resize((width, height))
+    else:
+        first = next(iter(maps.values()))
+        h, w = first.shape[-2:]
+        width, height = size, max(1, round(size * h / w))
+    tiles = [("image", base)] if base is not None else []
+    for word, m in maps.items():
+        m = m.mean(0) if m.dim() == 3 else m  # video: average over frames
+        rgb = (heatmap(m, (height, width)) * 255).byte().permute(1, 2, 0).numpy()
+        tile = Image.fromarray(rgb)
+        if base is not None:
+            tile = Image.blend(base, tile, 0.6)
+        tiles.append((word, tile))
+    label = 18
+    sheet = Image.new("RGB", (width * len(tiles), height + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, tile) in enumerate(tiles):
+        sheet.paste(tile, (i * width, label))
+        draw.text((i * width + 4, 3), name, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _to_pil(image: Any) -> Any:
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    t = torch.as_tensor(image).detach().float().cpu()
+    if t.dim() == 4:
+        t = t[0]
+    if t.shape[0] in (1, 3):  # CHW → HWC
+        t = t.permute(1, 2, 0)
+    if t.max() <= 1.0:
+        t = t * 255
+    return Image.fromarray(t.clamp(0, 255).byte().numpy().squeeze())

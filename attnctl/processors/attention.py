@@ -1,0 +1,183 @@
+"""The one attention processor attnctl installs, and the protocol controls fill in.
+
+A control contributes to an attention call through an `AttentionEdit`, overriding only what it needs
+(in the spirit of FlexAttention's score_mod / mask_mod):
+- `logit_bias(call, logits)`: edit the pre-softmax logits (Attention Regulation, layout masks);
+- `post_softmax(call, probs, logits)`: edit the probabilities (AR restores start/end columns);
+- `kernel(call)`: compute the output with another kernel (DraftAttention);
+- `observe(call)`: read the attention (maps), e.g. through `call.text_probs(columns)`.
+Explicit probabilities are computed only when an edit changes logits or probabilities; observers
+alone keep the model's own attention kernel and recompute just the text columns they read, in
+query chunks, so no N x N matrix is ever kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from ..families.base import FamilyAdapter, LayerInfo, Prepared
+
+if TYPE_CHECKING:
+    from ..control import Session
+
+# Elements of one logits chunk when text probabilities are recomputed (64 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 24
+
+
+class AttentionEdit:
+    """What a control does inside attention calls. Override what you need; the rest stays a no-op."""
+
+    def active(self, session: Session, layer: LayerInfo) -> bool:
+        """Whether this edit takes part in the current call of `layer` (e.g. only on some steps)."""
+        return True
+
+    def logit_bias(self, call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def post_softmax(self, call: AttentionCall, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return probs
+
+    def kernel(self, call: AttentionCall) -> torch.Tensor | None:
+        return None
+
+    def observe(self, call: AttentionCall) -> None:
+        return None
+
+
+def _overrides(edit: AttentionEdit, method: str) -> bool:
+    return getattr(type(edit), method) is not getattr(AttentionEdit, method)
+
+
+class AttentionCall:
+    """One call of one attention layer: q, k, v [B, H, S, D], token layout and the session state."""
+
+    def __init__(self, session: Session, layer: LayerInfo, prepared: Prepared, default_kernel: Callable):
+        self.session = session
+        self.layer = layer
+        self.query, self.key, self.value = prepared.query, prepared.key, prepared.value
+        self.layout = prepared.layout
+        self.mask = prepared.mask
+        self.scale = prepared.scale if prepared.scale is not None else 1.0 / math.sqrt(self.query.shape[-1])
+        self.kernel_scale = prepared.scale  # passed on as given, so the default path is the model's own
+        self.default_kernel = default_kernel
+        self.probs: torch.Tensor | None = None  # set when probabilities were computed explicitly
+        self._text_probs: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def cond_rows(self) -> list[int]:
+        """Batch rows of this call that belong to the conditional (prompted) branch."""
+        return self.session.cond_rows
+
+    def logits(self) -> torch.Tensor:
+        """Explicit pre-softmax logits [B, H, Sq, Sk] (mask included)."""
+        logits = (self.query @ self.key.transpose(-1, -2)) * self.scale
+        return logits + _additive(self.mask, logits.dtype) if self.mask is not None else logits
+
+    def text_probs(self, columns: list[int]) -> torch.Tensor:
+        """Head-averaged probabilities from image queries to the given text keys: [B, N_image, C], fp32.
+
+        `columns` index the text keys (0 = first text token). The softmax runs over all keys, as the
+        model's own attention does; rows are computed in chunks and only the asked columns are kept.
+        """
+        key = tuple(columns)
+        if key in self._text_probs:
+            return self._text_probs[key]
+        text = self.layout.text_k
+        if text is None:
+            raise ValueError(f"layer {self.layer.name} has no text keys")
+        cols = torch.tensor([text.start + c for c in columns], device=self.key.device)
+        if self.probs is not None:
+            result = self.probs[:, :, self.layout.image_q].index_select(-1, cols).float().mean(1)
+        else:
+            q = self.query[:, :, self.layout.image_q]
+            k = self.key.float()
+            b, h, n, _ = q.shape
+            chunk = max(1, CHUNK_ELEMENTS // (b * h * k.shape[2]))
+            result = torch.empty(b, n, len(columns), device=q.device)
+            for s in range(0, n, chunk):
+                logits = (q[:, :, s : s + chunk].float() @ k.transpose(-1, -2)) * self.scale
+                if self.mask is not None:
+                    logits = logits + _mask_rows(self.mask, self.layout.image_q.start + s, logits.shape[2])
+                lse = logits.logsumexp(-1, keepdim=True)
+                result[:, s : s + chunk] = (logits.index_select(-1, cols) - lse).exp().mean(1)
+        self._text_probs[key] = result
+        return result
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _mask_rows(mask: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    mask = _additive(mask, torch.float32)
+    return mask if mask.shape[-2] == 1 else mask[..., start : start + rows, :]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
+    """Run one attention call with the edits' contributions; returns [B, H, Sq, D]."""
+    biases = [e for e in edits if _overrides(e, "logit_bias")]
+    posts = [e for e in edits if _overrides(e, "post_softmax")]
+    if biases or posts:
+        unedited = call.logits()
+        logits = unedited
+        for e in biases:
+            logits = e.logit_bias(call, logits)
+        probs = logits.softmax(-1)
+        for e in posts:
+            probs = e.post_softmax(call, probs, unedited)
+        call.probs = probs
+        out = probs.to(call.value.dtype) @ call.value
+    else:
+        out = None
+        for e in edits:
+            if _overrides(e, "kernel"):
+                out = e.kernel(call)
+                if out is not None:
+                    break
+        if out is None:
+            out = call.default_kernel(call.query, call.key, call.value, call.mask, call.kernel_scale)
+    for e in edits:
+        if _overrides(e, "observe"):
+            e.observe(call)
+    return out
+
+
+class AttnctlProcessor:
+    """Stands in for a layer's processor while controls are installed; calls the original when idle.
+
+    diffusers filters the keyword arguments it passes by the processor's `__call__` signature, so
+    this processor exposes the signature of the one it replaces.
+    """
+
+    def __init__(self, original: Any, session: Session, layer: LayerInfo, adapter: FamilyAdapter):
+        self.original = original
+        self.session = session
+        self.layer = layer
+        self.adapter = adapter
+        # Keep the model's attention backend choice on this layer (principle: fast path untouched).
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+        call = functools.partial(type(self).__call__, self)
+        call.__signature__ = inspect.signature(original.__call__)  # type: ignore[attr-defined]
+        self.__call__ = call  # what inspect.signature(processor.__call__) sees
+
+    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        edits = self.session.edits_for(self.layer)
+        if not edits:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        prepared = self.adapter.prepare(self.session, self.layer, attn, hidden_states, *args, **kwargs)
+        call = AttentionCall(self.session, self.layer, prepared, self.adapter.kernel_for(self))
+        return prepared.finish(attend(call, edits))
