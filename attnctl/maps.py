@@ -78,7 +78,10 @@ class _Recorder(AttentionEdit):
         layout = call.layout
         grid = (layout.frames, layout.height, layout.width)
         for word, rows in self._positions.items():
-            maps = [probs[r, :, [index[c] for c in pos]].mean(-1) for r, pos in zip(call.cond_rows, rows, strict=True)]
+            maps = [
+                probs[r, :, [index[c] for c in pos]].mean(-1)
+                for r, pos in zip(call.cond_rows, rows, strict=True)
+            ]
             self.store.add(word, torch.stack(maps).mean(0).reshape(grid))
 
 
@@ -113,7 +116,7 @@ class MapStore:
             return _squeeze(sums[grid] / counts[grid])
         finest = max(sums, key=lambda g: g[0] * g[1] * g[2])
         total = torch.zeros(finest)
-        for g, s in sums.items():
+        for s in sums.values():
             # each recorded call weighs the same, whatever its resolution
             total += F.interpolate(s[None], size=finest[1:], mode="bilinear", align_corners=False)[0]
         return _squeeze(total / sum(counts.values()))

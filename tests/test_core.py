@@ -1,0 +1,210 @@
+"""control(): install/restore, step and branch tracking, maps on the UNet families, layer selection, controls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.controls import Control
+from attnctl.families.base import LayerInfo
+from attnctl.layers import LayerSelection
+from attnctl.processors.attention import AttentionEdit
+from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
+
+PROMPT = "a cat and a frog"
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def unet_pipe(request):
+    return request.param, tiny_pipeline(request.param)
+
+
+def _run(pipe, family, **overrides):
+    kwargs = tiny_call_kwargs(family, **overrides)
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def _output(result):
+    return torch.as_tensor(result.images if hasattr(result, "images") else result.frames)
+
+
+class _Capture(AttentionEdit):
+    """Test-only edit: keeps q, k and layout of every call it sees."""
+
+    def __init__(self):
+        self.calls = []
+
+    def observe(self, call):
+        self.calls.append(
+            (call.query.detach().clone(), call.key.detach().clone(), call.layout, list(call.cond_rows))
+        )
+
+
+def test_no_controls_is_bit_identical(unet_pipe):
+    family, pipe = unet_pipe
+    base = _output(_run(pipe, family))
+    with attnctl.control(pipe):
+        same = _output(_run(pipe, family))
+    assert torch.equal(base, same)
+
+
+def test_maps_only_matches_baseline_and_explicit_softmax(unet_pipe):
+    family, pipe = unet_pipe
+    base = _output(_run(pipe, family))
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat", "frog"])) as ctl:
+        out = _output(_run(pipe, family))
+    assert (out - base).abs().max() <= 1e-5
+    assert set(ctl.maps.words()) == {"cat", "frog"}
+    assert ctl.maps["cat"].dim() == 2
+
+    with attnctl.control(pipe) as probe:
+        layer = next(layer for layer in probe.layers if layer.kind == "cross")
+    capture = _Capture()
+    with attnctl.control(pipe, attnctl.AttentionMaps(["frog"], layers=[layer.name], steps=[1])) as ctl:
+        ctl.add_edit([layer], capture)
+        _run(pipe, family)
+        positions = ctl.text_positions("frog")[0]
+    # the capture sees every step; step 1 is the second call of this single layer
+    q, k, layout, rows = capture.calls[1]
+    probs = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1)
+    expected = probs[rows][:, :, :, positions].mean(-1).mean(1).mean(0).reshape(layout.height, layout.width)
+    assert torch.allclose(ctl.maps["frog"], expected, atol=1e-5)
+
+
+def test_restored_exactly_after_exception(unet_pipe):
+    family, pipe = unet_pipe
+    before = dict(pipe.unet.attn_processors)
+    had_hook = hasattr(pipe.unet, "_diffusers_hook")
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
+            _run(pipe, family, callback_on_step_end=boom)
+    after = pipe.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert hasattr(pipe.unet, "_diffusers_hook") == had_hook
+    assert "forward" not in vars(pipe.unet)
+    assert "encode_prompt" not in vars(pipe)
+
+
+def test_steps_and_branches_are_tracked():
+    pipe = tiny_pipeline("sd")
+    seen = []
+
+    class _Track(AttentionEdit):
+        def observe(self, call):
+            seen.append((call.session.step, call.session.batch, tuple(call.cond_rows)))
+
+    with attnctl.control(pipe) as ctl:
+        ctl.add_edit(ctl.layers[:1], _Track())
+        _run(pipe, "sd", num_inference_steps=3)
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    batch = seen[0][1]
+    assert batch == 2 and all(rows == (1,) for _, _, rows in seen)  # CFG: [uncond, cond]
+
+
+def test_unsupported_pipeline_names_the_families():
+    class NotAPipe:
+        unet = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="supported families: Stable Diffusion"):
+        with attnctl.control(NotAPipe()):
+            pass
+    with pytest.raises(ValueError, match="has no denoiser"):
+        with attnctl.control(object()):
+            pass
+    with pytest.raises(TypeError, match="attnctl controls"):
+        with attnctl.control(tiny_pipeline("sd"), "maps"):
+            pass
+
+
+def test_unknown_word_raises_with_tokens():
+    pipe = tiny_pipeline("sd")
+    with pytest.raises(ValueError, match="dog"):
+        with attnctl.control(pipe, attnctl.AttentionMaps(["dog"])):
+            _run(pipe, "sd")
+    assert "forward" not in vars(pipe.unet)
+
+
+def test_maps_grid_png(tmp_path):
+    pipe = tiny_pipeline("sd")
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat", "frog"])) as ctl:
+        result = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("sd"))
+    path = ctl.maps.save_grid(tmp_path / "maps.png", result.images[0])
+    from PIL import Image
+
+    img = Image.open(path)
+    assert img.width == 3 * 256  # image + two heatmaps
+    with pytest.raises(KeyError, match="recorded words"):
+        ctl.maps["dog"]
+
+
+# ---- controls are data --------------------------------------------------------------------------
+def test_controls_json_round_trip():
+    c = attnctl.AttentionMaps(["cat"], layers=["up_blocks.1", 3], steps=[0, 1], occurrence=-1)
+    again = Control.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert again == attnctl.AttentionMaps(**{k: v for k, v in c.to_dict().items() if k != "kind"})
+    assert again.to_dict() == c.to_dict()
+    with pytest.raises(ValueError, match="unknown control kind 'Nope'"):
+        Control.from_dict({"kind": "Nope"})
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"tokens": []}, "tokens"),
+        ({"tokens": ["cat", ""]}, "tokens"),
+        ({"steps": [-1]}, "steps"),
+        ({"occurrence": 1.5}, "occurrence"),
+    ],
+)
+def test_bad_control_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}="):
+        attnctl.AttentionMaps(**kwargs)
+
+
+# ---- layer selection ----------------------------------------------------------------------------
+def _layers():
+    names = [f"blocks.{i}.attn{j}" for i in range(12) for j in (1, 2)]
+    return [
+        LayerInfo(n, "self" if n.endswith("1") else "cross", 4, ".".join(n.split(".")[:2]), i)
+        for i, n in enumerate(names)
+    ]
+
+
+def test_layer_patterns_are_anchored():
+    got = [layer.name for layer in LayerSelection(("blocks.1",)).resolve(_layers())]
+    assert got == ["blocks.1.attn1", "blocks.1.attn2"]
+    got = [layer.name for layer in LayerSelection(("blocks.1*",), kinds=("cross",)).resolve(_layers())]
+    assert got == ["blocks.1.attn2", "blocks.10.attn2", "blocks.11.attn2"]
+    got = [layer.name for layer in LayerSelection(("*.attn2",)).resolve(_layers())]
+    assert len(got) == 12 and all(n.endswith("attn2") for n in got)
+    got = [layer.name for layer in LayerSelection((2, "blocks.5.attn1")).resolve(_layers())]
+    assert got == ["blocks.2.attn1", "blocks.2.attn2", "blocks.5.attn1"]
+    assert (
+        str(LayerSelection(("blocks.1",), kinds=("cross",)))
+        == "LayerSelection(layers=['blocks.1'], kinds=['cross'])"
+    )
+
+
+def test_layer_selection_errors_list_available_layers():
+    with pytest.raises(ValueError, match=r"no attention layer matches[\s\S]*blocks\.11\.attn2"):
+        LayerSelection(("blocks.99",)).resolve(_layers())
+    with pytest.raises(ValueError, match="^kinds="):
+        LayerSelection(kinds=("sideways",))
+    with pytest.raises(ValueError, match="^heads="):
+        LayerSelection(heads=(7,)).resolve(_layers())
+    with pytest.raises(ValueError, match="^layers=99"):
+        LayerSelection((99,)).resolve(_layers())
+
+
+def test_real_unet_layer_names_resolve():
+    with attnctl.control(tiny_pipeline("sd")) as ctl:
+        cross = ctl.select(None, kinds=("cross",))
+        assert cross and all(layer.name.endswith("attn2") for layer in cross)
+        assert ctl.select("up_blocks.0", kinds=("cross",))
