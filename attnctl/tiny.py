@@ -1,0 +1,798 @@
+"""Tiny offline models: every supported diffusers pipeline, built in code in well under a second.
+
+`tiny_pipeline(family)` returns the *standard, unmodified* diffusers pipeline class of a family, filled
+with tiny components built from fixed seeds (sizes follow diffusers' own fast tests), fp32 on CPU. No
+file is read and nothing is downloaded: the tokenizers are learned here from a small caption corpus,
+so common words ("cat", "frog", "red") are single tokens and rare ones ("hippopotamus") split into
+sub-words as with real tokenizers. `tiny_call_kwargs(family)` gives the call arguments for a quick
+end-to-end run:
+
+    pipe = tiny_pipeline("flux")
+    out = pipe("a cat and a frog", **tiny_call_kwargs("flux"), generator=torch.Generator().manual_seed(0))
+
+Outputs are torch tensors (`output_type="pt"`): images `[B, 3, H, W]`, videos `[B, F, 3, H, W]`, in
+[0, 1], so tests compare them with `torch.allclose` and need no PIL round trip.
+
+Where the text tokens sit (what `attnctl.tokens.token_positions` positions map to):
+  sd, sdxl   CLIP tokens 0..76 are the UNet's cross-attention keys (SDXL: both CLIP encoders are
+             concatenated along channels, so the positions are the same).
+  sd3        text keys = CLIP part (0..76) then T5 part: T5 position p is key 77 + p.
+  flux       text keys = T5 (tokenizer_2) tokens 0..max_sequence_length-1; CLIP only gives the pooled vector.
+  wan        text keys = T5/UMT5 tokens 0..max_sequence_length-1 (padding zeroed).
+  cogvideox  text keys = T5 tokens 0..max_sequence_length-1, placed before the video tokens.
+  hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
+             for a position p in `prompt_template["template"].format(prompt)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers import CLIPTokenizer, LlamaTokenizer, T5Tokenizer
+
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo")
+VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
+
+# --------------------------------------------------------------------------------------------------
+# Pipelines
+
+
+def tiny_pipeline(family: str, seed: int = 0) -> Any:
+    """Build the standard diffusers pipeline of `family` from tiny seeded components (fp32, CPU)."""
+    builder = _BUILDERS.get(_check_family(family))
+    # Building seeds torch's global RNG per component; keep the caller's RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        pipe = builder(seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_call_kwargs(family: str, **overrides: Any) -> dict[str, Any]:
+    """Minimal call kwargs for a quick end-to-end run of `tiny_pipeline(family)`; overrides win.
+
+    Two steps, small sizes, `output_type="pt"`. Classifier-free guidance is on for the families whose
+    pipeline batches or runs an unconditional branch by default (sd, sdxl, sd3, wan, cogvideox); flux
+    and hunyuanvideo are guidance-distilled, so `guidance_scale` is the embedded guidance and CFG stays
+    off as in their normal use (pass `negative_prompt=..., true_cfg_scale=...` to turn on true CFG).
+    Video token count: see `video_tokens`.
+    """
+    kwargs = dict(_CALL_KWARGS[_check_family(family)])
+    if family == "hunyuanvideo":
+        kwargs["prompt_template"] = hunyuan_prompt_template()
+    if "num_frames" in overrides and family not in VIDEO_FAMILIES:
+        raise ValueError(
+            f"num_frames={overrides['num_frames']!r} is only for the video families {VIDEO_FAMILIES}"
+        )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def video_tokens(family: str, **overrides: Any) -> int:
+    """Number of image/video tokens the transformer of `tiny_pipeline(family)` attends over per row.
+
+    For the video families the tiny models keep the real models' factors (VAE 8x spatial, 4x temporal,
+    2x2 patches), so tokens = ((num_frames - 1) // 4 + 1) * (height // 16) * (width // 16): e.g.
+    num_frames=61, height=width=512 gives 16 * 32 * 32 = 16,384 tokens (with `output_type="latent"`
+    to skip decoding). UNet families have tokens at several resolutions and raise ValueError.
+    """
+    kwargs = tiny_call_kwargs(family, **overrides)
+    if family not in _PATCH_PIXELS:
+        raise ValueError(
+            f"video_tokens is defined for transformer families {tuple(_PATCH_PIXELS)}, not {family!r}"
+        )
+    per_token = _PATCH_PIXELS[family]
+    frames = (kwargs["num_frames"] - 1) // 4 + 1 if family in VIDEO_FAMILIES else 1
+    return frames * (kwargs["height"] // per_token) * (kwargs["width"] // per_token)
+
+
+def hunyuan_prompt_template() -> dict[str, Any]:
+    """HunyuanVideo's default prompt template with `crop_start` measured for the tiny Llama tokenizer.
+
+    The pipeline's default `crop_start=95` counts real Llama-3 tokens (BOS and the template before the
+    prompt); the tiny tokenizer splits the template differently, so the tiny call passes its own count.
+    """
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    return {"template": template, "crop_start": _template_crop_start(template)}
+
+
+@functools.lru_cache(maxsize=8)
+def _template_crop_start(template: str) -> int:
+    tokenizer = build_llama_tokenizer(default_corpus())
+    return len(tokenizer(template.partition("{}")[0])["input_ids"])
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return family
+
+
+# Pixels per transformer token side: VAE downsampling x patch size.
+_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16}
+
+_CALL_KWARGS: dict[str, dict[str, Any]] = {
+    "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
+    "sdxl": {"num_inference_steps": 2, "guidance_scale": 5.0, "height": 32, "width": 32, "output_type": "pt"},
+    "sd3": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "flux": {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.5,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "wan": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "cogvideox": {
+        "num_inference_steps": 2,
+        "guidance_scale": 6.0,
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,  # 3 latent frames; CogVideoX's VAE decodes 1 + 4k frames from odd latent counts
+        # CogVideoX's transformer adds a joint position embedding sized for exactly this many text tokens.
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "hunyuanvideo": {
+        "num_inference_steps": 2,
+        "guidance_scale": 6.0,
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+}
+
+_COG_TEXT_LEN = _CALL_KWARGS["cogvideox"]["max_sequence_length"]
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int = 32, projection: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        layer_norm_eps=1e-05,
+        hidden_act="gelu",
+        projection_dim=projection,
+        max_position_embeddings=tokenizer.model_max_length,
+    )
+
+
+def _t5_encoder(tokenizer: T5Tokenizer, seed: int, d_model: int = 32, umt5: bool = False) -> Any:
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def _unet_family(seed: int, xl: bool) -> Any:
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer(default_corpus())
+    unet_kwargs: dict[str, Any] = {}
+    if xl:
+        # SDXL conditions on both CLIP encoders' hidden states (32 + 32) and on pooled + time ids.
+        unet_kwargs = dict(
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+        )
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64 if xl else 32,
+        **unet_kwargs,
+    )
+    vae = _small_vae(seed, scaling_factor=0.18215, shift_factor=None)
+    config = _clip_text_config(tokenizer)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config).eval()
+    if not xl:
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=None,
+            requires_safety_checker=False,
+        )
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(default_corpus()),
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _build_sd(seed: int) -> Any:
+    return _unet_family(seed, xl=False)
+
+
+def _build_sdxl(seed: int) -> Any:
+    return _unet_family(seed, xl=True)
+
+
+def _small_vae(seed: int, scaling_factor: float = 1.5035, shift_factor: float | None = 0.0609) -> Any:
+    """A 2x-downsampling image VAE with 4 latent channels (SD3/Flux-style scaling by default)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _build_sd3(seed: int) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    clip = build_clip_tokenizer(default_corpus())
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        # CLIP-L + CLIP-G hidden states (32 + 32) are padded to the T5 width, as 768 + 1280 -> 4096.
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    config = _clip_text_config(clip)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(config).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_small_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=clip,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(default_corpus()),
+        text_encoder_3=_t5_encoder(t5, seed, d_model=64),
+        tokenizer_3=t5,
+    )
+
+
+def _build_flux(seed: int) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    clip = build_clip_tokenizer(default_corpus())
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,  # FLUX.1-dev style distilled guidance
+        axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_text_config(clip)).eval()
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_small_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=clip,
+        text_encoder_2=_t5_encoder(t5, seed),
+        tokenizer_2=t5,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _build_wan(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,  # room for large latent grids in memory benchmarks
+    )
+    return WanPipeline(
+        tokenizer=t5,
+        text_encoder=_t5_encoder(t5, seed, umt5=True),
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
+def _build_cogvideox(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+        DDIMScheduler,
+    )
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=5,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=_COG_TEXT_LEN,
+    )
+    torch.manual_seed(seed)
+    blocks = 4  # 8x spatial compression as in the real model
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * blocks,
+        up_block_types=("CogVideoXUpBlock3D",) * blocks,
+        block_out_channels=(8,) * blocks,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    return CogVideoXPipeline(
+        tokenizer=t5,
+        text_encoder=_t5_encoder(t5, seed),
+        vae=vae,
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
+
+
+def _build_hunyuanvideo(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
+
+    llama = build_llama_tokenizer(default_corpus())
+    clip = build_clip_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=2,  # as the real model: 16 pixels per token side
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    llama_config = LlamaConfig(
+        vocab_size=len(llama),
+        bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id,
+        pad_token_id=llama.pad_token_id,
+        hidden_size=16,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,  # the pipeline reads the hidden state two layers from the top
+        hidden_act="gelu",
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(seed)
+    text_encoder = LlamaModel(llama_config).eval()
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModel(_clip_text_config(clip, hidden=8)).eval()
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=llama,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip,
+    )
+
+
+_BUILDERS = {
+    "sd": _build_sd,
+    "sdxl": _build_sdxl,
+    "sd3": _build_sd3,
+    "flux": _build_flux,
+    "wan": _build_wan,
+    "cogvideox": _build_cogvideox,
+    "hunyuanvideo": _build_hunyuanvideo,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers learned offline from a corpus
+
+
+def build_clip_tokenizer(corpus: Iterable[str], max_merges: int = 2000) -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer whose merges are learned from `corpus` (no files, no network).
+
+    Same layout as OpenAI's CLIP vocabulary: 256 byte symbols, the same with the end-of-word marker
+    `</w>`, the learned merges, then `<|startoftext|>` and `<|endoftext|>`; lower-cased, 77 tokens.
+    Words seen at least twice in the corpus become single tokens; rarer words split into sub-words.
+    """
+    vocab_list, merges = _clip_vocab(tuple(corpus), max_merges)
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+
+
+def build_t5_tokenizer(
+    corpus: Iterable[str], max_merges: int = 2000, model_max_length: int = 512
+) -> T5Tokenizer:
+    """A T5 sentencepiece-style (unigram) tokenizer with scored pieces learned from `corpus`.
+
+    `<pad>`=0, `</s>`=1, `<unk>`=2, then `▁`-prefixed pieces by score; no sentinel extra_ids. Pieces
+    come from BPE merges on the corpus; a piece's score is its log frequency once the corpus is
+    segmented, so frequent words are one piece and rare words split. Case is kept, as in T5.
+    """
+    pieces = _t5_pieces(tuple(corpus), max_merges)
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    return T5Tokenizer(vocab=specials + list(pieces), extra_ids=0, model_max_length=model_max_length)
+
+
+def build_llama_tokenizer(corpus: Iterable[str], max_merges: int = 3000) -> LlamaTokenizer:
+    """A Llama-style BPE tokenizer (`▁` word prefix, byte fallback) learned from `corpus`.
+
+    Adds HunyuanVideo's template words to the corpus and its header/turn special tokens
+    (`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`); BOS `<|begin_of_text|>` is prepended,
+    padding is on the right (the HunyuanVideo pipeline crops the template from the left).
+    """
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    # The template's words, twice so each becomes one token as in Llama's vocabulary.
+    template_words = re.sub(r"<\|[a-z_]+\|>|\{\}", " ", DEFAULT_PROMPT_TEMPLATE["template"])
+    vocab_list, merges = _llama_vocab(tuple(corpus) + (template_words,) * 2, max_merges)
+    tokenizer = LlamaTokenizer(
+        vocab={token: i for i, token in enumerate(vocab_list)},
+        merges=list(merges),
+        unk_token="<unk>",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="right",
+        model_max_length=4096,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_LLAMA_SPECIAL)})
+    return tokenizer
+
+
+def default_corpus() -> list[str]:
+    """The caption corpus the default tiny tokenizers are learned from (deterministic)."""
+    captions = []
+    for i, a in enumerate(_SUBJECTS):
+        b = _SUBJECTS[(i * 7 + 3) % len(_SUBJECTS)]
+        for j, scene in enumerate(_SCENES):
+            c, d = _COLORS[(i + j) % len(_COLORS)], _COLORS[(i + 2 * j + 1) % len(_COLORS)]
+            r = _RELATIONS[(i + j) % len(_RELATIONS)]
+            caption = scene.format(a=a, b=b, c=c, d=d, r=r)
+            # Some captions capitalised, so case-keeping tokenizers learn "A" and "The" too.
+            captions.append(caption[0].upper() + caption[1:] if j % 2 else caption)
+    return captions + [_BACKGROUND_WORDS]
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_vocab(
+    corpus: tuple[str, ...], max_merges: int
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    # Pre-tokenise exactly as the CLIP tokenizer will (lower-case, its regex, byte-level symbols).
+    backend = CLIPTokenizer().backend_tokenizer
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in corpus:
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)):
+            words[(*piece[:-1], piece[-1] + "</w>")] += 1
+    merges = _learn_merges(words, max_merges)
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    vocab += _unique(a + b for a, b in merges)
+    return (*vocab, "<|startoftext|>", "<|endoftext|>"), tuple(merges)
+
+
+@functools.lru_cache(maxsize=8)
+def _t5_pieces(corpus: tuple[str, ...], max_merges: int) -> tuple[tuple[str, float], ...]:
+    words = _sentencepiece_words(corpus)
+    merges = _learn_merges(words, max_merges)
+    counts: Counter[str] = Counter()
+    for word, n in words.items():
+        for token in _apply_merges(word, merges):
+            counts[token] += n
+    total = sum(counts.values())
+    # Pieces only used inside longer ones, and single characters, stay available but unlikely.
+    floor = math.log(0.5 / total)
+    base = _unique(
+        ["▁", *string.ascii_letters, *string.digits, *string.punctuation, *(c for w in words for c in w)]
+    )
+    scores = {c: floor - 2.0 for c in base}
+    scores.update({a + b: floor for a, b in merges})
+    scores.update({t: math.log(n / total) for t, n in counts.items()})
+    return tuple(sorted(scores.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+@functools.lru_cache(maxsize=8)
+def _llama_vocab(
+    corpus: tuple[str, ...], max_merges: int
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    words = _sentencepiece_words(corpus)
+    merges = _learn_merges(words, max_merges)
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    chars = _unique(
+        ["▁", *string.ascii_letters, *string.digits, *string.punctuation, *(c for w in words for c in w)]
+    )
+    vocab = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", *byte_tokens, *chars]
+    return tuple(_unique(vocab + [a + b for a, b in merges])), tuple(merges)
+
+
+def _sentencepiece_words(corpus: tuple[str, ...]) -> Counter[tuple[str, ...]]:
+    """Corpus words as symbol tuples, "▁" marking a word start; letters, digits and punctuation apart.
+
+    Keeping punctuation and digits out of letter runs stops merges such as "color," that real
+    sentencepiece vocabularies do not have.
+    """
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in corpus:
+        for word in text.split():
+            for k, piece in enumerate(re.findall(r"[^\W\d_]+|\S", word)):
+                words[tuple("▁" + piece if k == 0 else piece)] += 1
+    return words
+
+
+def _learn_merges(
+    words: Counter[tuple[str, ...]], max_merges: int, min_count: int = 2
+) -> list[tuple[str, str]]:
+    """Byte-pair encoding (Sennrich et al. 2016): repeatedly merge the most frequent adjacent pair."""
+    merges: list[tuple[str, str]] = []
+    words = Counter(words)
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, n in words.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += n
+        if not pairs:
+            break
+        # Most frequent first; ties broken by the pair itself so the result is deterministic.
+        pair, n = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n < min_count:
+            break
+        merges.append(pair)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, count in words.items():
+            merged[_merge_pair(symbols, pair)] += count
+        words = merged
+    return merges
+
+
+def _apply_merges(symbols: tuple[str, ...], merges: list[tuple[str, str]]) -> tuple[str, ...]:
+    for pair in merges:
+        symbols = _merge_pair(symbols, pair)
+    return symbols
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to unused code points."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+# --------------------------------------------------------------------------------------------------
+# The default corpus
+
+# Captions the default tokenizers learn from. Each listed word occurs several times, so it ends up a
+# single token; words outside the corpus ("hippopotamus", "catalog") split into sub-words.
+_SUBJECTS = (
+    "cat", "frog", "dog", "bird", "horse", "rabbit", "bear", "fish", "car", "tree", "house",
+    "circle", "square", "triangle", "star", "ball", "cup", "boat", "flower", "man", "woman",
+)  # fmt: skip
+_COLORS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
+_RELATIONS = ("and", "next to", "on top of", "under", "behind", "in front of", "with", "left of", "right of")
+_SCENES = (
+    "a photo of a {a}",
+    "a painting of a {c} {a}",
+    "a {c} {a} {r} a {d} {b}",
+    "the {a} is {c} and the {b} is {d}",
+    "two {a}s and a {c} {b} in the garden",
+    "a small {c} {a} sitting on the grass, high quality",
+)
+
+
+# Words seen once each: their frequent letter pairs become sub-word pieces, so words outside the
+# corpus split into a few pieces rather than into single letters.
+_BACKGROUND_WORDS = (
+    "beautiful landscape mountain river sunset portrait detailed realistic lighting cinematic forest "
+    "city street night morning drawing picture animal elephant giraffe monkey squirrel burger eating "
+    "dancing running jumping flying standing walking playing holding wearing table chair window "
+    "mirror kitchen bedroom ocean beach desert castle bridge robot astronaut dragon wizard knight "
+    "princess guitar piano violin umbrella bicycle motorcycle airplane train rocket planet galaxy "
+    "rainbow cloud snow rain storm fire water stone wood metal glass golden silver wooden tiny giant "
+    "happy sad old young ancient modern futuristic colorful bright dark shadow reflection texture "
+    "pattern surface photograph illustration watercolor sketch sculpture statue temple village "
+    "island lake waterfall valley meadow flowers leaves branches sky moon sun stars light "
+    "smiling looking sleeping reading writing singing cooking swimming climbing riding driving "
+    "person people children family friends together alone crowded empty quiet peaceful magical"
+)
+
+_LLAMA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
