@@ -80,7 +80,9 @@ class _DenoiserHook(ModelHook):
 class ForwardHook:
     """A denoiser-level contribution: change a denoiser call's inputs and/or its output."""
 
-    def before(self, session: Session, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def before(
+        self, session: Session, module: torch.nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
         return args, kwargs
 
     def after(self, session: Session, module: torch.nn.Module, output: Any) -> Any:
@@ -105,11 +107,14 @@ class Session:
         self.layers: list[LayerInfo] = self.adapter.layers(self.denoisers[0])
         self.controls: list[Control] = []
         self.forward_hooks: list[ForwardHook] = []
+        self.generation_hooks: list[Callable[[Session], None]] = []  # called as each generation starts
         self.maps: Any = None  # filled by AttentionMaps (an attnctl.maps.MapStore)
         # live state, updated at every denoiser forward
         self.step = -1  # index of the denoising step of the current forward
         self.timestep: float | None = None
         self.branch: str | None = None  # forced "cond"/"uncond" for forwards made by controls
+        self.guiding = False  # True during a control's own gradient forward (latent guidance)
+        self.log: dict[str, list[dict]] = {}  # per control kind: what it did (e.g. guidance losses)
         self.cond_rows: list[int] = []
         self.batch = 0
         self.grid: tuple[int, int, int] = (1, 0, 0)
@@ -128,7 +133,9 @@ class Session:
         for c in controls:
             c.install(self)
 
-    def select(self, layers: Any = None, kinds: tuple[str, ...] | None = None, heads: Any = None) -> list[LayerInfo]:
+    def select(
+        self, layers: Any = None, kinds: tuple[str, ...] | None = None, heads: Any = None
+    ) -> list[LayerInfo]:
         """Resolve a control's `layers` value (None, a pattern, or a list of patterns/indices)."""
         if isinstance(layers, (str, int)):
             layers = [layers]
@@ -225,10 +232,8 @@ class Session:
         self._forwards_since_prompt = 0
         self.step = -1
         self.timestep = None
-        for c in self.controls:
-            hook = getattr(c, "on_generation", None)
-            if hook is not None:
-                hook(self)
+        for hook in self.generation_hooks:
+            hook(self)
 
     def _begin_forward(self, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict) -> None:
         self._forwards_since_prompt += 1
@@ -238,16 +243,24 @@ class Session:
             self.step += 1
             self.timestep = t
         adapter.observe_forward(self, args, kwargs)
-        sample = args[0] if args else next(iter(kwargs.values()))
+        sample = args[0] if args else kwargs[adapter.latent_arg]
         self.batch = sample.shape[0]
         branch = self.branch or context
         if branch in ("cond", "uncond"):
             self.cond_rows = list(range(self.batch)) if branch == "cond" else []
-        elif getattr(self.pipe, "do_classifier_free_guidance", False) and self.batch % 2 == 0:
+        elif self._batched_cfg(branch) and self.batch % 2 == 0:
             # diffusers' pipelines stack [uncond, cond] along the batch for CFG
             self.cond_rows = list(range(self.batch // 2, self.batch))
         else:
             self.cond_rows = list(range(self.batch))
+
+    def _batched_cfg(self, context: str | None) -> bool:
+        cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if cfg is None and context == "cond_uncond":
+            # CogVideoX marks its batched forward so but keeps the CFG flag local to __call__;
+            # its `guidance_scale` property tells the same
+            cfg = (getattr(self.pipe, "guidance_scale", None) or 0) > 1
+        return bool(cfg)
 
     @property
     def num_steps(self) -> int:

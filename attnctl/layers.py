@@ -25,13 +25,19 @@ class LayerSelection:
     def __post_init__(self) -> None:
         if self.patterns is not None:
             ok = len(self.patterns) > 0 and all(
-                (isinstance(p, str) and p.strip()) or (isinstance(p, int) and not isinstance(p, bool) and p >= 0)
+                (isinstance(p, str) and p.strip())
+                or (isinstance(p, int) and not isinstance(p, bool) and p >= 0)
                 for p in self.patterns
             )
-            check(ok, "layers", list(self.patterns), "module/block paths (strings) or block indices (ints >= 0)")
+            check(
+                ok, "layers", list(self.patterns), "module/block paths (strings) or block indices (ints >= 0)"
+            )
         if self.kinds is not None:
             check(
-                len(self.kinds) > 0 and all(k in KINDS for k in self.kinds), "kinds", list(self.kinds), f"any of {KINDS}"
+                len(self.kinds) > 0 and all(k in KINDS for k in self.kinds),
+                "kinds",
+                list(self.kinds),
+                f"any of {KINDS}",
             )
         if self.heads is not None:
             ok = len(self.heads) > 0 and all(isinstance(h, int) and h >= 0 for h in self.heads)
@@ -51,7 +57,9 @@ class LayerSelection:
                     chosen |= {layer.name for layer in pool if _matches(layer.name, p)}
             pool = [layer for layer in pool if layer.name in chosen]
         if not pool:
-            raise ValueError(f"no attention layer matches {self}; available layers:\n" + format_layers(layers))
+            raise ValueError(
+                f"no attention layer matches {self}; available layers:\n" + format_layers(layers)
+            )
         if self.heads is not None:
             too_many = [layer.name for layer in pool if max(self.heads) >= layer.heads]
             check(not too_many, "heads", list(self.heads), f"head indices below the heads of {too_many[:3]}")
@@ -76,4 +84,24 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def format_layers(layers: Sequence[LayerInfo]) -> str:
-    return "\n".join(f"  [{layer.index}] {layer.name}  ({layer.kind}, {layer.heads} heads)" for layer in layers)
+    return "\n".join(
+        f"  [{layer.index}] {layer.name}  ({layer.kind}, {layer.heads} heads)" for layer in layers
+    )
+
+
+def working_layers(
+    layers: Sequence[LayerInfo], height: int, width: int, minimum: int = 16
+) -> list[LayerInfo]:
+    """The text-attending layers at the lowest map side >= `minimum` that the model really has.
+
+    The attention-guidance papers read the 16x16 maps of SD at 512 px: the coarsest resolution that
+    still has spatial detail. This gives 16 there, 24 for SD 2 at 768 px and 32 for SDXL at 1024 px
+    (which has no 16x16 attention), without hard-coding a resolution. With no side >= `minimum`,
+    the finest resolution is used."""
+    text = [layer for layer in layers if layer.kind in ("cross", "joint")]
+    if not text:
+        raise ValueError("the model has no layer attending to text")
+    side = {layer.name: -(-min(height, width) // layer.downsample) for layer in text}
+    usable = [s for s in side.values() if s >= minimum]
+    chosen = min(usable) if usable else max(side.values())
+    return [layer for layer in text if side[layer.name] == chosen]

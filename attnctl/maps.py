@@ -73,15 +73,12 @@ class _Recorder(AttentionEdit):
             }
             self._prompt = session.prompt
         columns = sorted({c for rows in self._positions.values() for pos in rows for c in pos})
-        probs = call.text_probs(columns)  # [B, N, C] head-averaged
+        probs = call.text_probs(columns)  # [cond rows, N, C] head-averaged
         index = {c: i for i, c in enumerate(columns)}
         layout = call.layout
         grid = (layout.frames, layout.height, layout.width)
         for word, rows in self._positions.items():
-            maps = [
-                probs[r, :, [index[c] for c in pos]].mean(-1)
-                for r, pos in zip(call.cond_rows, rows, strict=True)
-            ]
+            maps = [probs[i, :, [index[c] for c in pos]].mean(-1) for i, pos in enumerate(rows)]
             self.store.add(word, torch.stack(maps).mean(0).reshape(grid))
 
 

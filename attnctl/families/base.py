@@ -31,6 +31,7 @@ class LayerInfo:
     heads: int
     block: str  # the enclosing block's path, e.g. "up_blocks.1" or "transformer_blocks.3"
     index: int  # position of the module among all attention modules, in model order
+    downsample: int = 1  # token-grid downsampling of this layer relative to the denoiser input grid
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ class FamilyAdapter:
     name: str = ""
     # Denoiser class names this adapter accepts (names, so that optional classes need no import).
     denoisers: tuple[str, ...] = ()
+    latent_arg = "hidden_states"  # the denoiser's keyword for its latent input
 
     def matches(self, denoiser: torch.nn.Module) -> bool:
         return type(denoiser).__name__ in self.denoisers
@@ -108,6 +110,11 @@ class FamilyAdapter:
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         """Positions of `word` in the text-key sequence the denoiser sees for `prompt`."""
         raise NotImplementedError
+
+    def prompt_span(self, pipe: Any, prompt: str) -> tuple[list[int], list[int]]:
+        """(positions of the prompt's own tokens, positions of its start/end-of-text tokens) in the
+        text-key sequence; padding is in neither."""
+        raise NotImplementedError(f"{type(self).__name__} does not give prompt spans yet")
 
 
 def block_of(name: str) -> str:

@@ -17,16 +17,23 @@ from .base import FamilyAdapter, Layout, Prepared, block_of, grid_for
 class UNetAdapter(FamilyAdapter):
     name = "sd"
     denoisers = ("UNet2DConditionModel",)
+    latent_arg = "sample"
 
     def layers(self, denoiser: torch.nn.Module) -> list:
         from .base import LayerInfo
 
+        depth = len(denoiser.down_blocks)
         out = []
         for name in denoiser.attn_processors:
             path = name.removesuffix(".processor")
             module = denoiser.get_submodule(path)
             kind = "cross" if module.is_cross_attention else "self"
-            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
+            # down block i works at 1/2^i, the mid block at the bottom, up block i mirrors down block n-1-i
+            parts = path.split(".")
+            level = {"down_blocks": int(parts[1]) if parts[1].isdigit() else 0, "mid_block": depth - 1}.get(
+                parts[0], depth - 1 - int(parts[1]) if parts[1].isdigit() else 0
+            )
+            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out), 2**level))
         return out
 
     def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
@@ -104,3 +111,8 @@ class UNetAdapter(FamilyAdapter):
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer, prompt, word, occurrence)
+
+    def prompt_span(self, pipe: Any, prompt: str) -> tuple[list[int], list[int]]:
+        tok = pipe.tokenizer
+        n = len(tok(prompt, truncation=True, max_length=tok.model_max_length)["input_ids"])
+        return list(range(1, n - 1)), [0, n - 1]  # CLIP: start-of-text, the words, end-of-text

@@ -75,16 +75,22 @@ class AttentionCall:
         """Batch rows of this call that belong to the conditional (prompted) branch."""
         return self.session.cond_rows
 
-    def logits(self) -> torch.Tensor:
-        """Explicit pre-softmax logits [B, H, Sq, Sk] (mask included)."""
-        logits = (self.query @ self.key.transpose(-1, -2)) * self.scale
-        return logits + _additive(self.mask, logits.dtype) if self.mask is not None else logits
+    def logits(self, rows: list[int] | None = None) -> torch.Tensor:
+        """Explicit pre-softmax logits [B, H, Sq, Sk] of the given batch rows (default: all), mask included."""
+        q, k = (self.query, self.key) if rows is None else (self.query[rows], self.key[rows])
+        logits = (q @ k.transpose(-1, -2)) * self.scale
+        if self.mask is None:
+            return logits
+        mask = self.mask if rows is None or self.mask.shape[0] == 1 else self.mask[rows]
+        return logits + _additive(mask, logits.dtype)
 
     def text_probs(self, columns: list[int]) -> torch.Tensor:
-        """Head-averaged probabilities from image queries to the given text keys: [B, N_image, C], fp32.
+        """Head-averaged probabilities from image queries to the given text keys, for the conditional
+        rows: [len(cond_rows), N_image, C], fp32.
 
         `columns` index the text keys (0 = first text token). The softmax runs over all keys, as the
         model's own attention does; rows are computed in chunks and only the asked columns are kept.
+        Differentiable, so latent guidance can take gradients through it.
         """
         key = tuple(columns)
         if key in self._text_probs:
@@ -93,20 +99,26 @@ class AttentionCall:
         if text is None:
             raise ValueError(f"layer {self.layer.name} has no text keys")
         cols = torch.tensor([text.start + c for c in columns], device=self.key.device)
-        if self.probs is not None:
+        rows = self.cond_rows
+        if self.probs is not None:  # already computed explicitly for the conditional rows
             result = self.probs[:, :, self.layout.image_q].index_select(-1, cols).float().mean(1)
         else:
-            q = self.query[:, :, self.layout.image_q]
-            k = self.key.float()
+            q = self.query[rows][:, :, self.layout.image_q]
+            k = self.key[rows].float()
+            mask = None
+            if self.mask is not None:
+                mask = _additive(self.mask if self.mask.shape[0] == 1 else self.mask[rows], torch.float32)
             b, h, n, _ = q.shape
-            chunk = max(1, CHUNK_ELEMENTS // (b * h * k.shape[2]))
-            result = torch.empty(b, n, len(columns), device=q.device)
+            chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+            parts = []
             for s in range(0, n, chunk):
                 logits = (q[:, :, s : s + chunk].float() @ k.transpose(-1, -2)) * self.scale
-                if self.mask is not None:
-                    logits = logits + _mask_rows(self.mask, self.layout.image_q.start + s, logits.shape[2])
+                if mask is not None:
+                    start = self.layout.image_q.start + s
+                    logits = logits + (mask if mask.shape[-2] == 1 else mask[..., start : start + logits.shape[2], :])
                 lse = logits.logsumexp(-1, keepdim=True)
-                result[:, s : s + chunk] = (logits.index_select(-1, cols) - lse).exp().mean(1)
+                parts.append((logits.index_select(-1, cols) - lse).exp().mean(1))
+            result = torch.cat(parts, dim=1) if parts else q.new_zeros(b, 0, len(columns), dtype=torch.float32)
         self._text_probs[key] = result
         return result
 
@@ -117,21 +129,29 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def _mask_rows(mask: torch.Tensor, start: int, rows: int) -> torch.Tensor:
-    mask = _additive(mask, torch.float32)
-    return mask if mask.shape[-2] == 1 else mask[..., start : start + rows, :]
-
-
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
-    """Run one attention call with the edits' contributions; returns [B, H, Sq, D]."""
+    """Run one attention call with the edits' contributions; returns [B, H, Sq, D].
+
+    Logit and probability edits apply to the conditional rows only (given to them as [Bc, H, Sq, Sk]);
+    the other rows keep the model's own kernel, so the unconditional branch stays bit-identical.
+    """
     biases = [e for e in edits if _overrides(e, "logit_bias")]
     posts = [e for e in edits if _overrides(e, "post_softmax")]
-    if biases or posts:
-        unedited = call.logits()
+    out = None
+    for e in edits:
+        if _overrides(e, "kernel"):
+            out = e.kernel(call)
+            if out is not None:
+                break
+    if out is None:
+        out = call.default_kernel(call.query, call.key, call.value, call.mask, call.kernel_scale)
+    rows = call.cond_rows
+    if (biases or posts) and rows:
+        unedited = call.logits(rows)
         logits = unedited
         for e in biases:
             logits = e.logit_bias(call, logits)
@@ -139,16 +159,8 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
         for e in posts:
             probs = e.post_softmax(call, probs, unedited)
         call.probs = probs
-        out = probs.to(call.value.dtype) @ call.value
-    else:
-        out = None
-        for e in edits:
-            if _overrides(e, "kernel"):
-                out = e.kernel(call)
-                if out is not None:
-                    break
-        if out is None:
-            out = call.default_kernel(call.query, call.key, call.value, call.mask, call.kernel_scale)
+        edited = probs.to(call.value.dtype) @ call.value[rows]
+        out = out.index_copy(0, torch.tensor(rows, device=out.device), edited)
     for e in edits:
         if _overrides(e, "observe"):
             e.observe(call)

@@ -1,0 +1,155 @@
+"""Stable Diffusion 3 / 3.5: `SD3Transformer2DModel` with diffusers' `Attention` modules (MMDiT).
+
+`attn` of every joint block attends jointly over [image tokens ; text tokens] (image first); SD3.5's
+dual-attention blocks (`dual_attention_layers`) add `attn2`, self-attention over the image tokens only.
+Image tokens are the latent's (H/patch, W/patch) patches, row-major. The text sequence is the CLIP
+part (CLIP-L and CLIP-G concatenated along channels, so they share positions, `tokenizer_max_length`
+= 77 tokens) followed by the T5 part.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..tokens import TokenTruncatedError, token_positions
+from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of
+
+
+class SD3Adapter(FamilyAdapter):
+    name = "sd3"
+    denoisers = ("SD3Transformer2DModel",)
+
+    def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
+        out = []
+        for name in denoiser.attn_processors:
+            path = name.removesuffix(".processor")
+            module = denoiser.get_submodule(path)
+            # attn has added (text) projections; SD3.5's attn2 has none and sees image tokens only
+            kind = "self" if getattr(module, "added_kv_proj_dim", None) is None else "joint"
+            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
+        return out
+
+    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs["hidden_states"]  # latent [B, C, H, W]
+        patch = _patch_size(session, self)
+        session.grid = (1, sample.shape[-2] // patch, sample.shape[-1] // patch)
+        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        session.text_len = None if ehs is None else ehs.shape[1]
+
+    def prepare(
+        self,
+        session: Any,
+        layer: LayerInfo,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Prepared:
+        # Mirrors diffusers' JointAttnProcessor2_0 up to its SDPA call. That processor ignores
+        # `attention_mask`, so no mask is passed on.
+        batch, n = hidden_states.shape[:2]
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (
+            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        text_k = None
+        if encoder_hidden_states is not None:
+            if attn.fused_projections:
+                text_q, text_key, text_v = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                text_q = attn.add_q_proj(encoder_hidden_states)
+                text_key = attn.add_k_proj(encoder_hidden_states)
+                text_v = attn.add_v_proj(encoder_hidden_states)
+            text_q, text_key, text_v = (
+                x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (text_q, text_key, text_v)
+            )
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            # SD3 puts the image tokens first, the text tokens after them
+            query = torch.cat([query, text_q], dim=2)
+            key = torch.cat([key, text_key], dim=2)
+            value = torch.cat([value, text_v], dim=2)
+            text_k = slice(n, key.shape[2])
+
+        _, h, w = session.grid
+        if h * w != n:
+            raise ValueError(
+                f"{layer.name}: {n} image tokens do not fill the {h}x{w} token grid of the latent"
+            )
+        layout = Layout(image_q=slice(0, n), image_k=slice(0, n), text_k=text_k, frames=1, height=h, width=w)
+        dtype = query.dtype
+
+        def finish(out: torch.Tensor) -> Any:
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(dtype)
+            if encoder_hidden_states is None:
+                return attn.to_out[1](attn.to_out[0](out))
+            out, text_out = out[:, :n], out[:, n:]
+            if not attn.context_pre_only:
+                text_out = attn.to_add_out(text_out)
+            return attn.to_out[1](attn.to_out[0](out)), text_out
+
+        return Prepared(query, key, value, layout, finish)
+
+    def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
+        """CLIP positions (0..76) plus T5 positions offset by the CLIP length, when T5 is loaded.
+
+        The word may be truncated away in one encoder and not the other (CLIP keeps 77 tokens);
+        it is an error only when no encoder keeps it. Without T5 encoder the pipeline feeds zeros
+        in the T5 part, so those positions carry nothing of the word and are left out.
+        """
+        clip_len = pipe.tokenizer_max_length
+        encoders = [(pipe.tokenizer, 0, clip_len)]
+        if (
+            getattr(pipe, "tokenizer_3", None) is not None
+            and getattr(pipe, "text_encoder_3", None) is not None
+        ):
+            encoders.append((pipe.tokenizer_3, clip_len, None))
+        positions: list[int] = []
+        truncated: TokenTruncatedError | None = None
+        for tokenizer, offset, max_length in encoders:
+            try:
+                found = token_positions(tokenizer, prompt, word, occurrence, max_length=max_length)
+            except TokenTruncatedError as error:
+                truncated = error
+                continue
+            positions += [offset + p for p in found]
+        if truncated is not None and not positions:
+            raise truncated  # every encoder truncated the word away
+        return positions
+
+    def prompt_span(self, pipe: Any, prompt: str) -> tuple[list[int], list[int]]:
+        """CLIP: start-of-text, the words, end-of-text; T5 (offset 77): the words, then `</s>`."""
+        clip_len = pipe.tokenizer_max_length
+        n = len(pipe.tokenizer(prompt, truncation=True, max_length=clip_len)["input_ids"])
+        words, ends = list(range(1, n - 1)), [0, n - 1]
+        if (
+            getattr(pipe, "tokenizer_3", None) is not None
+            and getattr(pipe, "text_encoder_3", None) is not None
+        ):
+            m = len(pipe.tokenizer_3(prompt, truncation=True)["input_ids"])
+            words += range(clip_len, clip_len + m - 1)
+            ends.append(clip_len + m - 1)
+        return words, ends
+
+
+def _patch_size(session: Any, adapter: FamilyAdapter) -> int:
+    """Patch size of the session's denoiser that this adapter serves."""
+    for denoiser, a in zip(session.denoisers, session.adapters, strict=True):
+        if a is adapter:
+            return denoiser.config.patch_size
+    raise ValueError("no SD3 transformer in this session")
