@@ -9,6 +9,18 @@ from .control import Session, control
 from .controls import Control
 from .layers import LayerSelection
 from .maps import AttentionMaps
+from .pipelines.guidance import AStar, AttendAndExcite
+from .processors.regulation import AttentionRegulation, AttentionRegulationProcessor
 
-__all__ = ["AttentionMaps", "Control", "LayerSelection", "Session", "control"]
+__all__ = [
+    "AStar",
+    "AttendAndExcite",
+    "AttentionMaps",
+    "AttentionRegulation",
+    "AttentionRegulationProcessor",
+    "Control",
+    "LayerSelection",
+    "Session",
+    "control",
+]
 __version__ = "0.1.0"

@@ -37,3 +37,39 @@ def load_pipeline(
     if device is not None:
         pipe = pipe.to(device)
     return pipe
+
+
+class ControlledPipelineMixin:
+    """Adds `controls=[...]` to a pipeline's `__call__`; the session of the last call is `attnctl_session`.
+
+        pipe = StableDiffusionControlPipeline.from_pipe(pipe)
+        image = pipe("a cat and a frog", controls=[attnctl.AStar(["cat", "frog"])]).images[0]
+    """
+
+    attnctl_session: Any = None
+
+    def __call__(self, *args: Any, controls: Any = (), **kwargs: Any) -> Any:
+        from ..control import control
+
+        with control(self, *controls) as session:
+            result = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        self.attnctl_session = session
+        return result
+
+
+def _controlled(base: type) -> type:
+    return type(base.__name__.replace("Pipeline", "ControlPipeline"), (ControlledPipelineMixin, base), {})
+
+
+def __getattr__(name: str) -> Any:
+    """`StableDiffusionControlPipeline`, `StableDiffusionXLControlPipeline`, ...: any diffusers pipeline
+    class name with "Pipeline" replaced by "ControlPipeline" gives that pipeline with `controls=`."""
+    import diffusers
+
+    if name.endswith("ControlPipeline"):
+        base = getattr(diffusers, name.replace("ControlPipeline", "Pipeline"), None)
+        if isinstance(base, type):
+            cls = _controlled(base)
+            globals()[name] = cls
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

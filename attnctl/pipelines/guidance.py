@@ -1,0 +1,305 @@
+"""Latent guidance: Attend-and-Excite (Chefer et al. 2023) and A-STAR (Agarwal et al. 2023).
+
+Before a guided denoising step, a conditional-only forward with gradients reads the cross-attention
+maps of the concept words, a loss is taken on them and the latent moves: z_t <- z_t - a_t grad_z L.
+The step then denoises the updated latent. No denoising loop is copied: a denoiser hook makes the
+update at the step's first forward and feeds the updated latent to every forward of that step, and
+the scheduler's `step` (wrapped on the instance) steps from the updated latent too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..control import ForwardHook
+from ..controls import Control, check, check_number, check_words
+from ..families.base import LayerInfo
+from ..layers import working_layers
+from ..processors.attention import AttentionCall, AttentionEdit
+from .guidance_math import (
+    REFINEMENT_MAX_ITERS,
+    REFINEMENT_THRESHOLDS,
+    astar_loss,
+    binarize,
+    excite_loss,
+    normalize_concept_maps,
+    step_sizes,
+)
+
+
+@dataclasses.dataclass
+class AttendAndExcite(Control):
+    """Attend-and-Excite: push each token's strongest map pixel up, L = max_k (1 - max A_k).
+
+    tokens: the subject words. layers: None = the cross-attention layers at the lowest map side
+    >= 16 (16x16 on SD at 512 px, 32x32 on SDXL at 1024 px). guided_fraction: guide the first
+    fraction of the steps (reference: 25 of 50). scale: step size a_i = scale*sqrt(linspace(1, .5)).
+    thresholds: iterative refinement {step: T} for a 50-step run (scaled to the run's step count):
+    repeat updates while L > 1 - T, at most max_refinement times.
+    """
+
+    tokens: list[str] = dataclasses.field(default_factory=list)
+    layers: list[str | int] | None = None
+    guided_fraction: float = 0.5
+    scale: float = 20.0
+    thresholds: dict[int, float] = dataclasses.field(default_factory=lambda: dict(REFINEMENT_THRESHOLDS))
+    max_refinement: int = REFINEMENT_MAX_ITERS
+    smooth: bool = True
+    occurrence: int = 0
+
+    def validate(self) -> None:
+        check_words("tokens", self.tokens)
+        _check_common(self)
+        ok = isinstance(self.thresholds, dict) and all(
+            isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and 0 <= v <= 1
+            for k, v in self.thresholds.items()
+        )
+        check(ok, "thresholds", self.thresholds, "a dict {step index >= 0: threshold in [0, 1]}")
+        check_number("max_refinement", self.max_refinement, low=0, integer=True)
+
+    def __post_init__(self) -> None:
+        # JSON turns int keys into strings; take them back
+        if isinstance(self.thresholds, dict):
+            self.thresholds = {
+                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.thresholds.items()
+            }
+        super().__post_init__()
+
+    def install(self, session: Any) -> None:
+        _install(session, self, self.tokens, self._loss, self._refine)
+
+    def _loss(self, maps: torch.Tensor, state: dict) -> torch.Tensor:
+        return excite_loss(maps)
+
+    def _refine(self, session: Any, loss: float, iteration: int) -> bool:
+        scale = max(1, session.num_steps) / 50  # the thresholds are given for a 50-step run
+        thresholds = {round(k * scale): v for k, v in self.thresholds.items()}
+        t = thresholds.get(session.step)
+        return t is not None and iteration < self.max_refinement and loss > 1.0 - t
+
+
+@dataclasses.dataclass
+class AStar(Control):
+    """A-STAR: segregate concepts' maps (pairwise soft IoU) and retain each concept's previous mask.
+
+    concepts: the subject words. mask_threshold: retention masks keep pixels above this fraction of
+    a map's range (not stated in the paper; 0.5 suggested). iterations: latent updates per guided
+    step. Other fields as in AttendAndExcite.
+    """
+
+    concepts: list[str] = dataclasses.field(default_factory=list)
+    layers: list[str | int] | None = None
+    guided_fraction: float = 0.5
+    scale: float = 20.0
+    mask_threshold: float = 0.5
+    iterations: int = 1
+    smooth: bool = True
+    occurrence: int = 0
+
+    def validate(self) -> None:
+        check_words("concepts", self.concepts)
+        _check_common(self)
+        check_number("mask_threshold", self.mask_threshold, low=0, high=1, low_open=True)
+        check_number("iterations", self.iterations, low=1, integer=True)
+
+    def install(self, session: Any) -> None:
+        _install(session, self, self.concepts, self._loss, self._refine)
+
+    def _loss(self, maps: torch.Tensor, state: dict) -> torch.Tensor:
+        # retention reads the masks of the previous guided step; refresh them with these maps
+        loss = astar_loss(maps, state.get("masks"))
+        state["next_masks"] = binarize(maps.detach(), self.mask_threshold)
+        return loss
+
+    def _refine(self, session: Any, loss: float, iteration: int) -> bool:
+        return iteration + 1 < self.iterations
+
+
+def _check_common(spec: Any) -> None:
+    check_number("guided_fraction", spec.guided_fraction, low=0, high=1)
+    check_number("scale", spec.scale, low=0)
+    check(isinstance(spec.smooth, bool), "smooth", spec.smooth, "True or False")
+    check_number("occurrence", spec.occurrence, integer=True)
+
+
+def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: Callable) -> None:
+    fixed = None if spec.layers is None else session.select(spec.layers, kinds=("cross", "joint"))
+    candidates = fixed or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
+    collector = _Collector(fixed)
+    session.add_edit(candidates, collector)
+    guide = _Guide(spec, words, loss, refine, collector)
+    session.forward_hooks.append(guide)
+    session.generation_hooks.append(guide.reset)
+    session.wrap(session.pipe.scheduler, "step", guide.wrap_step)
+
+
+class _Collector(AttentionEdit):
+    """Sums head-averaged text maps of the working layers during a guidance forward (differentiable)."""
+
+    def __init__(self, fixed: list[LayerInfo] | None):
+        self.fixed = None if fixed is None else {layer.name for layer in fixed}
+        self._auto: dict[tuple[int, int], set[str]] = {}
+        self.columns: list[int] = []
+        self.total: torch.Tensor | None = None
+        self.grid: tuple[int, int] = (0, 0)
+        self.count = 0
+
+    def start(self, columns: list[int]) -> None:
+        self.columns, self.total, self.count = columns, None, 0
+
+    def active(self, session: Any, layer: LayerInfo) -> bool:
+        if not session.guiding:
+            return False
+        if self.fixed is not None:
+            return layer.name in self.fixed
+        grid = session.grid[1:]
+        if grid not in self._auto:
+            self._auto[grid] = {x.name for x in working_layers(session.layers, *grid)}
+        return layer.name in self._auto[grid]
+
+    def observe(self, call: AttentionCall) -> None:
+        layout = call.layout
+        probs = call.text_probs(self.columns)  # [images, N, C]
+        maps = probs.reshape(probs.shape[0], layout.frames * layout.height, layout.width, len(self.columns))
+        if self.total is not None and maps.shape != self.total.shape:
+            raise ValueError(
+                f"guidance layers must share one map size; {call.layer.name} has {tuple(maps.shape[1:3])}, "
+                f"others {tuple(self.total.shape[1:3])}: choose layers of one resolution"
+            )
+        self.total = maps if self.total is None else self.total + maps
+        self.count += 1
+
+
+class _Guide(ForwardHook):
+    def __init__(self, spec: Any, words: list[str], loss: Callable, refine: Callable, collector: _Collector):
+        self.spec, self.words, self.loss, self.refine, self.collector = spec, words, loss, refine, collector
+        self.reset(None)
+
+    def reset(self, session: Any) -> None:
+        self.step = -1
+        self.delta: torch.Tensor | None = None  # latent update of the current step, per image
+        self.states: list[dict] = []  # per image, e.g. A-STAR's retention masks
+        self.prompt_columns: Any = None
+
+    def before(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if session.guiding:
+            return args, kwargs
+        if session.step != self.step:  # the step's first forward decides its update
+            self.step, self.delta = session.step, None
+            guided = session.step < self.spec.guided_fraction * session.num_steps
+            if guided and session.cond_rows and self.spec.scale > 0:
+                self.delta = self._update(session, module, args, kwargs)
+        if self.delta is None:
+            return args, kwargs
+        latent, put = _latent(session, args, kwargs)
+        scale = _input_scale(session)
+        rows = torch.arange(latent.shape[0], device=latent.device) % self.delta.shape[0]
+        return put(latent + (scale * self.delta[rows]).to(latent.dtype))
+
+    def wrap_step(self, step: Callable) -> Callable:
+        def guided_step(
+            model_output: Any, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            if self.delta is not None:  # step from the updated latent, as the method prescribes
+                sample = sample + self.delta.to(sample.dtype)
+                self.delta = None
+            return step(model_output, timestep, sample, *args, **kwargs)
+
+        return guided_step
+
+    def _columns(self, session: Any) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
+        if self.prompt_columns is None or self.prompt_columns[0] is not session.prompt:
+            real, groups = [], []
+            for prompt in session.prompts():
+                real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
+                groups.append(
+                    [
+                        session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)
+                        for w in self.words
+                    ]
+                )
+            union = sorted({c for r in real for c in r})
+            self.prompt_columns = (session.prompt, union, real, groups)
+        return self.prompt_columns[1], self.prompt_columns[2], self.prompt_columns[3]
+
+    def _update(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        rows = list(session.cond_rows)
+        batch = session.batch
+        latent, _ = _latent(session, args, kwargs)
+        sub_args, sub_kwargs = _take_rows((args, kwargs), rows, batch)
+        x0 = latent[rows].detach()
+        x = x0.clone()
+        scale = _input_scale(session)
+        alpha = step_sizes(max(1, session.num_steps), self.spec.scale)[session.step]
+        union, real, groups = self._columns(session)
+        if len(self.states) != len(rows):
+            self.states = [{} for _ in rows]
+        saved = (session.batch, session.cond_rows, session.guiding, session.branch)
+        session.guiding, session.branch = True, "cond"
+        try:
+            iteration = 0
+            while True:
+                x.requires_grad_(True)
+                self.collector.start(union)
+                _, put = _latent(session, sub_args, sub_kwargs)
+                with torch.enable_grad():
+                    module(*put(x)[0], **put(x)[1])
+                    if self.collector.total is None:
+                        raise RuntimeError("latent guidance recorded no attention map: no working layer ran")
+                    attn = self.collector.total / self.collector.count  # [images, h, w, C]
+                    losses = []
+                    for i in range(len(rows)):
+                        full = attn.new_zeros(*attn.shape[1:3], union[-1] + 1)
+                        full[..., union] = attn[i]
+                        maps = normalize_concept_maps(full, groups[i], real[i], smooth=self.spec.smooth)
+                        losses.append(self.loss(maps, self.states[i]))
+                    loss = torch.stack(losses).sum()
+                    (grad,) = torch.autograd.grad(loss, x)
+                # z <- z - a grad_z L with x = c z (the scaled model input): x <- x - a c^2 grad_x L
+                x = (x - alpha * scale**2 * grad.float()).to(x0.dtype).detach()
+                worst = max(float(v) for v in losses)
+                session.log.setdefault(type(self.spec).__name__, []).append(
+                    {"step": session.step, "iteration": iteration, "loss": worst}
+                )
+                if not self.refine(session, worst, iteration):
+                    break
+                iteration += 1
+        finally:
+            session.batch, session.cond_rows, session.guiding, session.branch = saved
+        for state in self.states:
+            if "next_masks" in state:
+                state["masks"] = state.pop("next_masks")
+        return (x - x0) / scale  # the update of z, one row per conditional image
+
+
+def _latent(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
+    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs)."""
+    name = session.adapter.latent_arg
+    if args:
+        return args[0], lambda new: ((new, *args[1:]), kwargs)
+    return kwargs[name], lambda new: (args, {**kwargs, name: new})
+
+
+def _input_scale(session: Any) -> float:
+    """c in x = c z: the scheduler's model-input scaling at this step (1 for DDIM and flow matching)."""
+    scale_input = getattr(session.pipe.scheduler, "scale_model_input", None)
+    if scale_input is None or session.timestep is None:
+        return 1.0
+    return float(scale_input(torch.ones(1), torch.tensor(session.timestep)).flatten()[0])
+
+
+def _take_rows(obj: Any, rows: list[int], batch: int) -> Any:
+    """Every tensor with the batch as its first dimension, restricted to `rows` (nested in tuples/dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple):
+        return tuple(_take_rows(o, rows, batch) for o in obj)
+    if isinstance(obj, list):
+        return [_take_rows(o, rows, batch) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, rows, batch) for k, v in obj.items()}
+    return obj

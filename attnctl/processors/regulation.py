@@ -1,0 +1,278 @@
+"""Attention Regulation (Zhang et al., ECCV 2024) as a control and as a plain diffusers processor.
+
+Per guided layer and step, the conditional rows' cross-attention logits of the target words get an
+optimised Gaussian-basis bias (`regulation_math.regulate_logits`), so that no token dominates. No
+latent update and no UNet backward pass; the unconditional rows are left bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..controls import Control, check, check_number, check_words
+from ..families.base import LayerInfo
+from ..families.unet import UNetAdapter
+from ..layers import working_layers
+from .attention import AttentionCall, AttentionEdit, attend, sdpa
+from .regulation_math import MEAN_WEIGHT, QUANTILE_WEIGHT, WEIGHT_DECAY, RegulationState, regulate_logits
+
+
+@dataclasses.dataclass
+class AttentionRegulation(Control):
+    """Regulate cross-attention of `targets` (words or phrases of the prompt).
+
+    layers: layer paths or block indices (None: the cross-attention layers at the lowest map side
+        >= 16, e.g. up_blocks.1 and down_blocks.2 of SD at 512 px).
+    edit_fraction: edit the first fraction of the steps (reference: steps 0-24 of 50).
+    iterations, lr: plain gradient steps w <- w - (rows * lr) grad per layer and step.
+    smoothing, decay: D = smoothing * D_prev + (1 - smoothing) * D_best, scaled by decay^step.
+    """
+
+    targets: list[str] = dataclasses.field(default_factory=list)
+    layers: list[str | int] | None = None
+    edit_fraction: float = 0.5
+    iterations: int = 20
+    lr: float = 100.0
+    smoothing: float = 0.25
+    decay: float = 0.99
+    quantile_weight: float = QUANTILE_WEIGHT
+    mean_weight: float = MEAN_WEIGHT
+    weight_decay: float = WEIGHT_DECAY
+    occurrence: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_words("targets", self.targets)
+        check_number("edit_fraction", self.edit_fraction, low=0, high=1, low_open=True)
+        check_number("iterations", self.iterations, low=1, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("smoothing", self.smoothing, low=0, high=1)
+        check_number("decay", self.decay, low=0, high=1, low_open=True)
+        for name in ("quantile_weight", "mean_weight", "weight_decay"):
+            check_number(name, getattr(self, name), low=0)
+        check_number("occurrence", self.occurrence, integer=True)
+        check_number("seed", self.seed, low=0, integer=True)
+
+    def install(self, session: Any) -> None:
+        chosen = None if self.layers is None else session.select(self.layers, kinds=("cross", "joint"))
+        candidates = chosen or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
+        edit = _Regulator(self, chosen, self._columns)
+        session.add_edit(candidates, edit)
+        session.generation_hooks.append(edit.reset)
+
+    def _columns(self, session: Any) -> tuple[list[list[int]], list[list[int]]]:
+        """Per conditional image: the target columns and the start/end-of-text columns."""
+        targets, restore = [], []
+        for prompt in session.prompts():
+            cols = {
+                c
+                for w in self.targets
+                for c in session.adapter.text_positions(session.pipe, prompt, w, self.occurrence)
+            }
+            targets.append(sorted(cols))
+            restore.append(session.adapter.prompt_span(session.pipe, prompt)[1])
+        return targets, restore
+
+
+class _Regulator(AttentionEdit):
+    def __init__(self, spec: AttentionRegulation, layers: list[LayerInfo] | None, columns: Any):
+        self.spec = spec
+        self.columns = columns
+        self.fixed = None if layers is None else {layer.name for layer in layers}
+        self.states: dict[str, RegulationState] = {}
+        self._auto: dict[tuple[int, int], set[str]] = {}
+        self._columns: tuple[Any, list[list[int]], list[list[int]]] | None = None
+        self.last_info: dict[
+            str, Any
+        ] = {}  # layer name -> RegulationInfo of its latest call (for inspection)
+
+    def reset(self, session: Any) -> None:
+        self.states.clear()
+        self._columns = None
+
+    def active(self, session: Any, layer: LayerInfo) -> bool:
+        if not session.cond_rows or session.step >= self.spec.edit_fraction * max(1, session.num_steps):
+            return False
+        if self.fixed is not None:
+            return layer.name in self.fixed
+        grid = session.grid[1:]
+        if grid not in self._auto:
+            self._auto[grid] = {x.name for x in working_layers(session.layers, *grid)}
+        return layer.name in self._auto[grid]
+
+    def _targets(self, session: Any) -> tuple[list[list[int]], list[list[int]]]:
+        if self._columns is None or self._columns[0] is not session.prompt:  # once per generation
+            self._columns = (session.prompt, *self.columns(session))
+        return self._columns[1], self._columns[2]
+
+    def logit_bias(self, call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
+        targets, restore = self._targets(call.session)
+        layout = call.layout
+        text, image = layout.text_k, layout.image_q
+        edited = logits.clone()
+        for i in range(logits.shape[0]):  # one conditional image at a time: its own target columns
+            state = self.states.setdefault(f"{call.layer.name}/{i}", RegulationState(seed=self.spec.seed))
+            state.step = call.session.step
+            rows = logits[i, :, image, text].reshape(-1, layout.image_tokens, text.stop - text.start)
+            probs, info = regulate_logits(
+                rows,
+                targets[i],
+                restore_columns=restore[i],
+                height=layout.height,
+                width=layout.width,
+                state=state,
+                steps=self.spec.iterations,
+                lr=self.spec.lr,
+                smoothing=self.spec.smoothing,
+                decay=self.spec.decay,
+                quantile_weight=self.spec.quantile_weight,
+                mean_weight=self.spec.mean_weight,
+                weight_decay=self.spec.weight_decay,
+            )
+            cols = torch.tensor([text.start + c for c in targets[i]], device=logits.device)
+            bias = info.bias.to(logits.dtype).reshape(logits.shape[1], layout.image_tokens, len(cols))
+            edited[i, :, image] = edited[i, :, image].index_add(-1, cols, bias)
+            if hasattr(call.session, "log"):
+                call.session.log.setdefault("AttentionRegulation", []).append(
+                    {
+                        "layer": call.layer.name,
+                        "step": call.session.step,
+                        "image": i,
+                        "first_loss": float(info.losses[0]),
+                        "best_loss": float(info.best_losses[-1]),
+                    }
+                )
+        return edited
+
+    def post_softmax(self, call: AttentionCall, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # AR puts the start/end-of-text columns back to their unedited probabilities (rows then no
+        # longer sum to 1): part of the method, reproduced as published.
+        _, restore = self._targets(call.session)
+        unedited = logits.softmax(-1)
+        text = call.layout.text_k
+        probs = probs.clone()
+        for i, cols in enumerate(restore):
+            idx = [text.start + c for c in cols]
+            probs[i, ..., idx] = unedited[i, ..., idx]
+        return probs
+
+
+class AttentionRegulationProcessor:
+    """Attention Regulation as a plain diffusers processor for UNet pipelines, usable without control().
+
+        proc = AttentionRegulationProcessor.for_prompt(pipe, "a cat and a frog", ["cat", "frog"])
+        pipe.unet.set_attn_processor({name: proc if name in proc.layer_names else AttnProcessor2_0()
+                                      for name in pipe.unet.attn_processors})
+
+    Without control() it cannot see the pipeline, so it assumes diffusers' CFG batch layout
+    ([uncond, cond] halves when `guidance=True`), a square latent unless `height`/`width` are given,
+    and counts its own calls per layer to know the step (one call per layer per step). Self-attention
+    and layers it does not edit run plain SDPA. Call `reset()` between generations.
+    """
+
+    def __init__(
+        self,
+        targets: list[int],
+        restore_columns: list[int],
+        *,
+        num_steps: int,
+        latent_size: tuple[int, int] | None = None,
+        guidance: bool = True,
+        layer_names: list[str] | None = None,
+        **options: Any,
+    ):
+        check(
+            bool(targets) and all(isinstance(t, int) and t >= 0 for t in targets),
+            "targets",
+            targets,
+            "token columns >= 0",
+        )
+        check_number("num_steps", num_steps, low=1, integer=True)
+        self.spec = AttentionRegulation(targets=["_"], **options)  # validates the options
+        self.targets, self.restore = list(targets), list(restore_columns)
+        self.num_steps, self.latent_size, self.guidance = num_steps, latent_size, guidance
+        self.layer_names = layer_names
+        self.reset()
+
+    @classmethod
+    def for_prompt(
+        cls,
+        pipe: Any,
+        prompt: str,
+        targets: list[str],
+        *,
+        num_steps: int = 50,
+        height: int | None = None,
+        width: int | None = None,
+        occurrence: int = 0,
+        **options: Any,
+    ) -> AttentionRegulationProcessor:
+        """Build from words: token columns from the pipeline's tokenizer, layers by the working-side rule."""
+        check_words("targets", targets)
+        adapter = UNetAdapter()
+        cols = sorted({c for w in targets for c in adapter.text_positions(pipe, prompt, w, occurrence)})
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        size = pipe.unet.config.sample_size * factor
+        latent = ((height or size) // factor, (width or size) // factor)
+        chosen = working_layers(adapter.layers(pipe.unet), *latent)
+        return cls(
+            cols, adapter.prompt_span(pipe, prompt)[1], num_steps=num_steps, latent_size=latent,
+            layer_names=[f"{layer.name}.processor" for layer in chosen], **options,
+        )  # fmt: skip
+
+    def reset(self) -> None:
+        self._calls: dict[int, int] = {}
+        self._edit = _Regulator(self.spec, None, self._fixed_columns)
+
+    def _fixed_columns(self, state: Any) -> tuple[list[list[int]], list[list[int]]]:
+        n = len(state.cond_rows)
+        return [self.targets] * n, [self.restore] * n
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        cross = encoder_hidden_states is not None
+        step = self._calls.get(id(attn), 0)
+        self._calls[id(attn)] = step + cross
+        batch = hidden_states.shape[0]
+        n = (
+            hidden_states.shape[1]
+            if hidden_states.ndim == 3
+            else hidden_states.shape[-2] * hidden_states.shape[-1]
+        )
+        state = _State(
+            grid=(1, *(self.latent_size or (round(n**0.5),) * 2)),
+            cond_rows=list(range(batch // 2, batch))
+            if self.guidance and batch % 2 == 0
+            else list(range(batch)),
+            step=step,
+            prompt=self,
+        )
+        layer = LayerInfo(str(id(attn)), "cross" if cross else "self", attn.heads, "", 0)
+        prepared = UNetAdapter().prepare(
+            state, layer, attn, hidden_states, encoder_hidden_states, attention_mask, temb
+        )
+        lay = prepared.layout
+        edit = cross and step < self.spec.edit_fraction * self.num_steps and min(lay.height, lay.width) >= 16
+        return prepared.finish(
+            attend(AttentionCall(state, layer, prepared, sdpa), [self._edit] if edit else [])
+        )
+
+
+@dataclasses.dataclass
+class _State:
+    """The session facts the processor needs, derived from the call itself."""
+
+    grid: tuple[int, int, int]
+    cond_rows: list[int]
+    step: int
+    prompt: Any

@@ -1,0 +1,132 @@
+"""Attend-and-Excite and A-STAR latent guidance through control(): the spec's checks on pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+
+import attnctl
+from attnctl.controls import Control
+from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
+
+PROMPT = "a cat and a frog"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("sd")
+
+
+def _run(pipe, family="sd", **overrides):
+    kwargs = tiny_call_kwargs(family, **{"num_inference_steps": 4, **overrides})
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+class _Forwards:
+    def __init__(self, module):
+        self.count = 0
+        self.handle = module.register_forward_pre_hook(lambda *a: setattr(self, "count", self.count + 1))
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize(
+    "control",
+    [attnctl.AttendAndExcite(["cat", "frog"], scale=0.0), attnctl.AStar(["cat", "frog"], scale=0.0)],
+)
+def test_disabled_guidance_equals_baseline(pipe, control):
+    base = _run(pipe)
+    with attnctl.control(pipe, control):
+        out = _run(pipe)
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize(
+    "control", [attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0), attnctl.AStar(["cat", "frog"])]
+)
+def test_gradient_forward_only_on_guided_steps(pipe, control):
+    counter = _Forwards(pipe.unet)
+    try:
+        _run(pipe)
+        plain = counter.count
+        counter.count = 0
+        with attnctl.control(pipe, control) as ctl:
+            out = _run(pipe)
+    finally:
+        counter.close()
+    log = ctl.log[type(control).__name__]
+    assert sorted({e["step"] for e in log}) == [0, 1]  # guided_fraction 0.5 of 4 steps
+    assert counter.count == plain + len(log)  # one conditional gradient forward per update, nothing else
+    assert torch.isfinite(out).all()
+
+
+def test_excite_refinement_lowers_the_loss(pipe):
+    # thresholds at step 0 that are never met: 20 refinement updates at step 0, then one per step
+    with attnctl.control(
+        pipe, attnctl.AttendAndExcite(["cat", "frog"], thresholds={0: 1.0}, max_refinement=5)
+    ) as ctl:
+        _run(pipe)
+    step0 = [e["loss"] for e in ctl.log["AttendAndExcite"] if e["step"] == 0]
+    assert len(step0) == 6
+    assert step0[-1] < step0[0]
+
+
+def test_astar_retention_uses_previous_masks(pipe):
+    with attnctl.control(pipe, attnctl.AStar(["cat", "frog"])) as ctl:
+        _run(pipe)
+    first, second = ctl.log["AStar"][:2]
+    # no masks at the first guided step: segregation only (<= 1/2 for one pair); then + retention (>= 1/2 each)
+    assert first["loss"] <= 0.5 + 1e-6
+    assert second["loss"] >= 1.0 - 1e-6
+
+
+def test_guidance_with_euler_scheduler_and_maps(pipe):
+    euler = tiny_pipeline("sd")
+    euler.scheduler = EulerDiscreteScheduler.from_config(euler.scheduler.config)
+    with attnctl.control(euler, attnctl.AStar(["cat", "frog"]), attnctl.AttentionMaps(["cat"])) as ctl:
+        out = _run(euler)
+    assert torch.isfinite(out).all() and ctl.maps["cat"].dim() == 2
+    assert "step" not in vars(euler.scheduler)
+
+
+def test_sdxl_and_half_precision():
+    sdxl = tiny_pipeline("sdxl")
+    with attnctl.control(sdxl, attnctl.AStar(["cat", "frog"])) as ctl:
+        out = _run(sdxl, "sdxl")
+    assert torch.isfinite(out).all() and ctl.log["AStar"]
+    half = tiny_pipeline("sd").to(dtype=torch.bfloat16)
+    with attnctl.control(half, attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0)) as ctl:
+        out = _run(half)
+    assert torch.isfinite(out.float()).all() and ctl.log["AttendAndExcite"]
+
+
+def test_restored_after_exception(pipe):
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    procs = dict(pipe.unet.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attnctl.control(pipe, attnctl.AStar(["cat", "frog"])):
+            _run(pipe, callback_on_step_end=boom)
+    assert "step" not in vars(pipe.scheduler) and "forward" not in vars(pipe.unet)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in procs.items())
+
+
+def test_controls_round_trip_and_validate():
+    for c in (
+        attnctl.AttendAndExcite(["cat"], thresholds={0: 0.1, 5: 0.5}),
+        attnctl.AStar(["cat", "frog"], mask_threshold=0.4),
+    ):
+        assert Control.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match="^tokens="):
+        attnctl.AttendAndExcite([])
+    with pytest.raises(ValueError, match="^thresholds="):
+        attnctl.AttendAndExcite(["cat"], thresholds={0: 2.0})
+    with pytest.raises(ValueError, match="^mask_threshold="):
+        attnctl.AStar(["cat", "frog"], mask_threshold=0)
+    with pytest.raises(ValueError, match="^guided_fraction="):
+        attnctl.AStar(["cat"], guided_fraction=1.5)
