@@ -128,6 +128,7 @@ class Session:
     def install(self, controls: tuple[Control, ...]) -> None:
         self.controls = list(controls)
         for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
+            self._snapshot_backends(denoiser)
             self._install_hook(denoiser, adapter)
         self._wrap_method(self.pipe, "encode_prompt", self._on_encode_prompt)
         for c in controls:
@@ -198,6 +199,24 @@ class Session:
                 vars(denoiser).pop("forward", None)
             if not had_registry:
                 del denoiser._diffusers_hook
+
+        self._undo.append(undo)
+
+    def _snapshot_backends(self, denoiser: torch.nn.Module) -> None:
+        """Put every processor's attention backend settings back on exit, even if changed meanwhile."""
+        saved = [
+            (proc, {a: vars(proc)[a] for a in ("_attention_backend", "_parallel_config") if a in vars(proc)})
+            for proc in denoiser.attn_processors.values()
+            if hasattr(proc, "_attention_backend")
+        ]
+
+        def undo() -> None:
+            for proc, attrs in saved:
+                for a in ("_attention_backend", "_parallel_config"):
+                    if a in attrs:
+                        setattr(proc, a, attrs[a])
+                    else:
+                        vars(proc).pop(a, None)  # it was the class default
 
         self._undo.append(undo)
 

@@ -208,3 +208,14 @@ def test_real_unet_layer_names_resolve():
         cross = ctl.select(None, kinds=("cross",))
         assert cross and all(layer.name.endswith("attn2") for layer in cross)
         assert ctl.select("up_blocks.0", kinds=("cross",))
+
+
+def test_attention_backend_settings_restored():
+    pipe = tiny_pipeline("flux")
+    procs = list(pipe.transformer.attn_processors.values())
+    before = [(vars(p).get("_attention_backend"), vars(p).get("_parallel_config")) for p in procs]
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
+        pipe.transformer.set_attention_backend("native")  # a change made inside the block
+    after = [(vars(p).get("_attention_backend"), vars(p).get("_parallel_config")) for p in procs]
+    assert after == before
+    assert all(pipe.transformer.attn_processors[k] is p for k, p in zip(pipe.transformer.attn_processors, procs, strict=True))

@@ -5,9 +5,21 @@ from __future__ import annotations
 import torch
 
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared
+from .cogvideox import CogVideoXAdapter
+from .flux import FluxAdapter
+from .hunyuanvideo import HunyuanVideoAdapter
+from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .wan import WanAdapter
 
-ADAPTERS: list[FamilyAdapter] = [UNetAdapter()]
+ADAPTERS: list[FamilyAdapter] = [
+    UNetAdapter(),
+    SD3Adapter(),
+    FluxAdapter(),
+    WanAdapter(),
+    CogVideoXAdapter(),
+    HunyuanVideoAdapter(),
+]
 
 SUPPORTED = (
     "Stable Diffusion 1.x/2.x/XL (UNet2DConditionModel), SD3 (SD3Transformer2DModel), "

@@ -27,8 +27,9 @@ from ..families.base import FamilyAdapter, LayerInfo, Prepared
 if TYPE_CHECKING:
     from ..control import Session
 
-# Elements of one logits chunk when text probabilities are recomputed (64 MiB in fp32).
-CHUNK_ELEMENTS = 1 << 24
+# Elements of one logits chunk when text probabilities are recomputed (16 MiB in fp32; a chunk
+# lives with ~2 same-sized temporaries, so this bounds the extra peak memory of recording maps).
+CHUNK_ELEMENTS = 1 << 22
 
 
 class AttentionEdit:
@@ -115,10 +116,14 @@ class AttentionCall:
                 logits = (q[:, :, s : s + chunk].float() @ k.transpose(-1, -2)) * self.scale
                 if mask is not None:
                     start = self.layout.image_q.start + s
-                    logits = logits + (mask if mask.shape[-2] == 1 else mask[..., start : start + logits.shape[2], :])
+                    logits = logits + (
+                        mask if mask.shape[-2] == 1 else mask[..., start : start + logits.shape[2], :]
+                    )
                 lse = logits.logsumexp(-1, keepdim=True)
                 parts.append((logits.index_select(-1, cols) - lse).exp().mean(1))
-            result = torch.cat(parts, dim=1) if parts else q.new_zeros(b, 0, len(columns), dtype=torch.float32)
+            result = (
+                torch.cat(parts, dim=1) if parts else q.new_zeros(b, 0, len(columns), dtype=torch.float32)
+            )
         self._text_probs[key] = result
         return result
 
