@@ -44,7 +44,8 @@ def generate(
             f"{maps!r} names no word; give comma-separated prompt words", param_hint="--maps"
         )
     pipe = _load(model)
-    kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed)}
+    kwargs = _model_defaults(model)
+    kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pil")
     for name, value in (("height", height), ("width", width), ("guidance_scale", guidance)):
         if value is not None:
             kwargs[name] = value
@@ -88,11 +89,7 @@ def layers(
             layout = call.layout
             sizes[call.layer.name] = (layout.frames, layout.height, layout.width)
 
-    kwargs: dict[str, Any] = {}
-    if model is not None and model.startswith("tiny:"):
-        from attnctl.tiny import tiny_call_kwargs
-
-        kwargs.update(tiny_call_kwargs(model.removeprefix("tiny:")))  # e.g. a small frame count for video
+    kwargs = _model_defaults(model)
     kwargs.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
     kwargs.update(num_inference_steps=1, output_type="latent")
     with attnctl.control(pipe) as ctl:
@@ -105,6 +102,17 @@ def layers(
     for layer, grid in rows:
         size = "-" if grid is None else ("x".join(str(s) for s in (grid if grid[0] > 1 else grid[1:])))
         typer.echo(f"[{layer.index:3d}] {layer.name:<60} {layer.kind:<6} heads={layer.heads:<3} map={size}")
+
+
+def _model_defaults(model: str | None) -> dict[str, Any]:
+    """Call arguments a model needs beyond the pipeline's defaults: tiny models run at tiny sizes."""
+    from attnctl.pipelines import TINY_PREFIX
+
+    if model is None or not model.startswith(TINY_PREFIX):
+        return {}
+    from attnctl.tiny import tiny_call_kwargs
+
+    return tiny_call_kwargs(model.removeprefix(TINY_PREFIX))
 
 
 def _load(model: str | None) -> Any:

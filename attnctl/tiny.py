@@ -44,12 +44,23 @@ VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 # Pipelines
 
 
-def tiny_pipeline(family: str, seed: int = 0) -> Any:
-    """Build the standard diffusers pipeline of `family` from tiny seeded components (fp32, CPU)."""
+def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
+    """Build the standard diffusers pipeline of `family` from tiny seeded components (fp32, CPU).
+
+    `denoiser_config` overrides entries of the UNet/transformer config, e.g.
+    `tiny_pipeline("wan", num_layers=8, attention_head_dim=64)` for a deeper model in benchmarks."""
     builder = _BUILDERS.get(_check_family(family))
     # Building seeds torch's global RNG per component; keep the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
         pipe = builder(seed)
+        if denoiser_config:
+            name = "unet" if hasattr(pipe, "unet") else "transformer"
+            old = getattr(pipe, name)
+            unknown = sorted(set(denoiser_config) - set(old.config))
+            if unknown:
+                raise ValueError(f"{unknown} are not {type(old).__name__} config entries; known: {sorted(old.config)}")
+            torch.manual_seed(seed)
+            pipe.register_modules(**{name: type(old).from_config({**old.config, **denoiser_config})})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -200,3 +200,10 @@ def test_pipeline_save_load_round_trip(family, tmp_path):
         for p in (pipe, loaded)
     ]
     assert torch.allclose(runs[0], runs[1], atol=1e-5)
+
+
+def test_denoiser_config_overrides():
+    pipe = tiny_pipeline("wan", num_layers=3, attention_head_dim=16)
+    assert len(pipe.transformer.blocks) == 3 and pipe.transformer.config.attention_head_dim == 16
+    with pytest.raises(ValueError, match="not WanTransformer3DModel config entries"):
+        tiny_pipeline("wan", depth=3)

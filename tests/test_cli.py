@@ -1,0 +1,45 @@
+"""The `attnctl` command on tiny offline models."""
+
+from __future__ import annotations
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from attnctl.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_writes_image_and_maps(tmp_path):
+    result = runner.invoke(
+        app,
+        ["generate", "a cat and a frog", "--model", "tiny:sd", "--steps", "2", "--maps", "cat,frog", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "image.png").size[0] > 0
+    assert Image.open(tmp_path / "maps.png").size[0] == 3 * 256
+
+
+def test_generate_video_family(tmp_path):
+    result = runner.invoke(app, ["generate", "a cat", "--model", "tiny:wan", "--steps", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "image.png").exists()
+
+
+def test_generate_errors_name_the_value(tmp_path):
+    result = runner.invoke(app, ["generate", "a cat", "--model", "tiny:nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "nope" in result.output
+    result = runner.invoke(app, ["generate", "a cat", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "missing" in result.output
+    result = runner.invoke(app, ["generate", "a cat", "--model", "tiny:sd", "--maps", "dog", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "dog" in str(result.exception or result.output)
+
+
+def test_layers_lists_kinds_heads_and_map_sizes():
+    result = runner.invoke(app, ["layers", "tiny:sd"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("[")]
+    assert any("attn2" in line and "cross" in line and "map=" in line for line in lines)
+    assert all("map=-" not in line for line in lines)  # every layer ran and has a size
+    result = runner.invoke(app, ["layers", "tiny:flux"])
+    assert result.exit_code == 0 and "joint" in result.output
