@@ -218,16 +218,16 @@ def test_flux_fused_projections_and_reference_tokens():
 
 
 def test_flux_kernel_is_the_layers_dispatch(monkeypatch):
-    import attnctl.families.flux as flux_module
+    import diffusers.models.attention_dispatch as dispatch_module
 
     seen = {}
 
-    def dispatch(q, k, v, attn_mask=None, scale=None, *, backend=None, parallel_config=None):
+    def dispatch(q, k, v, attn_mask=None, scale=None, *, backend=None, parallel_config=None, **fixed):
         seen.update(shape=tuple(q.shape), backend=backend, parallel_config=parallel_config, scale=scale)
         out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
         return out.transpose(1, 2)  # [B, S, H, D], as diffusers' backends return
 
-    monkeypatch.setattr(flux_module, "dispatch_attention_fn", dispatch)
+    monkeypatch.setattr(dispatch_module, "dispatch_attention_fn", dispatch)
     processor = types.SimpleNamespace(_attention_backend="flash", _parallel_config=None)
     kernel = FluxAdapter().kernel_for(processor)
     processor._attention_backend = (

@@ -140,3 +140,30 @@ def grid_for(tokens: int, height: int, width: int) -> tuple[int, int]:
 def heads_to_dim1(x: torch.Tensor) -> torch.Tensor:
     """[B, S, H, D] → [B, H, S, D]."""
     return x.transpose(1, 2)
+
+
+def dispatch_kernel(processor: Any, parallel: bool = True) -> Callable:
+    """The kernel of processors that call diffusers' `dispatch_attention_fn` (Flux, Wan, HunyuanVideo).
+
+    Returns f(q, k, v, mask, scale) on [B, H, S, D] making the same call ([B, S, H, D] there) with
+    the processor's attention backend and (if `parallel`) its context-parallel config, read at call
+    time so that a later `set_attention_backend` is followed."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    def kernel(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+    ) -> torch.Tensor:
+        out = dispatch_attention_fn(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            dropout_p=0.0,
+            is_causal=False,
+            scale=scale,
+            backend=getattr(processor, "_attention_backend", None),
+            parallel_config=getattr(processor, "_parallel_config", None) if parallel else None,
+        )
+        return out.transpose(1, 2)
+
+    return kernel

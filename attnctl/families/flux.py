@@ -14,11 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel
 
 
 class FluxAdapter(FamilyAdapter):
@@ -117,23 +116,7 @@ class FluxAdapter(FamilyAdapter):
         )
 
     def kernel_for(self, processor: Any) -> Callable:
-        """The layer's own `dispatch_attention_fn` call: its backend and parallel config, read at call time."""
-
-        def flux_attention(
-            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
-        ) -> torch.Tensor:
-            out = dispatch_attention_fn(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=mask,
-                scale=scale,
-                backend=processor._attention_backend,
-                parallel_config=processor._parallel_config,
-            )
-            return out.transpose(1, 2)
-
-        return flux_attention
+        return dispatch_kernel(processor)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer_2, prompt, word, occurrence)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ..tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, heads_to_dim1
-from .wan import check_grid, dispatch_kernel, video_grid
+from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel, heads_to_dim1
+from .wan import check_grid, video_grid
 
 # HunyuanVideoPipeline's default `max_sequence_length` (text tokens kept after the crop).
 DEFAULT_TEXT_LEN = 256

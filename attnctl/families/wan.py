@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, heads_to_dim1
+from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel, heads_to_dim1
 
 # diffusers' WanAttnProcessor treats the last 512 context tokens of an I2V call as text.
 WAN_TEXT_CONTEXT = 512
@@ -104,35 +104,6 @@ class WanAdapter(FamilyAdapter):
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         # WanPipeline truncates to max_sequence_length, 512 by default (and I2V requires 512).
         return token_positions(pipe.tokenizer, prompt, word, occurrence, max_length=WAN_TEXT_CONTEXT)
-
-
-def dispatch_kernel(processor: Any, parallel: bool = True) -> Callable:
-    """The kernel of processors that call diffusers' `dispatch_attention_fn` ([B, S, H, D] there).
-
-    Returns f(q, k, v, mask, scale) on [B, H, S, D] that makes the same call with the processor's
-    attention backend (and, if `parallel`, its context-parallel config)."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    backend = getattr(processor, "_attention_backend", None)
-    parallel_config = getattr(processor, "_parallel_config", None) if parallel else None
-
-    def kernel(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
-    ) -> torch.Tensor:
-        out = dispatch_attention_fn(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            dropout_p=0.0,
-            is_causal=False,
-            scale=scale,
-            backend=backend,
-            parallel_config=parallel_config,
-        )
-        return out.transpose(1, 2)
-
-    return kernel
 
 
 def patch_size(session: Any) -> tuple[int, int, int]:
