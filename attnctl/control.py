@@ -22,6 +22,7 @@ from .controls import Control
 from .families import FamilyAdapter, LayerInfo, adapter_for
 from .layers import LayerSelection
 from .processors.attention import AttentionEdit, AttnctlProcessor
+from .tokens import TokenTruncatedError
 
 HOOK_NAME = "attnctl"
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
@@ -299,4 +300,10 @@ class Session:
 
     def text_positions(self, word: str, occurrence: int = 0) -> list[list[int]]:
         """Positions of `word` in the text keys, one list per conditional row."""
-        return [self.adapter.text_positions(self.pipe, p, word, occurrence) for p in self.prompts()]
+        rows = [self.adapter.text_positions(self.pipe, p, word, occurrence) for p in self.prompts()]
+        if self.text_len is not None and any(max(pos) >= self.text_len for pos in rows):
+            raise TokenTruncatedError(
+                f"{word!r} lies past the {self.text_len} text tokens this call gives the denoiser "
+                "(the prompt is truncated there): shorten the prompt or raise max_sequence_length"
+            )
+        return rows

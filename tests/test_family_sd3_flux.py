@@ -237,3 +237,11 @@ def test_flux_kernel_is_the_layers_dispatch(monkeypatch):
     out = kernel(q, k, v, None, None)
     assert seen == {"shape": (2, 6, 4, 8), "backend": "_native_math", "parallel_config": None, "scale": None}
     assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)
+
+
+def test_word_past_the_calls_text_length_is_a_clear_error():
+    pipe = tiny_pipeline("flux")
+    prompt = "a frog " + "and a dog " * 12 + "and a cat"
+    with pytest.raises(ValueError, match="'cat' lies past the 8 text tokens"):
+        with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
+            pipe(prompt, **tiny_call_kwargs("flux", max_sequence_length=8))
