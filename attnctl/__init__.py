@@ -1,8 +1,8 @@
 """attnctl: precise control over attention in diffusers pipelines.
 
-    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
-        image = pipe("a cat and a frog").images[0]
-    ctl.maps["cat"]  # [h, w]
+with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
+    image = pipe("a cat and a frog").images[0]
+ctl.maps["cat"]  # [h, w]
 """
 
 from .control import Session, control
@@ -10,6 +10,7 @@ from .controls import Control
 from .layers import LayerSelection
 from .maps import AttentionMaps
 from .pipelines.guidance import AStar, AttendAndExcite
+from .processors.draft import DraftAttention
 from .processors.regulation import AttentionRegulation, AttentionRegulationProcessor
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "AttentionRegulation",
     "AttentionRegulationProcessor",
     "Control",
+    "DraftAttention",
     "LayerSelection",
     "Session",
     "control",

@@ -58,7 +58,9 @@ def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
             old = getattr(pipe, name)
             unknown = sorted(set(denoiser_config) - set(old.config))
             if unknown:
-                raise ValueError(f"{unknown} are not {type(old).__name__} config entries; known: {sorted(old.config)}")
+                raise ValueError(
+                    f"{unknown} are not {type(old).__name__} config entries; known: {sorted(old.config)}"
+                )
             torch.manual_seed(seed)
             pipe.register_modules(**{name: type(old).from_config({**old.config, **denoiser_config})})
     pipe.set_progress_bar_config(disable=True)

@@ -13,7 +13,18 @@ runner = CliRunner()
 def test_generate_writes_image_and_maps(tmp_path):
     result = runner.invoke(
         app,
-        ["generate", "a cat and a frog", "--model", "tiny:sd", "--steps", "2", "--maps", "cat,frog", "--out", str(tmp_path)],
+        [
+            "generate",
+            "a cat and a frog",
+            "--model",
+            "tiny:sd",
+            "--steps",
+            "2",
+            "--maps",
+            "cat,frog",
+            "--out",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "image.png").size[0] > 0
@@ -21,7 +32,9 @@ def test_generate_writes_image_and_maps(tmp_path):
 
 
 def test_generate_video_family(tmp_path):
-    result = runner.invoke(app, ["generate", "a cat", "--model", "tiny:wan", "--steps", "2", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["generate", "a cat", "--model", "tiny:wan", "--steps", "2", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "image.png").exists()
 
@@ -29,9 +42,13 @@ def test_generate_video_family(tmp_path):
 def test_generate_errors_name_the_value(tmp_path):
     result = runner.invoke(app, ["generate", "a cat", "--model", "tiny:nope", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "nope" in result.output
-    result = runner.invoke(app, ["generate", "a cat", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["generate", "a cat", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]
+    )
     assert result.exit_code == 2 and "missing" in result.output
-    result = runner.invoke(app, ["generate", "a cat", "--model", "tiny:sd", "--maps", "dog", "--out", str(tmp_path)])
+    result = runner.invoke(
+        app, ["generate", "a cat", "--model", "tiny:sd", "--maps", "dog", "--out", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "dog" in str(result.exception or result.output)
 
 

@@ -218,4 +218,7 @@ def test_attention_backend_settings_restored():
         pipe.transformer.set_attention_backend("native")  # a change made inside the block
     after = [(vars(p).get("_attention_backend"), vars(p).get("_parallel_config")) for p in procs]
     assert after == before
-    assert all(pipe.transformer.attn_processors[k] is p for k, p in zip(pipe.transformer.attn_processors, procs, strict=True))
+    assert all(
+        pipe.transformer.attn_processors[k] is p
+        for k, p in zip(pipe.transformer.attn_processors, procs, strict=True)
+    )

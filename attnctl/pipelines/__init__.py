@@ -42,8 +42,8 @@ def load_pipeline(
 class ControlledPipelineMixin:
     """Adds `controls=[...]` to a pipeline's `__call__`; the session of the last call is `attnctl_session`.
 
-        pipe = StableDiffusionControlPipeline.from_pipe(pipe)
-        image = pipe("a cat and a frog", controls=[attnctl.AStar(["cat", "frog"])]).images[0]
+    pipe = StableDiffusionControlPipeline.from_pipe(pipe)
+    image = pipe("a cat and a frog", controls=[attnctl.AStar(["cat", "frog"])]).images[0]
     """
 
     attnctl_session: Any = None
