@@ -1,0 +1,257 @@
+"""Kernel benchmark of DraftAttention (arXiv 2505.14708): dense SDPA vs the block-sparse backends.
+
+`run_kernel_bench` times, in one run and on the same inputs, dense SDPA and `draft_attention`
+with each sparse backend at each sparsity (batch 1, fp32, median of `repeats` timed runs after a
+warm-up run that also absorbs torch.compile). Sparse times are end to end: draft, block
+selection, mask/plan building, permutation, attention, inverse permutation. The mask-building
+part (draft + block mask + backend plan) is also timed on its own. Accuracy is the relative L2
+error of each sparse output against dense attention.
+
+Inputs are synthetic but structured like video attention: queries and keys share a smooth
+(low-frequency) function of the token's (frame, row, column) position plus noise, so attention is
+local-ish and the draft has something to find; purely random q/k would make every block equally
+important and the error meaningless.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import typer
+
+from attnctl.kernels.draft import DraftLayout, _select_blocks, draft_attention
+from attnctl.kernels.sparse import SparsePlan
+
+FRAME = (32, 64)  # tokens per frame (rows, columns) in the benchmark video: 2,048 tokens
+
+
+def run_kernel_bench(
+    tokens: Sequence[int] = (16384, 32768),
+    sparsities: Sequence[float] = (0.5, 0.75, 0.9),
+    heads: int = 8,
+    head_dim: int = 64,
+    repeats: int = 3,
+    backends: Sequence[str] = ("flex", "gather"),
+    pool: tuple[int, int] = (8, 16),
+    seed: int = 0,
+    threads: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Time dense SDPA against DraftAttention backends; print a table, return a JSON-able dict.
+
+    tokens must be multiples of 2,048 (frames of 32 x 64 tokens). `threads` sets torch's intra-op
+    threads for the run (restored after); the load average is recorded because on a shared CPU the
+    many small parallel regions of the sparse paths suffer more from contention than one dense call.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not allowed: an integer >= 1")
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            results = _run(tokens, sparsities, heads, head_dim, repeats, backends, pool, seed, echo)
+    finally:
+        torch.set_num_threads(saved_threads)
+    echo(format_table(results))
+    return results
+
+
+def _run(
+    tokens: Sequence[int],
+    sparsities: Sequence[float],
+    heads: int,
+    head_dim: int,
+    repeats: int,
+    backends: Sequence[str],
+    pool: tuple[int, int],
+    seed: int,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    rows, cols = FRAME
+    results: dict[str, Any] = {
+        "config": {
+            "heads": heads,
+            "head_dim": head_dim,
+            "batch": 1,
+            "dtype": "float32",
+            "frame": [rows, cols],
+            "pool": list(pool),
+            "repeats": repeats,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        },
+        "runs": [],
+    }
+    echo(f"progress (final table at the end):\n{_HEADER}")
+    for n in tokens:
+        if n % (rows * cols):
+            raise ValueError(
+                f"tokens={n!r} is not allowed: a multiple of {rows * cols} (frames of {rows}x{cols})"
+            )
+        frames = n // (rows * cols)
+        shape = {"frames": frames, "height": rows, "width": cols, "pool": tuple(pool)}
+        q, k, v = _video_qkv(frames, rows, cols, heads, head_dim, seed)
+        dense = functools.partial(F.scaled_dot_product_attention, q, k, v)
+        dense_out = dense()
+        # Dense is timed before and after the sparse cases (median of both) so that a load change
+        # on a shared machine during the run does not favour either side.
+        dense_before = _times_ms(dense, repeats)
+        cases = []
+        for sparsity in sparsities:
+            for backend in backends:
+                run = _time_sparse(q, k, v, dense_out, shape, backend, sparsity, repeats)
+                run.update(tokens=n, sparsity=sparsity, backend=backend)
+                cases.append(run)
+                echo(_row({**run, "dense_ms": statistics.median(dense_before)}))
+        dense_after = _times_ms(dense, repeats, warmup=0)
+        dense_ms = statistics.median(dense_before + dense_after)
+        for run in cases:
+            run["dense_ms"] = round(dense_ms, 2)
+            run["dense_ms_before_after"] = [
+                round(statistics.median(t), 2) for t in (dense_before, dense_after)
+            ]
+            run["speedup"] = round(dense_ms / run["sparse_ms"], 2)
+        results["runs"] += cases
+    results["config"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    return results
+
+
+def draft(
+    json_out: Path = typer.Option(..., "--json", help="Write the results here as JSON."),
+    tokens: list[int] = typer.Option(
+        [16384, 32768], "--tokens", help="Sequence lengths (multiples of 2048)."
+    ),
+    sparsity: list[float] = typer.Option([0.5, 0.75, 0.9], "--sparsity", help="Fractions of blocks dropped."),
+    heads: int = typer.Option(8, "--heads", min=1),
+    head_dim: int = typer.Option(64, "--head-dim", min=1),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per case (median)."),
+    backend: list[str] = typer.Option(["flex", "gather"], "--backend", help="Sparse backends to time."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
+) -> dict[str, Any]:
+    """DraftAttention kernel benchmark: dense SDPA vs block-sparse backends (prints, writes JSON)."""
+    results = run_kernel_bench(
+        tokens=tokens,
+        sparsities=sparsity,
+        heads=heads,
+        head_dim=head_dim,
+        repeats=repeats,
+        backends=backend,
+        threads=threads,
+        echo=typer.echo,
+    )
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps({"kernel": results}, indent=2))
+    typer.echo(f"wrote {json_out}")
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The benchmark's runs as a fixed-width text table."""
+    cfg = results["config"]
+    head = f"DraftAttention kernels: B=1 H={cfg['heads']} D={cfg['head_dim']} fp32, pool {cfg['pool']}, "
+    head += f"median of {cfg['repeats']}, {cfg['threads']} threads, torch {cfg['torch']}, "
+    head += f"load average {cfg['load_average_before'][0]} -> {cfg['load_average_after'][0]}"
+    return "\n".join([head, _HEADER, *map(_row, results["runs"])])
+
+
+_HEADER = (
+    f"{'tokens':>7} {'sparsity':>8} {'backend':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} "
+    f"{'mask ms':>8} {'1st ms':>8} {'rel L2':>8}"
+)
+
+
+def _row(r: dict[str, Any]) -> str:
+    speedup = r.get("speedup", r["dense_ms"] / r["sparse_ms"])
+    return (
+        f"{r['tokens']:>7} {r['sparsity']:>8} {r['backend']:>8} {r['dense_ms']:>9.1f} {r['sparse_ms']:>9.1f} "
+        f"{speedup:>6.2f}x {r['mask_ms']:>8.1f} {r['first_call_ms']:>8.0f} {r['rel_l2']:>8.4f}"
+    )
+
+
+def _time_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dense_out: torch.Tensor,
+    shape: dict[str, Any],
+    backend: str,
+    sparsity: float,
+    repeats: int,
+) -> dict[str, Any]:
+    call = functools.partial(
+        draft_attention, q, k, v, text=0, text_first=False, sparsity=sparsity, backend=backend, **shape
+    )
+    start = time.perf_counter()
+    out = call()  # warm-up; includes compiling flex for this shape
+    first_ms = 1e3 * (time.perf_counter() - start)
+    sparse_ms = _median_ms(call, repeats, warmup=0)
+    mask_ms = _median_ms(functools.partial(_build_mask, q, k, backend, sparsity, shape), repeats)
+    error = torch.linalg.vector_norm(out - dense_out) / torch.linalg.vector_norm(dense_out)
+    return {
+        "sparse_ms": round(sparse_ms, 2),
+        "mask_ms": round(mask_ms, 2),
+        "first_call_ms": round(first_ms, 1),
+        "rel_l2": round(error.item(), 5),
+    }
+
+
+def _build_mask(
+    q: torch.Tensor, k: torch.Tensor, backend: str, sparsity: float, shape: dict[str, Any]
+) -> None:
+    """Draft + block selection + the backend's plan (what `draft_attention` builds per call)."""
+    layout = DraftLayout.of(text=0, text_first=False, **shape)
+    qk, kk = layout.to_kernel(q), layout.to_kernel(k)
+    keep = _select_blocks(layout, qk, kk, sparsity, 1.0 / math.sqrt(q.shape[-1]))
+    plan = SparsePlan(backend, layout.kernel_block_mask(keep), layout)
+    # Force the lazily built per-backend structures.
+    _ = plan._groups if plan.backend == "gather" else plan._flex_mask
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    return statistics.median(_times_ms(fn, repeats, warmup))
+
+
+def _times_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def _video_qkv(
+    frames: int, rows: int, cols: int, heads: int, dim: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [1, heads, frames*rows*cols, dim]: a shared smooth positional field plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    t, y, x = torch.meshgrid(
+        torch.arange(frames, dtype=torch.float32) / max(frames, 1),
+        torch.arange(rows, dtype=torch.float32) / rows,
+        torch.arange(cols, dtype=torch.float32) / cols,
+        indexing="ij",
+    )
+    pos = torch.stack([t, y, x], -1).reshape(-1, 3)  # [tokens, 3]
+    # Random Fourier features of the position, about one cycle per frame (or per clip in time):
+    # nearby tokens align, and the structure survives pooling over 8 x 16 regions.
+    freqs = torch.randn(heads, 3, dim, generator=gen) * torch.tensor([1.0, 2.0, 2.0])[:, None]
+    phase = 2 * math.pi * torch.rand(heads, 1, dim, generator=gen)
+    field = torch.cos(2 * math.pi * pos @ freqs + phase) * 1.5  # [heads, tokens, dim]
+    q = field + 0.5 * torch.randn(field.shape, generator=gen)
+    k = field + 0.5 * torch.randn(field.shape, generator=gen)
+    v = torch.randn(field.shape, generator=gen)
+    return q[None], k[None], v[None]

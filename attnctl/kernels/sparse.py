@@ -1,0 +1,321 @@
+"""Block-sparse attention backends for DraftAttention (arXiv 2505.14708; specs/draft-attention.md).
+
+All backends take q, k, v in the kernel layout of `draft.DraftLayout` ([batch, heads, length, d],
+blocks of `layout.block` tokens, padding slots zero) and a block mask [batch, heads, G, G] (True =
+query block attends to key block); padding keys are always masked out. A query row with no key
+left outputs zeros, as SDPA and FlexAttention do for fully masked rows.
+
+- "flex": compiled FlexAttention, BlockMask from `BlockMask.from_kv_blocks` (a few ms) plus a
+  `mask_mod` that encodes the same blocks, so the result is right even where flex runs eagerly.
+- "flex_eager": the same BlockMask, uncompiled: eager flex ignores the block indices and applies
+  only `mask_mod` over the full L x L scores (exact but slow and memory hungry; a check, not a path).
+- "gather": pure PyTorch. Query blocks are grouped by how many key blocks they keep; per group
+  (in chunks of bounded memory) the kept key/value blocks are gathered with `index_select` into
+  reused workspaces and one batched SDPA call runs, so no work is padded. A key-validity mask is
+  passed only for rows whose kept blocks hold padding.
+- "dense": reference, SDPA with the equivalent token-level boolean mask, one (batch, head) at a time.
+- "auto": on CPU gather (measured faster than compiled flex here); elsewhere compiled flex where
+  torch.compile works (found by trying it once per device type and block size, cached), else gather.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import queue
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from attnctl.kernels.draft import DraftLayout
+
+# Elements (rows x keys x head_dim) gathered per SDPA call on the gather path: bounds the memory of
+# the gathered keys/values (32 MB each in fp32, per worker) while keeping calls large enough to be efficient.
+GATHER_BUDGET = 1 << 23
+
+# Where compiled flex works, is it the faster choice? Not on CPU: with 128-token blocks its kernel
+# tiles keys by 128 while SDPA tiles by 512; `attnctl.kernels.bench` on the 2-core CPU, 32k tokens,
+# 8 heads, 10% of blocks kept: gather 6.3x over dense SDPA, compiled flex 3.4x (and slower than
+# dense at 50%). Other devices: flex (its GPU kernels are the block-sparse path; not measured here).
+FLEX_PREFERRED: dict[str, bool] = {"cpu": False}
+
+# Per (device type, block size): does compiled flex work here? Filled by the first "auto" call.
+_FLEX_WORKS: dict[tuple[str, int], bool] = {}
+
+
+class SparsePlan:
+    """A block mask prepared for one backend; reusable across calls with the same mask."""
+
+    def __init__(self, backend: str, keep: torch.Tensor, layout: DraftLayout) -> None:
+        key = (keep.device.type, layout.block)
+        if backend == "auto":
+            prefer = FLEX_PREFERRED.get(keep.device.type, True)
+            backend = "flex" if prefer and _FLEX_WORKS.get(key, True) else "gather"
+            self.auto = backend == "flex" and key not in _FLEX_WORKS
+        else:
+            self.auto = False
+        self.backend, self.keep, self.layout = backend, keep, layout
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Block-sparse attention in the kernel layout: [batch, heads, length, dv]."""
+        if self.backend == "gather":
+            return _gather_attention(q, k, v, self._groups, self.layout, scale)
+        if self.backend == "dense":
+            return _dense_attention(q, k, v, self.keep, self.layout, scale)
+        if self.backend == "flex_eager":
+            with warnings.catch_warnings():
+                # Eager flex on purpose (a correctness check): silence its "use torch.compile" advice.
+                warnings.simplefilter("ignore", UserWarning)
+                return _flex_eager()(q, k, v, block_mask=self._flex_mask, scale=scale)
+        if not self.auto:
+            return _flex_compiled()(q, k, v, block_mask=self._flex_mask, scale=scale)
+        # First "auto" use on this device type and block size: try compiled flex, fall back to
+        # gather if torch.compile fails (no C++ compiler, unsupported block size, ...).
+        key = (q.device.type, self.layout.block)
+        try:
+            out = _flex_compiled()(q, k, v, block_mask=self._flex_mask, scale=scale)
+            _FLEX_WORKS[key] = True
+        except Exception as error:  # noqa: BLE001 - any compile failure means "use gather"
+            warnings.warn(
+                f"compiled FlexAttention failed ({type(error).__name__}); using gather", stacklevel=2
+            )
+            _FLEX_WORKS[key] = False
+            self.backend = "gather"
+            out = _gather_attention(q, k, v, self._groups, self.layout, scale)
+        self.auto = False
+        return out
+
+    @functools.cached_property
+    def _flex_mask(self):  # -> BlockMask
+        with threads(1):  # many tiny ops: see threads
+            return flex_block_mask(self.keep, self.layout)
+
+    @functools.cached_property
+    def _groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        with threads(1):  # many tiny ops: see threads
+            return _gather_groups(self.keep, self.layout)
+
+
+def flex_block_mask(keep: torch.Tensor, layout: DraftLayout):  # -> BlockMask
+    """FlexAttention BlockMask for a kernel block mask [b, h, G, G], exact in eager mode too.
+
+    Kept blocks without padding keys are "full" (compiled flex skips mask_mod there); kept blocks
+    with padding keys are "partial" (mask_mod drops the padding). The mask_mod encodes all blocks,
+    because eager flex ignores the block indices and applies only mask_mod.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    idx = layout.indices(keep.device)
+    block, valid = layout.block, idx.key_valid
+    partial = keep & idx.block_padded
+    full = keep & ~idx.block_padded
+
+    def kept(b, h, q_idx, kv_idx):
+        return keep[b, h, q_idx // block, kv_idx // block] & valid[kv_idx]
+
+    # Separate tensors for partial and full indices: aliasing them broke inductor's CPU codegen
+    # ("kv_indices was not declared") with torch 2.13.
+    return BlockMask.from_kv_blocks(
+        *_block_lists(partial),
+        *_block_lists(full),
+        BLOCK_SIZE=block,
+        mask_mod=kept,
+        seq_lengths=(layout.length, layout.length),
+    )
+
+
+def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, indices) per query block, kept indices first: FlexAttention's kv_num/kv_indices."""
+    count = blocks.sum(-1, dtype=torch.int32)
+    order = torch.sort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return count, order.to(torch.int32)
+
+
+@functools.cache
+def _flex_compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled once per process (5-14 s on a 2-core CPU); new shapes recompile, new masks do not.
+    # Past dynamo's recompile limit flex would run eagerly: still exact (mask_mod), but slow.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_eager():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def _gather_groups(
+    keep: torch.Tensor, layout: DraftLayout
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Query blocks grouped by how many key blocks they keep: (rows [n], cols [n, c], slots) each.
+
+    rows index the (batch * heads * G) query blocks, cols their kept key blocks in ascending order.
+    `slots` ([n, c * block] bool, valid keys) is None when no kept block holds padding, so SDPA
+    runs unmasked. (Rounding counts up to fewer, padded groups measured slower.)
+    """
+    b, h, G, _ = keep.shape
+    flat = keep.reshape(b * h * G, G)
+    counts = flat.sum(1)
+    valid = layout.indices(keep.device).key_valid.view(G, layout.block)
+    groups = []
+    for c in torch.unique(counts).tolist():
+        if c == 0:
+            continue  # nothing to attend to: the output stays zero
+        rows = (counts == c).nonzero().squeeze(1)
+        # nonzero() is row-major, so each row's c columns come out together and ascending.
+        cols = flat[rows].nonzero()[:, 1].view(-1, c)
+        slots = valid[cols].flatten(1)
+        padded = ~slots.all(1)
+        if not padded.all():
+            groups.append((rows[~padded], cols[~padded], None))
+        if padded.any():
+            groups.append((rows[padded], cols[padded], slots[padded]))
+    return groups
+
+
+def _gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    layout: DraftLayout,
+    scale: float,
+) -> torch.Tensor:
+    b, h, _, d = q.shape
+    dv = v.shape[-1]
+    G, block = layout.blocks, layout.block
+    q_blocks = q.reshape(b * h * G, block, d)
+    k_blocks = k.reshape(b * h * G, block * d)
+    v_blocks = v.reshape(b * h * G, block * dv)
+    out = q.new_zeros(b * h * G, block, dv)
+    chunks = list(_chunks(groups, block, max(d, dv)))
+    if not chunks:
+        return out.view(b, h, G * block, dv)
+    most = max(cols.numel() for _, cols, _ in chunks) * block
+    tables = (q_blocks, k_blocks, v_blocks, out)
+
+    def attend_chunks(todo: queue.SimpleQueue, slot: int, sdpa_threads: int) -> None:
+        # Gathered keys/values go to workspaces reused by every chunk and call: fresh large
+        # allocations page-fault on first touch, which made the gather ~4x slower than the copy.
+        work = (_workspace(k, most * d, 2 * slot), _workspace(v, most * dv, 2 * slot + 1))
+        while True:
+            try:
+                chunk = todo.get_nowait()
+            except queue.Empty:
+                return
+            _attend_chunk(chunk, tables, work, G, block, scale, sdpa_threads)
+
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for chunk in chunks:
+        todo.put(chunk)
+    workers = min(torch.get_num_threads(), len(chunks))
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if workers <= 1 or grad:
+        attend_chunks(todo, 0, torch.get_num_threads())
+    else:
+        # Chunks are independent and write disjoint output rows: one single-threaded worker per
+        # core pulling from a queue. 25% faster than one caller with multi-threaded ops on this
+        # shared 2-core CPU (no per-op thread barrier; a descheduled worker just takes fewer chunks).
+        with threads(1):
+            jobs = [_pool(workers).submit(attend_chunks, todo, slot, 1) for slot in range(workers)]
+            for job in jobs:
+                job.result()
+    return out.view(b, h, G * block, dv)
+
+
+def _attend_chunk(
+    chunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    work: tuple[torch.Tensor, torch.Tensor],
+    G: int,
+    block: int,
+    scale: float,
+    sdpa_threads: int,
+) -> None:
+    """SDPA of one chunk of query blocks over their gathered key/value blocks, into `out`."""
+    (rows, cols, slots), (q_blocks, k_blocks, v_blocks, out) = chunk, tables
+    n, c = cols.shape
+    d, dv = q_blocks.shape[-1], out.shape[-1]
+    with threads(1):
+        source = ((rows // G)[:, None] * G + cols).flatten()  # key block in (batch * heads * G)
+        keys = torch.index_select(k_blocks, 0, source, out=work[0][: n * c * block * d].view(n * c, -1))
+        values = torch.index_select(v_blocks, 0, source, out=work[1][: n * c * block * dv].view(n * c, -1))
+        queries = q_blocks.index_select(0, rows)[:, None]
+    mask = None if slots is None else slots.view(n, 1, 1, c * block)
+    with threads(sdpa_threads):
+        o = F.scaled_dot_product_attention(
+            queries,
+            keys.view(n, 1, c * block, d),
+            values.view(n, 1, c * block, dv),
+            attn_mask=mask,
+            scale=scale,
+        )
+    with threads(1):
+        out.index_copy_(0, rows, o[:, 0])
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attnctl-gather")
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run the enclosed ops on n intra-op threads (process-wide; restored after).
+
+    The gather path's copies are memory bound and its bookkeeping ops are tiny: on one thread they
+    are as fast (index_select of 94 MB: 31 ms on 1 thread vs 46 ms on 2, 2-core CPU under load),
+    and they skip the thread barrier that a busy shared CPU makes slow. SDPA keeps every thread.
+    """
+    saved = torch.get_num_threads()
+    if n == saved:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+_WORKSPACES: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
+
+
+def _workspace(like: torch.Tensor, numel: int, slot: int) -> torch.Tensor:
+    """A cached flat buffer of at least `numel` elements (at most ~GATHER_BUDGET: the chunk bound)."""
+    key = (str(like.device), like.dtype, slot)
+    buffer = _WORKSPACES.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACES[key] = like.new_empty(numel)
+    return buffer
+
+
+def _chunks(groups: list, block: int, dim: int):
+    """Split groups into chunks of at most GATHER_BUDGET gathered elements (at least one row)."""
+    for rows, cols, slots in groups:
+        step = max(1, GATHER_BUDGET // (cols.shape[1] * block * dim))
+        for i in range(0, rows.numel(), step):
+            part = slice(i, i + step)
+            yield rows[part], cols[part], None if slots is None else slots[part]
+
+
+def _dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, layout: DraftLayout, scale: float
+) -> torch.Tensor:
+    b, h = q.shape[:2]
+    block_of = torch.arange(layout.length, device=q.device) // layout.block
+    valid = layout.indices(q.device).key_valid
+    keep = keep.expand(b, h, -1, -1)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for i in range(b):
+        for j in range(h):
+            mask = keep[i, j][block_of[:, None], block_of[None, :]] & valid
+            out[i, j] = F.scaled_dot_product_attention(q[i, j], k[i, j], v[i, j], attn_mask=mask, scale=scale)
+    return out

@@ -1,0 +1,123 @@
+"""DraftAttention (Shen et al., arXiv 2505.14708) as a control: draft-guided block-sparse attention.
+
+In the video self-attention (and joint text-video attention) layers of a video DiT, a low-resolution
+draft of q and k picks the blocks worth computing; the kernel computes only those. Text rows and
+columns stay dense, cross-attention is never sparsified, and the early steps and chosen blocks stay
+dense (paper: the first 25% of steps and the first block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..controls import Control, check, check_number
+from ..families.base import LayerInfo
+from ..kernels import BACKENDS, draft_attention
+from .attention import AttentionCall, AttentionEdit, sdpa
+
+
+@dataclasses.dataclass
+class DraftAttention(Control):
+    """Make video attention block-sparse, guided by an average-pooled draft.
+
+    sparsity: fraction of blocks skipped per head (0 = dense).
+    pool: (rows, columns) of one draft region; a block is one region of one frame.
+    dense_steps: the first fraction of the steps stays dense (paper: 0.25).
+    dense_blocks: transformer blocks (indices in model order) that stay dense (paper: the first).
+    backend: "auto" (the fastest that works here), "flex", "flex_eager", "gather" or "dense".
+    layers: restrict to these layer paths/block indices (None: every video self/joint layer).
+    """
+
+    sparsity: float = 0.9
+    pool: tuple[int, int] = (8, 16)
+    dense_steps: float = 0.25
+    dense_blocks: tuple[int, ...] = (0,)
+    backend: str = "auto"
+    layers: list[str | int] | None = None
+
+    def validate(self) -> None:
+        check_number("sparsity", self.sparsity, low=0, high=1)
+        check(self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1): some blocks must be kept")
+        ok = isinstance(self.pool, (list, tuple)) and len(self.pool) == 2
+        ok = ok and all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in self.pool)
+        check(ok, "pool", self.pool, "two integers >= 1: (rows, columns) of a draft region")
+        self.pool = tuple(self.pool)
+        check_number("dense_steps", self.dense_steps, low=0, high=1)
+        ok = isinstance(self.dense_blocks, (list, tuple)) and all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.dense_blocks
+        )
+        check(ok, "dense_blocks", self.dense_blocks, "a list of block indices >= 0 (may be empty)")
+        self.dense_blocks = tuple(self.dense_blocks)
+        check(self.backend in BACKENDS, "backend", self.backend, f"one of {', '.join(BACKENDS)}")
+
+    def install(self, session: Any) -> None:
+        video = [layer for layer in session.layers if layer.kind in ("self", "joint")]
+        if self.layers is not None:
+            chosen = {layer.name for layer in session.select(self.layers, kinds=("self", "joint"))}
+            video = [layer for layer in video if layer.name in chosen]
+        blocks = list(dict.fromkeys(layer.block for layer in session.layers))
+        too_far = [b for b in self.dense_blocks if b >= len(blocks)]
+        check(not too_far, "dense_blocks", list(self.dense_blocks), f"block indices below {len(blocks)}")
+        dense = {blocks[b] for b in self.dense_blocks}
+        session.add_edit([layer for layer in video if layer.block not in dense], _Sparse(self))
+
+
+class _Sparse(AttentionEdit):
+    def __init__(self, spec: DraftAttention):
+        self.spec = spec
+
+    def active(self, session: Any, layer: LayerInfo) -> bool:
+        return self.spec.sparsity > 0 and session.step >= self.spec.dense_steps * session.num_steps
+
+    def kernel(self, call: AttentionCall) -> torch.Tensor | None:
+        lay = call.layout
+        n_text = 0 if lay.text_k is None else lay.text_k.stop - lay.text_k.start
+        seq = call.key.shape[2]
+        if call.query.shape[2] != seq or lay.frames * lay.height * lay.width + n_text != seq:
+            return None  # not a video self/joint call (e.g. image-conditioned keys): keep dense
+        if n_text and lay.text_k.start == 0:
+            text_first = True
+        elif not n_text or lay.text_k.start == lay.image_k.stop:
+            text_first = False
+        else:
+            return None
+        options = dict(
+            frames=lay.frames, height=lay.height, width=lay.width, pool=self.spec.pool,
+            sparsity=self.spec.sparsity, backend=self.spec.backend, scale=call.scale,
+        )  # fmt: skip
+        if call.mask is None:
+            return draft_attention(
+                call.query, call.key, call.value, text=n_text, text_first=text_first, **options
+            )
+        return self._masked(call, n_text, text_first, options)
+
+    def _masked(
+        self, call: AttentionCall, n_text: int, text_first: bool, options: dict
+    ) -> torch.Tensor | None:
+        """Padded text keys (a boolean key mask [B, 1, 1, S]): drop them, run sparse on the rest.
+
+        The padded text queries' own rows are computed densely with the mask, as the model does."""
+        mask = call.mask
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+            return None
+        q, k, v = call.query, call.key, call.value
+        text = call.layout.text_k
+        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
+        for b in range(q.shape[0]):
+            row_mask = mask[b : b + 1] if mask.shape[0] > 1 else mask
+            valid = row_mask[0, 0, 0]
+            if not bool(valid[call.layout.image_k].all()):
+                return None  # only padded text is supported
+            keep, pad = valid.nonzero().flatten(), (~valid).nonzero().flatten()
+            sub = [x[b : b + 1, :, keep] for x in (q, k, v)]
+            out[b : b + 1, :, keep] = draft_attention(
+                *sub, text=int(valid[text].sum()), text_first=text_first, **options
+            )
+            if len(pad):  # the padded text queries, as the model computes them
+                out[b : b + 1, :, pad] = sdpa(
+                    q[b : b + 1, :, pad], k[b : b + 1], v[b : b + 1], row_mask, call.kernel_scale
+                )
+        return out

@@ -1,0 +1,321 @@
+"""DraftAttention kernels (arXiv 2505.14708): the checks of specs/draft-attention.md, small sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnctl.kernels import DraftLayout, draft_attention, draft_block_mask, patch_permutation
+from attnctl.kernels import draft as draft_mod
+from attnctl.kernels import sparse as sparse_mod
+from attnctl.kernels.bench import draft as bench_draft
+from attnctl.kernels.bench import run_kernel_bench
+
+FAST_BACKENDS = ["dense", "gather", "flex_eager"]
+
+# (text, text_first, frames, height, width, pool): divisible frames, edge regions, text either side.
+LAYOUTS = [
+    (0, False, 2, 8, 16, (4, 8)),
+    (5, True, 2, 6, 10, (4, 4)),
+    (7, False, 3, 5, 9, (2, 4)),
+    (3, True, 1, 7, 7, (8, 16)),  # one region, smaller than the pool in both directions
+]
+
+
+def _qkv(batch: int, heads: int, seq: int, dim: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, seq, dim, generator=gen) for _ in range(3)]
+
+
+def _region_of(frames: int, height: int, width: int, pool: tuple[int, int]) -> torch.Tensor:
+    """Draft block of each visual token in natural order, computed from coordinates."""
+    ph, pw = pool
+    rows, cols = math.ceil(height / ph), math.ceil(width / pw)
+    f, y, x = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    return (f * rows * cols + (y // ph) * cols + x // pw).reshape(-1)
+
+
+def _token_mask(keep: torch.Tensor, text: int, text_first: bool, frames, height, width, pool) -> torch.Tensor:
+    """The token-level boolean mask equivalent to a visual block mask [b, h, g, g], text dense."""
+    region = _region_of(frames, height, width, pool)
+    b, h = keep.shape[:2]
+    n = region.numel()
+    mask = torch.ones(b, h, text + n, text + n, dtype=torch.bool)
+    vis = slice(text, text + n) if text_first else slice(0, n)
+    mask[:, :, vis, vis] = keep[:, :, region[:, None], region[None, :]]
+    return mask
+
+
+def _visual(x: torch.Tensor, text: int, text_first: bool) -> torch.Tensor:
+    return x[:, :, text:] if text_first else x[:, :, : x.shape[2] - text]
+
+
+def _reference(q, k, v, *, text, text_first, frames, height, width, pool, sparsity):
+    """Per batch element: the draft mask from its own visual q/k, then masked SDPA."""
+    keeps = [
+        draft_block_mask(
+            _visual(q, text, text_first)[i].transpose(0, 1),
+            _visual(k, text, text_first)[i].transpose(0, 1),
+            frames=frames,
+            height=height,
+            width=width,
+            pool=pool,
+            sparsity=sparsity,
+        )
+        for i in range(q.shape[0])
+    ]
+    keep = torch.stack(keeps)
+    mask = _token_mask(keep, text, text_first, frames, height, width, pool)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), keep
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sparsity_zero_is_dense(backend, layout):
+    text, text_first, frames, height, width, pool = layout
+    q, k, v = _qkv(2, 2, text + frames * height * width)
+    out = draft_attention(
+        q, k, v, text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool,
+        sparsity=0.0, backend=backend,
+    )  # fmt: skip
+    assert (out - F.scaled_dot_product_attention(q, k, v)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_output_equals_masked_sdpa(backend, layout, sparsity):
+    text, text_first, frames, height, width, pool = layout
+    shape = dict(text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool)
+    q, k, v = _qkv(2, 3, text + frames * height * width, seed=1)
+    ref, _ = _reference(q, k, v, sparsity=sparsity, **shape)
+    out = draft_attention(q, k, v, sparsity=sparsity, backend=backend, **shape)
+    assert out.shape == q.shape
+    assert (out - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS[:3])
+def test_compiled_flex_equals_masked_sdpa(layout):
+    text, text_first, frames, height, width, pool = layout
+    shape = dict(text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool)
+    q, k, v = _qkv(2, 2, text + frames * height * width, seed=2)
+    ref, _ = _reference(q, k, v, sparsity=0.7, **shape)
+    out = draft_attention(q, k, v, sparsity=0.7, backend="flex", **shape)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_gather_with_parallel_workers_equals_masked_sdpa(monkeypatch):
+    # conftest pins one thread; with two, gather runs its chunks on two worker threads.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sparse_mod, "GATHER_BUDGET", 1 << 12)  # many small chunks
+    try:
+        shape = dict(text=5, text_first=True, frames=2, height=6, width=10, pool=(4, 4))
+        q, k, v = _qkv(2, 3, 5 + 120, seed=9)
+        ref, _ = _reference(q, k, v, sparsity=0.6, **shape)
+        out = draft_attention(q, k, v, sparsity=0.6, backend="gather", **shape)
+        assert torch.get_num_threads() == 2  # restored after the single-threaded phases
+    finally:
+        torch.set_num_threads(saved)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_text_rows_and_columns_stay_dense():
+    shape = dict(text=6, text_first=False, frames=2, height=8, width=8, pool=(4, 4))
+    q, k, v = _qkv(1, 2, 6 + 128, seed=3)
+    out = draft_attention(q, k, v, sparsity=0.9, backend="gather", **shape)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    # Text query rows attend to every token.
+    assert (out[:, :, -6:] - dense[:, :, -6:]).abs().max() <= 1e-5
+    # Text key columns are kept for every visual row: with value zero on all visual tokens, each
+    # visual row still returns a (non-zero) mix of text values.
+    v_text = v.clone()
+    v_text[:, :, :-6] = 0
+    out_text = draft_attention(q, k, v_text, sparsity=0.9, backend="gather", **shape)
+    assert out_text[:, :, :-6].abs().sum(-1).min() > 0
+
+
+def test_permutation_round_trips_and_follows_spec_order():
+    frames, height, width, pool = 2, 5, 9, (2, 4)
+    order, inverse = patch_permutation(frames, height, width, pool)
+    n = frames * height * width
+    assert torch.equal(order[inverse], torch.arange(n))
+    assert sorted(order[order >= 0].tolist()) == list(range(n))
+    # Frame-major, then region rows, region columns, then in-region rows and columns.
+    f, rem = order[order >= 0] // (height * width), order[order >= 0] % (height * width)
+    y, x = rem // width, rem % width
+    key = torch.stack([f, y // 2, x // 4, y % 2, x % 4], 1).tolist()
+    assert key == sorted(key)
+    assert order.numel() == frames * 3 * 3 * 8  # edge regions padded to full blocks
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_layout_round_trips_exactly(layout):
+    text, text_first, frames, height, width, pool = layout
+    lay = DraftLayout.of(
+        text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool
+    )
+    x = torch.randn(2, 3, lay.seq, 5)
+    y = lay.to_kernel(x)
+    assert y.shape[2] == lay.length and lay.length % lay.block == 0
+    assert torch.equal(lay.from_kernel(y), x)
+    # Padding slots are zero and every real token appears once.
+    assert (y[:, :, ~lay.indices(x.device).key_valid] == 0).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.9, 0.95])
+def test_kept_fraction_per_head(sparsity):
+    frames, height, width, pool = 3, 10, 12, (4, 8)  # g = 3 * 3 * 2 = 18 blocks per side
+    g = 18
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(frames * height * width, 4, 16, generator=gen)
+    k = torch.randn(frames * height * width, 4, 16, generator=gen)
+    keep = draft_block_mask(q, k, frames=frames, height=height, width=width, pool=pool, sparsity=sparsity)
+    assert keep.shape == (4, g, g) and keep.dtype == torch.bool
+    kept = keep.flatten(1).sum(1)
+    assert (kept == round((1 - sparsity) * g * g)).all()
+    assert ((kept - (1 - sparsity) * g * g).abs() <= 1).all()
+
+
+def test_block_mask_keeps_the_global_top_of_the_average_pooled_draft():
+    frames, height, width, pool = 2, 7, 11, (4, 4)  # partial edge regions in both directions
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(frames * height * width, 3, 8, generator=gen)
+    k = torch.randn(frames * height * width, 3, 8, generator=gen)
+    keep = draft_block_mask(q, k, frames=frames, height=height, width=width, pool=pool, sparsity=0.7)
+    region = _region_of(frames, height, width, pool)
+    g = int(region.max()) + 1
+    count = torch.bincount(region, minlength=g).float()
+    # Average over each region's real tokens (paper: average pooling, Sec. 3.2).
+    q_draft = torch.zeros(g, 3, 8).index_add_(0, region, q) / count[:, None, None]
+    k_draft = torch.zeros(g, 3, 8).index_add_(0, region, k) / count[:, None, None]
+    draft = torch.softmax(torch.einsum("ihd,jhd->hij", q_draft, k_draft) / math.sqrt(8), dim=-1)
+    for h in range(3):
+        assert draft[h][keep[h]].min() >= draft[h][~keep[h]].max() - 1e-7
+
+
+def test_ties_are_broken_deterministically():
+    q = torch.zeros(2 * 8 * 8, 2, 4)  # every draft entry equal
+    keep = draft_block_mask(q, q, frames=2, height=8, width=8, pool=(4, 4), sparsity=0.75)
+    again = draft_block_mask(q, q, frames=2, height=8, width=8, pool=(4, 4), sparsity=0.75)
+    assert torch.equal(keep, again) and keep.flatten(1).sum(1).tolist() == [16, 16]
+    assert keep.flatten(1)[:, :16].all()  # lowest flat indices first
+
+
+def test_block_mask_is_per_batch_element_and_reusable():
+    shape = dict(text=4, text_first=True, frames=2, height=8, width=8, pool=(4, 4))
+    q, k, v = _qkv(2, 2, 4 + 128, seed=6)
+    q[1], k[1] = q[1].flip(2), k[1].roll(17, 2)  # a different draft for the second element
+    ref, keep = _reference(q, k, v, sparsity=0.6, **shape)
+    assert not torch.equal(keep[0], keep[1])
+    out = draft_attention(q, k, v, sparsity=0.6, backend="gather", **shape)
+    assert (out - ref).abs().max() <= 1e-5
+    # A supplied block mask is used as is, and its prepared plan is cached until it changes.
+    draft_mod._PLANS.clear()
+    again = draft_attention(q, k, v, sparsity=0.6, backend="gather", block_mask=keep, **shape)
+    assert (again - ref).abs().max() <= 1e-5
+    draft_attention(q, k, v, sparsity=0.6, backend="gather", block_mask=keep, **shape)
+    assert len(draft_mod._PLANS) == 1
+    keep[:, :, 0] = False  # in-place edit bumps the version: a new plan
+    draft_attention(q, k, v, sparsity=0.6, backend="gather", block_mask=keep, **shape)
+    assert len(draft_mod._PLANS) == 2
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_query_block_with_nothing_kept_outputs_zeros(backend):
+    shape = dict(text=0, text_first=False, frames=1, height=8, width=8, pool=(4, 4))
+    q, k, v = _qkv(1, 1, 64, seed=7)
+    keep = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    keep[0, 0, 2] = False  # region 2 = rows 4..7, columns 0..3
+    out = draft_attention(q, k, v, sparsity=0.5, backend=backend, block_mask=keep, **shape)
+    region = _region_of(1, 8, 8, (4, 4))
+    assert out[0, 0, region == 2].abs().max() == 0
+    mask = _token_mask(keep, 0, False, 1, 8, 8, (4, 4))
+    assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() <= 1e-5
+
+
+def test_auto_falls_back_to_gather_when_compile_fails(monkeypatch):
+    def broken():
+        def fail(*args, **kwargs):
+            raise RuntimeError("no compiler")
+
+        return fail
+
+    monkeypatch.setattr(sparse_mod, "_flex_compiled", broken)
+    monkeypatch.setattr(sparse_mod, "_FLEX_WORKS", {})
+    monkeypatch.setattr(sparse_mod, "FLEX_PREFERRED", {"cpu": True})  # as on a GPU
+    shape = dict(text=2, text_first=False, frames=2, height=4, width=8, pool=(4, 4))
+    q, k, v = _qkv(1, 2, 2 + 64, seed=8)
+    ref, _ = _reference(q, k, v, sparsity=0.5, **shape)
+    with pytest.warns(UserWarning, match="using gather"):
+        out = draft_attention(q, k, v, sparsity=0.5, backend="auto", **shape)
+    assert (out - ref).abs().max() <= 1e-5
+    assert sparse_mod._FLEX_WORKS == {("cpu", 16): False}
+    layout = DraftLayout.of(**shape)
+    assert sparse_mod.SparsePlan("auto", torch.ones(1, 1, 5, 5, dtype=torch.bool), layout).backend == "gather"
+
+
+def test_auto_uses_gather_on_cpu():
+    layout = DraftLayout.of(text=0, text_first=False, frames=1, height=8, width=8, pool=(4, 4))
+    assert sparse_mod.SparsePlan("auto", torch.ones(1, 1, 4, 4, dtype=torch.bool), layout).backend == "gather"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sparsity": 1.0}, "sparsity=1.0"),
+        ({"sparsity": -0.1}, "sparsity=-0.1"),
+        ({"sparsity": "0.5"}, "sparsity='0.5'"),
+        ({"pool": (0, 4)}, r"pool=\(0, 4\)"),
+        ({"pool": (4,)}, r"pool=\(4,\)"),
+        ({"frames": 0}, "frames=0"),
+        ({"height": 2.5}, "height=2.5"),
+        ({"text": -1}, "text=-1"),
+        ({"text_first": 1}, "text_first=1"),
+        ({"width": 9}, r"query=\(1, 2, 68, 8\)"),  # seq no longer text + frames*height*width
+        ({"backend": "triton"}, "backend='triton'"),
+        ({"scale": 0.0}, "scale=0.0"),
+        ({"block_mask": torch.ones(2, 3, 3, dtype=torch.bool)}, "block_mask"),
+    ],
+)
+def test_argument_validation(kwargs, match):
+    args = dict(text=4, text_first=True, frames=2, height=4, width=8, pool=(4, 4), sparsity=0.5)
+    args.update(kwargs)
+    q, k, v = _qkv(1, 2, 4 + 64, dim=8)
+    with pytest.raises(ValueError, match=match):
+        draft_attention(q, k, v, **args)
+
+
+def test_block_mask_validation():
+    q = torch.randn(64, 2, 8)
+    with pytest.raises(ValueError, match=r"query=\(64, 2, 8\).*tokens=128"):
+        draft_block_mask(q, q, frames=2, height=8, width=8, pool=(4, 4), sparsity=0.5)
+    with pytest.raises(ValueError, match="key="):
+        draft_block_mask(q, q[:, :1], frames=1, height=8, width=8, pool=(4, 4), sparsity=0.5)
+
+
+def test_kernel_bench_smoke(tmp_path, capsys):
+    result = run_kernel_bench(
+        tokens=(2048,), sparsities=(0.5,), heads=1, head_dim=16, repeats=1, backends=("gather",)
+    )
+    (run,) = result["runs"]
+    assert {"dense_ms", "sparse_ms", "speedup", "mask_ms", "rel_l2"} <= set(run)
+    assert json.loads(json.dumps(result)) == result
+    out = tmp_path / "bench.json"
+    bench_draft(
+        json_out=out,
+        tokens=[2048],
+        sparsity=[0.9],
+        heads=1,
+        head_dim=16,
+        repeats=1,
+        backend=["gather"],
+        threads=1,
+    )
+    assert json.loads(out.read_text())["kernel"]["runs"][0]["sparsity"] == 0.9
+    assert "speedup" in capsys.readouterr().out
