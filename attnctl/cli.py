@@ -14,6 +14,17 @@ bench_app = typer.Typer(
 )
 app.add_typer(bench_app, name="bench")
 
+
+def _register() -> None:
+    """Commands defined next to what they run: the testbed's, and the benchmarks."""
+    from attnctl.kernels.bench import draft
+    from attnctl.testbed.cli import compose, testbed_app
+
+    app.add_typer(testbed_app, name="testbed")
+    bench_app.command("compose")(compose)
+    bench_app.command("draft")(draft)
+
+
 MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbed model)."
 
 
@@ -148,6 +159,9 @@ def _first_image(result: Any) -> Any:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
+
+
+_register()
 
 
 def main() -> None:  # pragma: no cover

@@ -139,22 +139,121 @@ def draft(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per case (median)."),
     backend: list[str] = typer.Option(["flex", "gather"], "--backend", help="Sparse backends to time."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
+    e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Also run the end-to-end Wan pipeline part."),
+    e2e_frames: int = typer.Option(61, "--e2e-frames", min=1, help="Frames of the end-to-end video."),
+    e2e_size: int = typer.Option(512, "--e2e-size", min=16, help="Height and width of the end-to-end video."),
+    e2e_steps: int = typer.Option(8, "--e2e-steps", min=1, help="Denoising steps of the end-to-end run."),
 ) -> dict[str, Any]:
-    """DraftAttention kernel benchmark: dense SDPA vs block-sparse backends (prints, writes JSON)."""
-    results = run_kernel_bench(
-        tokens=tokens,
-        sparsities=sparsity,
-        heads=heads,
-        head_dim=head_dim,
-        repeats=repeats,
-        backends=backend,
-        threads=threads,
-        echo=typer.echo,
-    )
+    """DraftAttention benchmark: kernels (dense SDPA vs block-sparse backends) and a Wan pipeline end to
+    end (dense vs DraftAttention(0.9)); prints tables, writes JSON."""
+    results: dict[str, Any] = {}
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        results["kernel"] = run_kernel_bench(
+            tokens=tokens,
+            sparsities=sparsity,
+            heads=heads,
+            head_dim=head_dim,
+            repeats=repeats,
+            backends=backend,
+            echo=typer.echo,
+        )
+        if e2e:
+            results["end_to_end"] = run_pipeline_bench(
+                frames=e2e_frames, size=e2e_size, steps=e2e_steps, echo=typer.echo
+            )
+    finally:
+        torch.set_num_threads(saved_threads)
     json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps({"kernel": results}, indent=2))
+    json_out.write_text(json.dumps(results, indent=2))
     typer.echo(f"wrote {json_out}")
     return results
+
+
+def run_pipeline_bench(
+    frames: int = 61,
+    size: int = 512,
+    steps: int = 8,
+    sparsity: float = 0.9,
+    dense_steps: float = 0.25,
+    num_layers: int = 8,
+    head_dim: int = 64,
+    backend: str = "auto",
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """A tiny Wan pipeline (untrained, `num_layers` blocks, heads of `head_dim`) end to end: dense
+    against DraftAttention(sparsity, dense_steps, the first block dense), same seed and prompt.
+
+    Times the denoising (pipeline call with latent output) and the VAE decode separately; end to
+    end is their sum. Dense is timed before and after the sparse run (mean of both) so that a load
+    change on a shared machine does not favour either side. PSNR compares the decoded videos."""
+    import attnctl
+    from attnctl.tiny import tiny_call_kwargs, tiny_pipeline, video_tokens
+
+    pipe = tiny_pipeline("wan", num_layers=num_layers, attention_head_dim=head_dim)
+    kwargs = tiny_call_kwargs(
+        "wan", num_frames=frames, height=size, width=size, num_inference_steps=steps, output_type="latent"
+    )
+    n_tokens = video_tokens("wan", **kwargs)
+    control = attnctl.DraftAttention(sparsity=sparsity, dense_steps=dense_steps, backend=backend)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+
+    def run(*controls: Any) -> tuple[torch.Tensor, float, float]:
+        start = time.perf_counter()
+        with attnctl.control(pipe, *controls):
+            latents = pipe("a cat and a frog", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        denoise = time.perf_counter() - start
+        start = time.perf_counter()
+        video = _decode_wan(pipe, latents)
+        return video, denoise, time.perf_counter() - start
+
+    echo(f"end to end: tiny Wan, {num_layers} blocks, {n_tokens} video tokens, {steps} steps ...")
+    dense, dense_t1, decode_t1 = run()
+    sparse, sparse_t, decode_t2 = run(control)
+    _, dense_t2, decode_t3 = run()
+    dense_t = (dense_t1 + dense_t2) / 2
+    decode_t = statistics.median([decode_t1, decode_t2, decode_t3])
+    mse = float(((dense - sparse) ** 2).mean())
+    result = {
+        "config": {
+            "family": "wan (attnctl.tiny)",
+            "num_layers": num_layers,
+            "heads": pipe.transformer.config.num_attention_heads,
+            "head_dim": head_dim,
+            "video_tokens": n_tokens,
+            "frames": frames,
+            "size": size,
+            "steps": steps,
+            "control": control.to_dict(),
+            "threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "dense_denoise_s": [round(dense_t1, 2), round(dense_t2, 2)],
+        "sparse_denoise_s": round(sparse_t, 2),
+        "decode_s": round(decode_t, 2),
+        "denoise_speedup": round(dense_t / sparse_t, 3),
+        "end_to_end_speedup": round((dense_t + decode_t) / (sparse_t + decode_t), 3),
+        "psnr_db": round(10 * math.log10(1.0 / mse), 2) if mse > 0 else float("inf"),
+    }
+    echo(
+        f"dense {dense_t:.1f} s, DraftAttention({sparsity}) {sparse_t:.1f} s, decode {decode_t:.1f} s: "
+        f"denoising {result['denoise_speedup']}x, end to end {result['end_to_end_speedup']}x, "
+        f"PSNR {result['psnr_db']} dB"
+    )
+    return result
+
+
+def _decode_wan(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Wan latents → video in [0, 1], as WanPipeline's own output step does."""
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    return (video / 2 + 0.5).clamp(0, 1)
 
 
 def format_table(results: dict[str, Any]) -> str:
