@@ -1,0 +1,111 @@
+"""Typer commands for the testbed: `attnctl testbed train|eval-detector` and `attnctl bench compose`.
+
+`attnctl.cli` registers `testbed_app` and `compose`; `python -m attnctl.testbed.cli ...` runs them alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+testbed_app = typer.Typer(
+    help="The bundled shapes model: train it, check its detector.", no_args_is_help=True
+)
+
+
+@testbed_app.command("train")
+def train(
+    out: Path = typer.Option(
+        Path("testbed-run"), help="Run folder: checkpoints/, model/, resumed if present."
+    ),
+    seed: int = typer.Option(0, help="Seed for data, initialisation, batches and noise."),
+    smoke: bool = typer.Option(False, help="A few steps of every stage (seconds); for tests."),
+    vae_steps: int | None = typer.Option(None, help="Override the VAE stage's steps."),
+    unet_steps: int | None = typer.Option(
+        None, help="Override the UNet stage's steps (export early: a smaller value)."
+    ),
+    threads: int = typer.Option(2, help="torch threads; 1 is faster on a heavily shared CPU."),
+    ship: bool = typer.Option(False, help="Copy the trained model into the package (the bundled model)."),
+) -> None:
+    """Train the shapes model from scratch (or resume), then save it as a StableDiffusionPipeline."""
+    from . import model_path
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    config = TrainConfig.smoke() if smoke else TrainConfig()
+    config = replace(config, seed=seed)
+    if vae_steps is not None:
+        config = replace(config, vae_steps=vae_steps)
+    if unet_steps is not None:
+        config = replace(config, unet_steps=unet_steps)
+    saved = run_training(out, config, threads=threads)
+    if ship:
+        target = Path(model_path())
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(saved, target)
+        typer.echo(f"shipped {saved} -> {target}")
+
+
+@testbed_app.command("eval-detector")
+def eval_detector(
+    n: int = typer.Option(500, help="Number of held-out ground-truth renders."),
+    seed: int | None = typer.Option(None, help="Render seed (default: the detector's held-out seed)."),
+) -> None:
+    """Detector accuracy on ground-truth renders from a seed training never uses."""
+    from .detector import DETECTOR_EVAL_SEED, evaluate
+
+    result = evaluate(DETECTOR_EVAL_SEED if seed is None else seed, n)
+    typer.echo(
+        f"detector on {result['n_images']} renders: image accuracy {result['image_accuracy']:.1%}, "
+        f"object accuracy {result['object_accuracy']:.1%}"
+    )
+
+
+def compose(
+    method: str = typer.Option("none", help="Method name from attnctl.testbed.bench.METHODS."),
+    prompts: int = typer.Option(12, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."),
+    seeds: int = typer.Option(4, help="Seeds per prompt."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report (summary + records) here."),
+    model: str | None = typer.Option(None, help="Pipeline folder (default: the bundled shapes model)."),
+    steps: int = typer.Option(25, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
+    quiet: bool = typer.Option(False, help="Print only the summary table."),
+) -> None:
+    """Compositional benchmark: object presence, all present, attribute binding, seconds/image (95% CIs)."""
+    import torch
+
+    from .bench import format_table, run_compose
+
+    if threads:
+        torch.set_num_threads(threads)
+    report = run_compose(
+        method,
+        prompts,
+        seeds,
+        model=model,
+        steps=steps,
+        guidance_scale=guidance,
+        json_out=json_out,
+        log=None if quiet else typer.echo,
+    )
+    if quiet:
+        typer.echo(format_table(report))
+    if json_out:
+        typer.echo(f"wrote {json_out}")
+
+
+def _standalone_app() -> typer.Typer:
+    app = typer.Typer(no_args_is_help=True)
+    app.add_typer(testbed_app, name="testbed")
+    bench_app = typer.Typer(no_args_is_help=True)
+    bench_app.command("compose")(compose)
+    app.add_typer(bench_app, name="bench")
+    return app
+
+
+if __name__ == "__main__":
+    _standalone_app()()

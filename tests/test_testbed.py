@@ -1,0 +1,134 @@
+"""The shapes testbed: data, detector, trainer (smoke), the shipped model and the compose benchmark."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attnctl.testbed import load_pipeline, model_path
+from attnctl.testbed.bench import mean_ci, run_compose, wilson
+from attnctl.testbed.data import (
+    CAPTION_WORDS,
+    COLORS,
+    bench_prompts,
+    combo_key,
+    generate,
+    heldout_combos,
+    parse_caption,
+)
+from attnctl.testbed.detector import DETECTOR_EVAL_SEED, evaluate
+from attnctl.testbed.train import TrainConfig, train
+
+SHIPPED = Path(model_path()) / "model_index.json"
+
+
+def test_data_is_deterministic_by_seed():
+    a, b, c = generate(3, 12), generate(3, 12), generate(4, 12)
+    assert [s.caption for s in a] == [s.caption for s in b]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b, strict=True))
+    assert [s.caption for s in a] != [s.caption for s in c]
+    assert {len(s.objects) for s in generate(0, 60)} == {1, 2, 3}
+
+
+def test_boxes_match_rendered_pixels():
+    for sample in generate(11, 40):
+        for color, rgb in COLORS.items():
+            pixels = np.all(sample.image == np.array(rgb, dtype=np.uint8), axis=-1)
+            covered = np.zeros_like(pixels)
+            for obj in sample.objects:
+                if obj.color != color:
+                    continue
+                x0, y0, x1, y1 = obj.box
+                inside = pixels[y0:y1, x0:x1]
+                # The object's pixels reach every edge of its box...
+                assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+                covered[y0:y1, x0:x1] = True
+            # ...and no pixel of that colour lies outside the boxes.
+            assert not (pixels & ~covered).any()
+        assert sample.caption == " and ".join(f"a {o.color} {o.shape}" for o in sample.objects)
+
+
+def test_benchmark_prompts_are_held_out_of_training():
+    held = heldout_combos()
+    assert all(combo_key([(o.color, o.shape) for o in s.objects]) not in held for s in generate(0, 500))
+    for n in (2, 3):
+        prompts = bench_prompts(n)
+        assert prompts and all(combo_key(parse_caption(p)) in held for p in prompts)
+    assert len(bench_prompts(1)) == 12
+    assert bench_prompts(2) == bench_prompts(2)
+
+
+def test_detector_accuracy_on_held_out_renders():
+    result = evaluate(DETECTOR_EVAL_SEED, n=200)
+    assert result["image_accuracy"] >= 0.98, result
+    assert result["object_accuracy"] >= 0.98, result
+
+
+def test_smoke_training_loads_and_resumes(tmp_path):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    config = TrainConfig.smoke()
+    saved = train(tmp_path / "full", config, threads=1)
+    pipe = DiffusionPipeline.from_pretrained(saved)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    assert all(len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in CAPTION_WORDS)
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+    # Stop half-way, resume: the same weights as the uninterrupted run.
+    train(tmp_path / "split", replace(config, unet_steps=config.unet_steps // 2), threads=1)
+    resumed = DiffusionPipeline.from_pretrained(train(tmp_path / "split", config, threads=1))
+    for (name, p), q in zip(pipe.unet.state_dict().items(), resumed.unet.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="shipped model not built yet")
+def test_shipped_model_generates():
+    pipe = load_pipeline()
+    sizes = {p.stat().st_size for p in Path(model_path()).rglob("*") if p.is_file()}
+    assert sum(sizes) <= 30 * 2**20
+    assert not list(Path(model_path()).rglob("*.bin"))
+    # Cross-attention maps at 16x16 and 8x8 (16x16 latents; one downsampling).
+    assert pipe.unet.config.sample_size == 16 and len(pipe.unet.config.block_out_channels) == 2
+    image = pipe("a blue square", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_confidence_intervals():
+    r = wilson(9, 10)
+    assert r["ci_low"] < 0.9 < r["ci_high"] <= 1.0
+    assert wilson(0, 5)["ci_low"] == 0.0
+    m = mean_ci([1.0, 2.0, 3.0])
+    assert m["mean"] == 2.0 and m["ci_low"] == pytest.approx(2.0 - 4.303 / 3**0.5)
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="shipped model not built yet")
+def test_bench_compose_writes_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnctl.testbed.cli import _standalone_app
+
+    out = tmp_path / "compose.json"
+    result = CliRunner().invoke(
+        _standalone_app(),
+        ["bench", "compose", "--prompts", "1", "--seeds", "2", "--steps", "2", "--json", str(out), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["config"]["method"] == "none" and len(report["records"]) == 6
+    for group in ("1", "2", "3", "overall"):
+        row = report["results"][group]
+        for metric in ("object_presence", "all_present", "binding", "all_correct"):
+            assert {"rate", "ci_low", "ci_high", "n"} <= set(row[metric])
+        assert {"mean", "ci_low", "ci_high"} <= set(row["seconds_per_image"])
+
+
+def test_bench_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        run_compose("nope", pipe=object())
