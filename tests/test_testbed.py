@@ -88,7 +88,6 @@ def test_smoke_training_loads_and_resumes(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="shipped model not built yet")
 def test_shipped_model_generates():
     pipe = load_pipeline()
     sizes = {p.stat().st_size for p in Path(model_path()).rglob("*") if p.is_file()}
@@ -108,7 +107,6 @@ def test_confidence_intervals():
     assert m["mean"] == 2.0 and m["ci_low"] == pytest.approx(2.0 - 4.303 / 3**0.5)
 
 
-@pytest.mark.skipif(not SHIPPED.exists(), reason="shipped model not built yet")
 def test_bench_compose_writes_json(tmp_path):
     from typer.testing import CliRunner
 
@@ -121,12 +119,23 @@ def test_bench_compose_writes_json(tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["config"]["method"] == "none" and len(report["records"]) == 6
-    for group in ("1", "2", "3", "overall"):
-        row = report["results"][group]
+    assert report["config"]["methods"] == ["none"] and len(report["records"]) == 6
+    for group in ("1", "2", "3", "2+3", "overall"):
+        row = report["results"]["none"][group]
         for metric in ("object_presence", "all_present", "binding", "all_correct"):
             assert {"rate", "ci_low", "ci_high", "n"} <= set(row[metric])
         assert {"mean", "ci_low", "ci_high"} <= set(row["seconds_per_image"])
+
+
+def test_bench_compares_methods_on_the_same_samples(tmp_path):
+    report = run_compose("none,astar,regulation,excite", 1, 1, steps=2, sizes=(2,), log=None)
+    records = report["records"]
+    assert [r["method"] for r in records] == ["none", "astar", "regulation", "excite"]
+    assert len({(r["prompt"], r["seed"]) for r in records}) == 1  # same prompt and seed for all
+    assert report["time_ratio"]["none"]["mean"] == 1.0 and report["time_ratio"]["astar"]["to"] == "none"
+    assert set(report["results"]) == {"none", "astar", "regulation", "excite"}
+    with pytest.raises(ValueError, match="sizes"):
+        run_compose("none", 1, 1, sizes=(4,), pipe=object())
 
 
 def test_bench_rejects_unknown_method():

@@ -20,15 +20,32 @@ import torch
 from .data import bench_prompts, parse_caption
 from .detector import detect
 
-# Method name -> function from a prompt to the attnctl controls that implement it.
-METHODS: dict[str, Callable[[str], list]] = {"none": lambda prompt: []}
+
+def _shapes(prompt: str) -> list[str]:
+    """The subject words of a testbed prompt (its shapes), what the guidance methods act on."""
+    return [shape for _, shape in parse_caption(prompt)]
+
+
+def _methods() -> dict[str, Callable[[str], list]]:
+    import attnctl
+
+    return {
+        "none": lambda prompt: [],
+        "excite": lambda prompt: [attnctl.AttendAndExcite(_shapes(prompt))],
+        "astar": lambda prompt: [attnctl.AStar(_shapes(prompt))],
+        "regulation": lambda prompt: [attnctl.AttentionRegulation(_shapes(prompt))],
+    }
+
+
+# Method name -> function from a prompt to the attnctl controls that implement it (paper defaults).
+METHODS: dict[str, Callable[[str], list]] = _methods()
 BENCH_SEED = 424_242
 SIZES = (1, 2, 3)
 RATE_METRICS = ("object_presence", "all_present", "binding", "all_correct")
 
 
 def run_compose(
-    method: str = "none",
+    method: str | list[str] = "none",
     n_prompts: int = 12,
     n_seeds: int = 4,
     model: str | None = None,
@@ -37,17 +54,26 @@ def run_compose(
     json_out: str | Path | None = None,
     pipe: Any = None,
     log: Callable[[str], None] | None = print,
+    sizes: tuple[int, ...] = SIZES,
 ) -> dict:
     """Generate `n_prompts` prompts per object count x `n_seeds` seeds, score them, return the report.
 
+    `method` is one name or several (a list or "none,astar"): every method gets the same prompts and
+    seeds, run one after the other for each sample so that load changes hit all alike, and seconds
+    per image are also reported as a paired ratio to the first method.
     Metrics: `object_presence` (per prompted object: its shape was detected), `all_present` (per
     image: every prompted shape detected), `binding` (per prompted object: its shape detected in the
     prompted colour), `all_correct` (per image: every object with its colour) and seconds per image.
     """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not one of {sorted(METHODS)}")
+    methods = [m.strip() for m in method.split(",")] if isinstance(method, str) else list(method)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"method {m!r} is not one of {sorted(METHODS)}")
     if n_prompts < 1 or n_seeds < 1:
         raise ValueError(f"n_prompts and n_seeds must be >= 1, got {n_prompts} and {n_seeds}")
+    bad = [size for size in sizes if size not in SIZES]
+    if bad or not sizes:
+        raise ValueError(f"sizes={list(sizes)} is not allowed: a non-empty subset of {list(SIZES)}")
     if pipe is None:
         from . import load_pipeline
 
@@ -55,34 +81,47 @@ def run_compose(
     pipe.set_progress_bar_config(disable=True)
 
     records = []
-    for size in SIZES:
+    total = len(sizes) * n_prompts * n_seeds * len(methods)
+    for size in sizes:
         pool = bench_prompts(size)
         for slot in range(n_prompts):
             prompt = pool[slot % len(pool)]  # cycled when more prompts are asked than held out
             for k in range(n_seeds):
                 seed = BENCH_SEED + 10_000 * size + 100 * slot + k
-                record = _generate_and_score(pipe, method, prompt, seed, steps, guidance_scale)
-                record["n_objects"] = size
-                records.append(record)
-                if log:
-                    ok = "ok " if record["all_correct"] else "MISS"
-                    log(
-                        f"[{len(records)}/{len(SIZES) * n_prompts * n_seeds}] {ok} {prompt!r} seed {seed}: "
-                        f"{record['found']} ({record['seconds']:.2f}s)"
-                    )
+                for m in methods:
+                    record = _generate_and_score(pipe, m, prompt, seed, steps, guidance_scale)
+                    record["n_objects"] = size
+                    record["method"] = m
+                    records.append(record)
+                    if log:
+                        ok = "ok " if record["all_correct"] else "MISS"
+                        log(
+                            f"[{len(records)}/{total}] {m}: {ok} {prompt!r} seed {seed}: "
+                            f"{record['found']} ({record['seconds']:.2f}s)"
+                        )
 
+    base = methods[0]
+    by_method = {m: [r for r in records if r["method"] == m] for m in methods}
     report = {
         "config": {
-            "method": method,
+            "methods": methods,
             "n_prompts": n_prompts,
             "n_seeds": n_seeds,
+            "sizes": list(sizes),
             "model": model or "bundled",
             "steps": steps,
             "guidance_scale": guidance_scale,
             "bench_seed": BENCH_SEED,
             "torch_threads": torch.get_num_threads(),
         },
-        "results": summarize(records),
+        "results": {m: summarize(rows) for m, rows in by_method.items()},
+        "time_ratio": {
+            m: {
+                "to": base,
+                **mean_ci([a["seconds"] / b["seconds"] for a, b in zip(rows, by_method[base], strict=True)]),
+            }
+            for m, rows in by_method.items()
+        },
         "records": records,
     }
     if json_out:
@@ -96,6 +135,7 @@ def run_compose(
 def summarize(records: list[dict]) -> dict:
     """Per object count and overall: each rate with a Wilson 95% CI, seconds/image with a t 95% CI."""
     groups = {str(size): [r for r in records if r["n_objects"] == size] for size in SIZES}
+    groups["2+3"] = [r for r in records if r["n_objects"] in (2, 3)]
     groups["overall"] = records
     out = {}
     for name, rows in groups.items():
@@ -135,24 +175,33 @@ def mean_ci(values: list[float]) -> dict:
 
 
 def format_table(report: dict) -> str:
-    """The summary as a fixed-width text table."""
+    """The summary as a fixed-width text table, one block per method."""
     cfg = report["config"]
     lines = [
-        f"compose benchmark: method={cfg['method']} prompts/size={cfg['n_prompts']} seeds={cfg['n_seeds']} "
+        f"compose benchmark: prompts/size={cfg['n_prompts']} seeds={cfg['n_seeds']} sizes={cfg['sizes']} "
         f"steps={cfg['steps']} guidance={cfg['guidance_scale']}",
-        f"{'objects':<8}{'images':>7}  " + "  ".join(f"{m:>22}" for m in (*RATE_METRICS, "s/image")),
+        f"{'method':<11}{'objects':<8}{'images':>7}  "
+        + "  ".join(f"{m:>22}" for m in (*RATE_METRICS, "s/image", "time ratio")),
     ]
-    for name, row in report["results"].items():
-        cells = []
-        for m in RATE_METRICS:
-            r = row[m]
-            cells.append(f"{r['rate']:6.1%} [{r['ci_low']:5.1%},{r['ci_high']:5.1%}]")
-        s = row["seconds_per_image"]
-        lo = "-" if s["ci_low"] is None else f"{s['ci_low']:.2f}"
-        hi = "-" if s["ci_high"] is None else f"{s['ci_high']:.2f}"
-        cells.append(f"{s['mean']:6.2f} [{lo},{hi}]")
-        lines.append(f"{name:<8}{row['n_images']:>7}  " + "  ".join(f"{c:>22}" for c in cells))
+    for method, results in report["results"].items():
+        ratio = report["time_ratio"][method]
+        for name, row in results.items():
+            cells = []
+            for m in RATE_METRICS:
+                r = row[m]
+                cells.append(f"{r['rate']:6.1%} [{r['ci_low']:5.1%},{r['ci_high']:5.1%}]")
+            cells.append(_ci_cell(row["seconds_per_image"]))
+            cells.append(_ci_cell(ratio) if name == "overall" else "")
+            lines.append(
+                f"{method:<11}{name:<8}{row['n_images']:>7}  " + "  ".join(f"{c:>22}" for c in cells)
+            )
     return "\n".join(lines)
+
+
+def _ci_cell(s: dict) -> str:
+    lo = "-" if s["ci_low"] is None else f"{s['ci_low']:.2f}"
+    hi = "-" if s["ci_high"] is None else f"{s['ci_high']:.2f}"
+    return f"{s['mean']:6.2f} [{lo},{hi}]"
 
 
 def _generate_and_score(pipe, method: str, prompt: str, seed: int, steps: int, guidance_scale: float) -> dict:

@@ -65,7 +65,11 @@ def eval_detector(
 
 
 def compose(
-    method: str = typer.Option("none", help="Method name from attnctl.testbed.bench.METHODS."),
+    method: str = typer.Option(
+        "none",
+        help="Method name(s), comma-separated, from attnctl.testbed.bench.METHODS (none, excite, astar, regulation).",
+    ),
+    sizes: str = typer.Option("1,2,3", help="Object counts to test, comma-separated."),
     prompts: int = typer.Option(12, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."),
     seeds: int = typer.Option(4, help="Seeds per prompt."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (summary + records) here."),
@@ -82,10 +86,15 @@ def compose(
 
     if threads:
         torch.set_num_threads(threads)
+    try:
+        counts = tuple(int(x) for x in sizes.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (1, 2, 3)") from e
     report = run_compose(
         method,
         prompts,
         seeds,
+        sizes=counts,
         model=model,
         steps=steps,
         guidance_scale=guidance,
