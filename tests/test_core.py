@@ -12,7 +12,7 @@ from attnctl.controls import Control
 from attnctl.families.base import LayerInfo
 from attnctl.layers import LayerSelection
 from attnctl.processors.attention import AttentionEdit
-from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
+from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"
 
@@ -74,10 +74,12 @@ def test_maps_only_matches_baseline_and_explicit_softmax(unet_pipe):
     assert torch.allclose(ctl.maps["frog"], expected, atol=1e-5)
 
 
-def test_restored_exactly_after_exception(unet_pipe):
-    family, pipe = unet_pipe
-    before = dict(pipe.unet.attn_processors)
-    had_hook = hasattr(pipe.unet, "_diffusers_hook")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restored_exactly_after_exception(family):
+    pipe = tiny_pipeline(family)
+    denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
+    before = dict(denoiser.attn_processors)
+    had_hook = hasattr(denoiser, "_diffusers_hook")
 
     def boom(*args):
         raise RuntimeError("boom")
@@ -85,11 +87,12 @@ def test_restored_exactly_after_exception(unet_pipe):
     with pytest.raises(RuntimeError, match="boom"):
         with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
             _run(pipe, family, callback_on_step_end=boom)
-    after = pipe.unet.attn_processors
+    after = denoiser.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
-    assert hasattr(pipe.unet, "_diffusers_hook") == had_hook
-    assert "forward" not in vars(pipe.unet)
+    assert hasattr(denoiser, "_diffusers_hook") == had_hook
+    assert "forward" not in vars(denoiser)
     assert "encode_prompt" not in vars(pipe)
+    assert "step" not in vars(pipe.scheduler)
 
 
 def test_steps_and_branches_are_tracked():
