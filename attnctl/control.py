@@ -11,6 +11,7 @@ Everything installed is recorded as an undo action and undone in reverse order i
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,7 +65,9 @@ class _DenoiserHook(ModelHook):
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         context = self.state._context
-        self.session._begin_forward(self.adapter, context.name if context is not None else None, args, kwargs)
+        self.session._begin_forward(
+            module, self.adapter, context.name if context is not None else None, args, kwargs
+        )
         for wrap in self.session.forward_hooks:
             args, kwargs = wrap.before(self.session, module, args, kwargs)
         return args, kwargs
@@ -255,16 +258,20 @@ class Session:
         for hook in self.generation_hooks:
             hook(self)
 
-    def _begin_forward(self, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict) -> None:
+    def _begin_forward(
+        self, module: torch.nn.Module, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict
+    ) -> None:
         self._forwards_since_prompt += 1
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        inputs = _named_inputs(module, args, kwargs)
+        t = inputs.get("timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
         if t != self.timestep:
             self.step += 1
             self.timestep = t
-        adapter.observe_forward(self, args, kwargs)
-        sample = args[0] if args else kwargs[adapter.latent_arg]
-        self.batch = sample.shape[0]
+        text = inputs.get("encoder_hidden_states")
+        self.text_len = None if text is None else text.shape[1]
+        adapter.observe_forward(self, inputs)
+        self.batch = inputs[adapter.latent_arg].shape[0]
         branch = self.branch or context
         if branch in ("cond", "uncond"):
             self.cond_rows = list(range(self.batch)) if branch == "cond" else []
@@ -307,3 +314,11 @@ class Session:
                 "(the prompt is truncated there): shorten the prompt or raise max_sequence_length"
             )
         return rows
+
+
+def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The denoiser call's arguments by parameter name, however the pipeline passed them."""
+    try:
+        return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    except TypeError:  # a signature we cannot bind: keyword arguments are all we can name
+        return dict(kwargs)

@@ -225,3 +225,15 @@ def test_attention_backend_settings_restored():
         pipe.transformer.attn_processors[k] is p
         for k, p in zip(pipe.transformer.attn_processors, procs, strict=True)
     )
+
+
+def test_denoiser_arguments_are_read_by_name_even_when_positional():
+    pipe = tiny_pipeline("sd3")
+    cfg = pipe.transformer.config
+    latent = torch.randn(1, cfg.in_channels, 8, 8)
+    text = torch.randn(1, 5, cfg.joint_attention_dim)
+    pooled = torch.randn(1, cfg.pooled_projection_dim)
+    with attnctl.control(pipe) as ctl, torch.no_grad():
+        pipe.transformer(latent, text, pooled, torch.tensor([321.0]))  # forward(hidden_states, ..., timestep)
+        assert ctl.timestep == 321.0 and ctl.text_len == 5 and ctl.batch == 1
+        assert ctl.grid == (1, 8 // cfg.patch_size, 8 // cfg.patch_size)

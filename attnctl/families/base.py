@@ -78,11 +78,12 @@ class FamilyAdapter:
         """Every attention module of the denoiser, in model order."""
         raise NotImplementedError
 
-    def observe_forward(self, session: Session, args: tuple, kwargs: dict) -> None:
-        """Read what a denoiser forward tells about the token grid (latent size, text length).
+    def observe_forward(self, session: Session, inputs: dict[str, Any]) -> None:
+        """Read the token grid from a denoiser call's arguments (by parameter name).
 
         Called before each denoiser forward; sets `session.grid` (frames, height, width of the
-        image tokens at full token resolution) and `session.text_len`."""
+        image tokens at full token resolution). The session itself reads the timestep, the batch
+        and the text length (`encoder_hidden_states`)."""
         raise NotImplementedError
 
     def prepare(

@@ -29,15 +29,13 @@ class CogVideoXAdapter(FamilyAdapter):
             out.append(LayerInfo(path, "joint", module.heads, block_of(path), len(out)))
         return out
 
-    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
-        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, F, C, H, W]
+    def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
+        latents = inputs["hidden_states"]  # [B, F, C, H, W]
         config = session.denoisers[0].config
         frames, _, height, width = latents.shape[1:]
         p, p_t = config.patch_size, config.patch_size_t
         # CogVideoXPatchEmbed: frames // p_t with a temporal patch (1.5), all frames without (1.0)
         session.grid = (frames if p_t is None else frames // p_t, height // p, width // p)
-        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        session.text_len = None if context is None else context.shape[1]
 
     def prepare(
         self,

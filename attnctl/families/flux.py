@@ -32,8 +32,8 @@ class FluxAdapter(FamilyAdapter):
             out.append(LayerInfo(path, "joint", module.heads, block_of(path), len(out)))
         return out
 
-    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
-        img_ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
+    def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
+        img_ids = inputs.get("img_ids")
         if img_ids is None:
             raise ValueError(
                 "FluxTransformer2DModel was called without img_ids; attnctl reads the token grid from them"
@@ -44,8 +44,6 @@ class FluxAdapter(FamilyAdapter):
         h = int(rows.max() - rows.min()) + 1
         w = int(cols.max() - cols.min()) + 1
         session.grid = (1, h, w)
-        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        session.text_len = None if ehs is None else ehs.shape[1]
 
     def prepare(
         self,

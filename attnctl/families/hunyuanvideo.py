@@ -44,14 +44,12 @@ class HunyuanVideoAdapter(FamilyAdapter):
             out.append(LayerInfo(path, "joint", module.heads, block_of(path), len(out)))
         return out
 
-    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
-        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, C, F, H, W]
+    def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
+        latents = inputs["hidden_states"]  # [B, C, F, H, W]
         config = session.denoisers[0].config
         session.grid = video_grid(
             latents.shape[2:], (config.patch_size_t, config.patch_size, config.patch_size)
         )
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        session.text_len = None if context is None else context.shape[1]
 
     def prepare(
         self,

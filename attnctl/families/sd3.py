@@ -31,12 +31,10 @@ class SD3Adapter(FamilyAdapter):
             out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
         return out
 
-    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["hidden_states"]  # latent [B, C, H, W]
+    def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
+        sample = inputs["hidden_states"]  # latent [B, C, H, W]
         patch = _patch_size(session, self)
         session.grid = (1, sample.shape[-2] // patch, sample.shape[-1] // patch)
-        ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        session.text_len = None if ehs is None else ehs.shape[1]
 
     def prepare(
         self,

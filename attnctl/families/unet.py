@@ -36,11 +36,9 @@ class UNetAdapter(FamilyAdapter):
             out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out), 2**level))
         return out
 
-    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
+    def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
+        sample = inputs["sample"]
         session.grid = (1, sample.shape[-2], sample.shape[-1])
-        ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        session.text_len = None if ehs is None else ehs.shape[1]
 
     def prepare(
         self,

@@ -39,12 +39,10 @@ class WanAdapter(FamilyAdapter):
             out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
         return out
 
-    def observe_forward(self, session: Any, args: tuple, kwargs: dict) -> None:
-        latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, C, F, H, W]
-        session.grid = video_grid(latents.shape[2:], patch_size(session))
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        # I2V passes the image embedding separately (`encoder_hidden_states_image`): this is text only.
-        session.text_len = None if context is None else context.shape[1]
+    def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
+        # I2V passes the image embedding separately (`encoder_hidden_states_image`), so the
+        # session's text length (from `encoder_hidden_states`) is text only.
+        session.grid = video_grid(inputs["hidden_states"].shape[2:], patch_size(session))
 
     def prepare(
         self,
