@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +153,6 @@ def _first_image(result: Any) -> Any:
         images = result.frames[0]  # video pipelines: the first video's frames
     first = images[0]
     return first if isinstance(first, Image.Image) else _to_pil(first)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
 
 
 _register()

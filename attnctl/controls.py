@@ -9,7 +9,6 @@ allowed. What a control *does* lives in `install(session)`, called by `attnctl.c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 _REGISTRY: dict[str, type[Control]] = {}
@@ -95,6 +94,3 @@ def check_number(
     kind = "an integer" if integer else "a number"
     check(ok, name, value, f"{kind} in {bracket}{lo}, {hi}]")
 
-
-def as_tuple(value: Iterable[Any] | None) -> tuple[Any, ...] | None:
-    return None if value is None else tuple(value)
