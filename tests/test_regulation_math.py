@@ -151,34 +151,33 @@ def test_bias_is_row_major_over_the_map() -> None:
     assert not torch.allclose(info.raw_best_bias[0, :, 0].reshape(width, height).T, image)
 
 
-def test_matches_naive_full_softmax_implementation() -> None:
-    # The log-sum-exp shortcut over non-target columns must equal the plain full softmax loop.
-    logits = synthetic_logits(rows=2)
-    probs, info = regulate(logits, steps=5)
+@pytest.mark.parametrize(
+    "rows, height, width, targets",
+    [(2, 16, 16, [2, 4]), (3, 16, 24, [1, 3, 6]), (1, 32, 16, [4])],
+)
+def test_matches_autograd_full_softmax_implementation(rows, height, width, targets) -> None:
+    # The hand-written gradient and the log-sum-exp shortcut over non-target columns must equal
+    # plain autograd through a full softmax and torch.quantile-style interpolation.
+    logits = synthetic_logits(rows=rows, height=height, width=width)
+    probs, info = regulate_logits(
+        logits, targets, restore_columns=[SOT, EOT], height=height, width=width,
+        state=RegulationState(seed=0), steps=5,
+    )  # fmt: skip
 
     gen = torch.Generator().manual_seed(0)
-    basis = gaussian_basis(16, 16).reshape(49, -1)
-    w = torch.rand(2, 49, 2, generator=gen).requires_grad_(True)
+    basis = gaussian_basis(height, width).reshape(-1, height * width)
+    w = torch.rand(rows, basis.shape[0], len(targets), generator=gen).requires_grad_(True)
     init_bias = torch.einsum("rck,ci->rik", w.detach(), basis)
     best, best_bias = float("inf"), None
     for _ in range(5):
         bias = torch.einsum("rck,ci->rik", w, basis)
-        p = torch.cat(
-            [
-                logits[..., :2],
-                logits[..., 2:3] + bias[..., :1],
-                logits[..., 3:4],
-                logits[..., 4:5] + bias[..., 1:],
-                logits[..., 5:],
-            ],
-            dim=-1,
-        ).softmax(-1)
-        loss = regulation_loss(p[..., TARGETS], w)
+        p = add_target_bias(logits, targets, bias).softmax(-1)
+        loss = regulation_loss(p[..., targets], w)
         if loss.item() < best:
             best, best_bias = loss.item(), bias.detach()
         (grad,) = torch.autograd.grad(loss, [w])
-        w = (w - 2 * 100.0 * grad).detach().requires_grad_(True)
-    expected = add_target_bias(logits, TARGETS, 0.25 * init_bias + 0.75 * best_bias).softmax(-1)
+        w = (w - rows * 100.0 * grad).detach().requires_grad_(True)
+    expected = add_target_bias(logits, targets, 0.25 * init_bias + 0.75 * best_bias).softmax(-1)
     expected[..., [SOT, EOT]] = logits.softmax(-1)[..., [SOT, EOT]]
     assert info.best_losses[-1].item() == pytest.approx(best, rel=1e-5)
     assert torch.allclose(probs, expected, atol=1e-6)

@@ -17,7 +17,7 @@ from ..families.base import LayerInfo
 from ..families.unet import UNetAdapter
 from ..layers import working_layers
 from .attention import AttentionCall, AttentionEdit, attend, sdpa
-from .regulation_math import MEAN_WEIGHT, QUANTILE_WEIGHT, WEIGHT_DECAY, RegulationState, regulate_logits
+from .regulation_math import MEAN_WEIGHT, QUANTILE_WEIGHT, WEIGHT_DECAY, RegulationState, regulation_bias
 
 
 @dataclasses.dataclass
@@ -117,10 +117,9 @@ class _Regulator(AttentionEdit):
             state = self.states.setdefault(f"{call.layer.name}/{i}", RegulationState(seed=self.spec.seed))
             state.step = call.session.step
             rows = logits[i, :, image, text].reshape(-1, layout.image_tokens, text.stop - text.start)
-            probs, info = regulate_logits(
+            info = regulation_bias(
                 rows,
                 targets[i],
-                restore_columns=restore[i],
                 height=layout.height,
                 width=layout.width,
                 state=state,

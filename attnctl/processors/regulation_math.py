@@ -14,14 +14,17 @@ Conventions used throughout:
   the order diffusers uses when it flattens a ``[B, C, H, W]`` feature map;
 - the bias ``D`` is ``[rows, H*W, |K|]`` and only touches the target columns.
 
-The caller keeps one :class:`RegulationState` per edited layer and calls :func:`regulate_logits`
-once per denoising step for that layer.
+The caller keeps one :class:`RegulationState` per edited layer and calls :func:`regulation_bias`
+(the bias alone, what the control adds to the logits) or :func:`regulate_logits` (the edited
+probabilities) once per denoising step for that layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -110,7 +113,16 @@ def gaussian_basis(height: int, width: int, *, device: torch.device | str | None
     gy = torch.exp(-((ys[None, :] - cy[:, None]) ** 2) / (2 * sigma**2))  # [Cy, H]
     gx = torch.exp(-((xs[None, :] - cx[:, None]) ** 2) / (2 * sigma**2))  # [Cx, W]
     basis = gy[:, None, :, None] * gx[None, :, None, :]  # [Cy, Cx, H, W]
+    # Far tails underflow into fp32 denormals (below 1.2e-38), whose arithmetic is many times
+    # slower on x86 CPUs and made every GEMM with the basis 3x slower; they are flushed to zero.
+    basis = basis.masked_fill(basis < torch.finfo(torch.float32).tiny, 0.0)
     return basis.reshape(-1, height, width)
+
+
+@functools.lru_cache(maxsize=16)
+def _basis_matrix(height: int, width: int, device: torch.device) -> Tensor:
+    """`gaussian_basis` flattened to ``[C, H*W]``, cached per map size and device (read-only)."""
+    return gaussian_basis(height, width, device=device).reshape(-1, height * width)
 
 
 def regulation_loss(
@@ -145,6 +157,39 @@ def regulate_logits(
     height: int,
     width: int,
     state: RegulationState,
+    **options: Any,
+) -> tuple[Tensor, RegulationInfo]:
+    """Regulate one layer's conditional cross-attention (Zhang et al. 2024) and return probabilities.
+
+    ``logits``, ``targets``, ``height``, ``width``, ``state`` and ``options`` as in
+    :func:`regulation_bias`, which finds the bias D. Returns ``(probs, info)`` with
+    P = softmax(S + D on target columns) shaped like ``logits`` in its dtype, where the
+    ``restore_columns`` (the start-of-text / end-of-text columns) get their unedited probabilities
+    back after the softmax, so rows no longer sum to 1 (as the reference).
+    """
+    overlap = sorted({int(c) for c in targets} & {int(c) for c in restore_columns})
+    if overlap:
+        raise ValueError(f"targets and restore_columns overlap at {overlap}")
+    bad = [c for c in restore_columns if not 0 <= c < logits.shape[-1]]
+    if bad:
+        raise ValueError(f"restore_columns: columns {bad} out of range for {logits.shape[-1]} tokens")
+    info = regulation_bias(logits, targets, height=height, width=width, state=state, **options)
+    with torch.no_grad():
+        scores = logits.detach().float()
+        probs = add_target_bias(scores, targets, info.bias).softmax(dim=-1)
+        if restore_columns:
+            cols = list(restore_columns)
+            probs[..., cols] = scores.softmax(dim=-1)[..., cols]
+    return probs.to(logits.dtype), info
+
+
+def regulation_bias(
+    logits: Tensor,
+    targets: Sequence[int],
+    *,
+    height: int,
+    width: int,
+    state: RegulationState,
     steps: int = 20,
     lr: float = 100.0,
     smoothing: float = 0.25,
@@ -152,26 +197,22 @@ def regulate_logits(
     quantile_weight: float = QUANTILE_WEIGHT,
     mean_weight: float = MEAN_WEIGHT,
     weight_decay: float = WEIGHT_DECAY,
-) -> tuple[Tensor, RegulationInfo]:
-    """Regulate one layer's conditional cross-attention (Zhang et al. 2024) and return probabilities.
+) -> RegulationInfo:
+    """The Attention Regulation bias (Zhang et al. 2024) of one layer and step; ``info.bias`` is D.
 
     ``logits``: pre-softmax scores S = QKᵀ/√d of the **conditional rows only**
     ``[rows, height*width, tokens]``, rows = cond images × heads, H*W row-major.
     ``targets``: token columns to regulate (all sub-tokens of the target words).
-    ``restore_columns``: the start-of-text / end-of-text columns; their edited probabilities are
-    replaced by the unedited ones after the softmax, so rows no longer sum to 1 (as the reference).
 
     Steps: w ~ U[0, 1) from ``state.generator``; ``steps`` plain gradient steps
     w ← w − (rows·lr)·∇w L, keeping the lowest-loss iterate D_best; D = (s·D_prev + (1−s)·D_best)
     · decay^step with D_prev the previous step's raw D_best (the random initial D when the state
-    is fresh); P = softmax(S + D on target columns). All optimisation is fp32; the result has the
-    input dtype. Updates ``state`` (prev_bias, step). Returns ``(probs, info)``, probs shaped
-    like ``logits``.
+    is fresh). All optimisation is fp32 whatever the input dtype. Updates ``state`` (prev_bias, step).
     """
     rows, pixels, num_tokens = logits.shape
     if steps < 1:
         raise ValueError(f"steps must be at least 1; got {steps}")
-    targets = _check_columns(targets, restore_columns, num_tokens)
+    targets = _check_targets(targets, num_tokens)
     if pixels != height * width:
         raise ValueError(f"logits have {pixels} pixels but height*width = {height}*{width}")
     _check_supported(height, width)
@@ -181,16 +222,13 @@ def regulate_logits(
             f"{(rows, pixels, len(targets))}; use one RegulationState per layer and call reset()"
         )
 
-    # inference_mode(False) + clone: the pipeline may run under inference_mode, whose tensors
-    # cannot enter autograd; enable_grad: it usually runs under no_grad.
-    with torch.inference_mode(False), torch.enable_grad():
-        scores = logits.detach().float().clone()
-        basis = gaussian_basis(height, width, device=logits.device).reshape(-1, pixels)  # [C, HW]
+    with torch.no_grad():
+        basis = _basis_matrix(height, width, logits.device)  # [C, HW]
         weights0 = torch.rand(
             (rows, basis.shape[0], len(targets)), generator=state.generator, dtype=torch.float32
         ).to(logits.device)
         losses, best_bias, best_index = _optimise_bias(
-            scores,
+            logits.detach().float(),
             targets,
             basis,
             weights0,
@@ -198,26 +236,18 @@ def regulate_logits(
             step_size=rows * lr,
             loss_weights=(quantile_weight, mean_weight, weight_decay),
         )
-
-    with torch.no_grad():
         prev = state.prev_bias if state.prev_bias is not None else _bias(weights0, basis)
         bias = (smoothing * prev + (1.0 - smoothing) * best_bias) * decay**state.step
-        edited = add_target_bias(scores, targets, bias)
-        probs = edited.softmax(dim=-1)
-        if restore_columns:
-            cols = list(restore_columns)
-            probs[..., cols] = scores.softmax(dim=-1)[..., cols]
 
     state.prev_bias = best_bias
     state.step += 1
-    info = RegulationInfo(
+    return RegulationInfo(
         losses=losses,
         best_losses=torch.cummin(losses, dim=0).values,
         best_index=best_index,
         bias=bias,
         raw_best_bias=best_bias,
     )
-    return probs.to(logits.dtype), info
 
 
 def add_target_bias(logits: Tensor, targets: Sequence[int], bias: Tensor) -> Tensor:
@@ -241,43 +271,77 @@ def _optimise_bias(
     step_size: float,
     loss_weights: tuple[float, float, float],
 ) -> tuple[Tensor, Tensor, int]:
-    """Plain gradient descent on the bump weights; returns (losses, best raw bias, best index)."""
+    """Plain gradient descent on the bump weights; returns (losses, best raw bias, best index).
+
+    The gradient of `regulation_loss` is written out by hand (no autograd graph): on small maps the
+    optimisation is dominated by per-op overhead, and the closed form needs about a third of the
+    ops. With P = softmax(S + D) over all tokens (only target columns move) and G = ∂L/∂P on the
+    target columns, ∂L/∂D = P·(G − Σ_k P_k·G_k) and ∂L/∂w = basisᵀ·∂L/∂D + 2c·w / numel(w).
+    ∂L/∂P has a uniform part from the mean term and, from the quantile term, the linear-interpolation
+    weights at the two order statistics it reads (as autograd through a sort would give).
+    """
     quantile_weight, mean_weight, weight_decay = loss_weights
-    target_scores = scores[..., targets]
-    # Only target columns change, so the other columns enter the softmax through one fixed
+    rows, pixels, num_targets = scores.shape[0], scores.shape[1], len(targets)
+    pairs = rows * num_targets
+    # Map-major layout [rows, |K|, HW] throughout: the basis products become small 2-D GEMMs with
+    # the pixels contiguous, and the per-map reductions (mean, top-k) run over the last dim.
+    shape = (rows, num_targets, pixels)
+    columns = torch.tensor(targets, device=scores.device)
+    target_scores = scores.index_select(-1, columns).transpose(1, 2).reshape(pairs, pixels)
+    # Only target columns change, so the other columns enter the softmax as one fixed column, their
     # log-sum-exp: each iteration costs O(rows·HW·|K|) instead of O(rows·HW·tokens).
     others = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
-    others[targets] = False
-    rest_lse = torch.logsumexp(scores[..., others], dim=-1, keepdim=True)  # -inf if no others
+    others[columns] = False
+    rest = scores.index_select(-1, others.nonzero().squeeze(1))
+    # [rest, target 1, ..., target |K|] per map: one fused softmax over dim 1 per iteration.
+    joint = torch.empty(rows, num_targets + 1, pixels, device=scores.device)
+    joint[:, 0] = torch.logsumexp(rest, dim=-1)  # -inf if there are no other columns
+    tau = min(1.0, 0.2 * num_targets)
+    # The quantile interpolates linearly between order statistics lo and hi (torch.quantile's
+    # rule); the top `top` values of each map hold both.
+    pos = QUANTILE * (pixels - 1)
+    lo = int(pos)
+    hi = min(lo + 1, pixels - 1)
+    frac = pos - lo
+    top = pixels - lo
+    at_lo, at_hi = top - 1, pixels - 1 - hi  # positions of s[lo] and s[hi] in the descending top-k
+    order = torch.tensor([at_lo, at_hi], device=scores.device)
+    # ∂q/∂s[lo] = 1 - frac, ∂q/∂s[hi] = frac, times ∂L/∂q = 2a·(q - 0.9) / (rows·|K|).
+    quantile_grad = torch.tensor([1.0 - frac, frac], device=scores.device) * (2 * quantile_weight / pairs)
+    mean_grad = 2 * mean_weight / (pairs * pixels)
+    basis_t = basis.T.contiguous()  # [HW, C]
+    shrink = 1.0 - step_size * 2 * weight_decay / (basis.shape[0] * pairs)  # the weight-decay gradient
 
-    weights = weights0.clone().requires_grad_(True)
-    losses = []
-    best_loss = torch.full((), float("inf"), device=scores.device)
-    best_bias = torch.zeros_like(target_scores)
-    best_index = torch.zeros((), dtype=torch.long, device=scores.device)
-    for i in range(steps):
-        bias = _bias(weights, basis)
-        edited = target_scores + bias
-        lse = torch.logaddexp(rest_lse, torch.logsumexp(edited, dim=-1, keepdim=True))
-        loss = regulation_loss(
-            torch.exp(edited - lse),
-            weights,
-            quantile_weight=quantile_weight,
-            mean_weight=mean_weight,
-            weight_decay=weight_decay,
+    weights = weights0.transpose(1, 2).reshape(pairs, basis.shape[0])  # [rows·|K|, C]
+    iterates, quantile_errors, mean_errors = [], [], []
+    for _ in range(steps):
+        joint[:, 1:] = torch.addmm(target_scores, weights, basis).view(shape)
+        probs = joint.softmax(dim=1)[:, 1:]
+        values, index = probs.topk(top, dim=-1)
+        q_err = torch.lerp(values[..., at_lo], values[..., at_hi], frac) - QUANTILE_TARGET
+        m_err = probs.mean(dim=-1, keepdim=True) - tau / num_targets
+        iterates.append(weights)
+        quantile_errors.append(q_err)
+        mean_errors.append(m_err)
+        # ∂L/∂P: the mean term spreads evenly over the pixels, the quantile term hits two of them.
+        grad_p = (m_err * mean_grad).expand(shape).clone()
+        grad_p.scatter_add_(-1, index.index_select(-1, order), q_err.unsqueeze(-1) * quantile_grad)
+        grad_bias = probs * (grad_p - (probs * grad_p).sum(dim=1, keepdim=True))
+        # w ← w − step·(∂L/∂D·basisᵀ + 2c·w / numel(w)) in one GEMM.
+        weights = torch.addmm(
+            weights, grad_bias.reshape(pairs, pixels), basis_t, beta=shrink, alpha=-step_size
         )
-        (grad,) = torch.autograd.grad(loss, [weights])
-        with torch.no_grad():
-            # Keep-best on device (torch.where) so the loop never syncs with the host.
-            better = loss < best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_bias = torch.where(better, bias, best_bias)
-            best_index = torch.where(better, torch.full_like(best_index, i), best_index)
-            losses.append(loss.detach())
-        # The loss is a mean over rows, so its gradient shrinks as 1/rows; the reference scales
-        # the step by rows to undo that.
-        weights = (weights - step_size * grad).detach().requires_grad_(True)
-    return torch.stack(losses), best_bias.detach(), int(best_index)
+
+    stacked = torch.stack(iterates)  # [steps, rows·|K|, C]
+    losses = (
+        quantile_weight * torch.stack(quantile_errors).square().mean(dim=(1, 2))
+        + mean_weight * torch.stack(mean_errors).square().mean(dim=(1, 2, 3))
+        + weight_decay * stacked.square().mean(dim=(1, 2))
+    )
+    # Keep-best: the first iterate with the lowest loss (argmin returns the first minimum).
+    best_index = int(torch.argmin(losses))
+    best_bias = torch.mm(stacked[best_index], basis).view(shape).transpose(1, 2).contiguous()
+    return losses, best_bias, best_index
 
 
 def _bias(weights: Tensor, basis: Tensor) -> Tensor:
@@ -307,17 +371,13 @@ def _check_supported(height: int, width: int) -> None:
         )
 
 
-def _check_columns(targets: Sequence[int], restore_columns: Sequence[int], num_tokens: int) -> list[int]:
+def _check_targets(targets: Sequence[int], num_tokens: int) -> list[int]:
     cols = [int(t) for t in targets]
     if not cols:
         raise ValueError("targets: need at least one target token column")
     if len(set(cols)) != len(cols):
         raise ValueError(f"targets: duplicate columns in {cols}")
-    for name, values in (("targets", cols), ("restore_columns", list(restore_columns))):
-        bad = [c for c in values if not 0 <= c < num_tokens]
-        if bad:
-            raise ValueError(f"{name}: columns {bad} out of range for {num_tokens} tokens")
-    overlap = sorted(set(cols) & {int(c) for c in restore_columns})
-    if overlap:
-        raise ValueError(f"targets and restore_columns overlap at {overlap}")
+    bad = [c for c in cols if not 0 <= c < num_tokens]
+    if bad:
+        raise ValueError(f"targets: columns {bad} out of range for {num_tokens} tokens")
     return cols
