@@ -324,6 +324,82 @@ def test_kernel_bench_smoke(tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written["kernel"]["runs"][0]["sparsity"] == 0.9
     e2e = written["end_to_end"]
-    assert e2e["config"]["video_tokens"] == 2 * 4 * 4  # (5 frames -> 2) x (64 px / 16)^2 and e2e["end_to_end_speedup"] > 0
+    assert (
+        e2e["config"]["video_tokens"] == 2 * 4 * 4
+    )  # (5 frames -> 2) x (64 px / 16)^2 and e2e["end_to_end_speedup"] > 0
     assert e2e["psnr_db"] > 0 and len(e2e["dense_denoise_s"]) == 2
     assert "speedup" in capsys.readouterr().out
+
+
+def _gather_plan(keep: torch.Tensor, shape: dict) -> sparse_mod.SparsePlan:
+    layout = DraftLayout.of(**shape)
+    return sparse_mod.SparsePlan("gather", layout.kernel_block_mask(keep), layout)
+
+
+def _kinds(phases: list) -> set[str]:
+    return {kind for phase in phases for kind, _ in phase}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("min_shared", "levels"), [(0, 2), (1, 1), (1, 3), (2, 2)])
+def test_gather_pairs_equal_masked_sdpa(monkeypatch, layout, min_shared, levels):
+    # Random block masks: pairs of every overlap (with 0, also pairs sharing nothing), subsets
+    # (no rest), padded blocks in the shared and the rest parts, a query block with no key block.
+    monkeypatch.setattr(sparse_mod, "PAIR_MIN_SHARED", min_shared)
+    monkeypatch.setattr(sparse_mod, "PAIR_LEVELS", levels)
+    text, text_first, frames, height, width, pool = layout
+    shape = dict(text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool)
+    g = DraftLayout.of(**shape).visual_blocks
+    keep = torch.rand(2, 3, g, g, generator=torch.Generator().manual_seed(11)) < 0.5
+    keep[0, 0, g - 1] = False
+    keep[1, 2, 0] = keep[1, 2, g - 1] & (torch.rand(g, generator=torch.Generator().manual_seed(4)) < 0.7)
+    q, k, v = _qkv(2, 3, text + frames * height * width, seed=12)
+    out = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep, **shape)
+    mask = _token_mask(keep, text, text_first, frames, height, width, pool)
+    assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() <= 1e-5
+    phases = _gather_plan(keep, shape)._groups
+    if g > 1:
+        assert {"write", "merge"} <= _kinds(phases)  # the paired path really ran
+    if text:  # the (dense, padded) text block is shared by every pair: masked pair calls
+        assert any(group[2] is not None for phase in phases for kind, group in phase if kind == "write")
+
+
+def test_gather_pairs_sharing_nothing_merge_exactly(monkeypatch):
+    # Every query block keeps only its own key block: pairs share nothing, so each output comes
+    # from its rest alone, merged with the "no keys" log-sum-exp (-inf) of the pair.
+    monkeypatch.setattr(sparse_mod, "PAIR_MIN_SHARED", 0)
+    shape = dict(text=0, text_first=False, frames=1, height=6, width=10, pool=(4, 4))
+    keep = torch.eye(6, dtype=torch.bool)[None, None].repeat(1, 2, 1, 1)
+    keep[0, 1, 3, 3] = False  # and a query block with nothing kept
+    assert _kinds(_gather_plan(keep, shape)._groups) == {"merge"}
+    q, k, v = _qkv(1, 2, 60, seed=13)
+    out = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep, **shape)
+    mask = _token_mask(keep, 0, False, 1, 6, 10, (4, 4))
+    assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() <= 1e-5
+    assert out[0, 1, _region_of(1, 6, 10, (4, 4)) == 3].abs().max() == 0
+
+
+def test_pair_blocks_is_greedy_on_shared_key_blocks(monkeypatch):
+    sets = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    sets = torch.stack([sets, sets.flip(0)])  # second head: same blocks, reversed order
+    monkeypatch.setattr(sparse_mod, "PAIR_MIN_SHARED", 1)
+    # 0 and 1 share 3 blocks; then 2 and 3 share 1. Indices are flat over (head, block).
+    assert sparse_mod._pair_blocks(sets).tolist() == [[1, 0, 3, 2], [5, 4, 7, 6]]
+    monkeypatch.setattr(sparse_mod, "PAIR_MIN_SHARED", 2)
+    assert sparse_mod._pair_blocks(sets).tolist() == [[1, 0, -1, -1], [-1, -1, 7, 6]]
+
+
+def test_gather_without_pairing_where_the_lse_op_cannot_run(monkeypatch):
+    # Gradients (and non-CPU devices, different value size) take the unpaired plan: same result.
+    shape = dict(text=5, text_first=True, frames=2, height=6, width=10, pool=(4, 4))
+    g = DraftLayout.of(**shape).visual_blocks
+    keep = torch.rand(1, 2, g, g, generator=torch.Generator().manual_seed(14)) < 0.6
+    q, k, v = _qkv(1, 2, 5 + 120, seed=15)
+    assert sparse_mod._pairing_works(q, k, v)
+    assert not sparse_mod._pairing_works(q, k, v.clone().requires_grad_())
+    assert not sparse_mod._pairing_works(q, k, v[..., :8])
+    paired = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep, **shape)
+    monkeypatch.setattr(sparse_mod, "_pairing_works", lambda *args: False)
+    plain = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep.clone(), **shape)
+    assert _kinds(_gather_plan(keep, shape)._plain_groups) == {"plain"}
+    assert (plain - paired).abs().max() <= 1e-5

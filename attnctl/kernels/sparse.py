@@ -12,7 +12,11 @@ left outputs zeros, as SDPA and FlexAttention do for fully masked rows.
 - "gather": pure PyTorch. Query blocks are grouped by how many key blocks they keep; per group
   (in chunks of bounded memory) the kept key/value blocks are gathered with `index_select` into
   reused workspaces and one batched SDPA call runs, so no work is padded. A key-validity mask is
-  passed only for rows whose kept blocks hold padding.
+  passed only for rows whose kept blocks hold padding. On CPU (no gradients) query blocks of the
+  same (batch, head) are first paired by the key blocks they share: each pair attends to its
+  shared blocks in one call with both query blocks stacked (256 rows use the CPU flash kernel's
+  faster 64-row tile, and the shared keys are gathered once), then each block to the rest of its
+  own blocks; the two partial results are merged exactly through their log-sum-exps.
 - "dense": reference, SDPA with the equivalent token-level boolean mask, one (batch, head) at a time.
 - "auto": on CPU gather (measured faster than compiled flex here); elsewhere compiled flex where
   torch.compile works (found by trying it once per device type and block size, cached), else gather.
@@ -37,6 +41,17 @@ if TYPE_CHECKING:
 # Elements (rows x keys x head_dim) gathered per SDPA call on the gather path: bounds the memory of
 # the gathered keys/values (32 MB each in fp32, per worker) while keeping calls large enough to be efficient.
 GATHER_BUDGET = 1 << 23
+
+# Query blocks are paired only when they share at least this many kept key blocks (see _pair_blocks).
+PAIR_MIN_SHARED = 2
+
+# Rounds of mutual-best matching in _pair_blocks: later rounds pair few more blocks.
+PAIR_ROUNDS = 8
+
+# Levels of pairing on the gather path (see _gather_groups): level 0 pairs query blocks by their
+# kept key blocks, a level 1 would pair the remainders again. One level: with two, the benchmark
+# (32k tokens, 90% sparsity, 1 thread) was 5% slower: small shared parts, one more merge per block.
+PAIR_LEVELS = 1
 
 # Where compiled flex works, is it the faster choice? Not on CPU: with 128-token blocks its kernel
 # tiles keys by 128 while SDPA tiles by 512; `attnctl.kernels.bench` on the 2-core CPU, 32k tokens,
@@ -64,7 +79,8 @@ class SparsePlan:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Block-sparse attention in the kernel layout: [batch, heads, length, dv]."""
         if self.backend == "gather":
-            return _gather_attention(q, k, v, self._groups, self.layout, scale)
+            groups = self._groups if _pairing_works(q, k, v) else self._plain_groups
+            return _gather_attention(q, k, v, groups, self.layout, scale)
         if self.backend == "dense":
             return _dense_attention(q, k, v, self.keep, self.layout, scale)
         if self.backend == "flex_eager":
@@ -86,7 +102,8 @@ class SparsePlan:
             )
             _FLEX_WORKS[key] = False
             self.backend = "gather"
-            out = _gather_attention(q, k, v, self._groups, self.layout, scale)
+            groups = self._groups if _pairing_works(q, k, v) else self._plain_groups
+            out = _gather_attention(q, k, v, groups, self.layout, scale)
         self.auto = False
         return out
 
@@ -96,9 +113,15 @@ class SparsePlan:
             return flex_block_mask(self.keep, self.layout)
 
     @functools.cached_property
-    def _groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def _groups(self) -> Phases:
         with threads(1):  # many tiny ops: see threads
-            return _gather_groups(self.keep, self.layout)
+            return _gather_groups(self.keep, self.layout, pair=True)
+
+    @functools.cached_property
+    def _plain_groups(self) -> Phases:
+        """Without pairing: where the log-sum-exp op is missing or gradients are needed."""
+        with threads(1):
+            return _gather_groups(self.keep, self.layout, pair=False)
 
 
 def flex_block_mask(keep: torch.Tensor, layout: DraftLayout):  # -> BlockMask
@@ -151,40 +174,122 @@ def _flex_eager():
     return flex_attention
 
 
-def _gather_groups(
-    keep: torch.Tensor, layout: DraftLayout
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Query blocks grouped by how many key blocks they keep: (rows [n], cols [n, c], slots) each.
+Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
-    rows index the (batch * heads * G) query blocks, cols their kept key blocks in ascending order.
-    `slots` ([n, c * block] bool, valid keys) is None when no kept block holds padding, so SDPA
-    runs unmasked. (Rounding counts up to fewer, padded groups measured slower.)
+# The gather path's work: phases run in order, each a list of (kind, group) with group = (rows,
+# cols [n, c], slots) as made by _by_count. Within a phase every query block is in at most one
+# group, so its chunks are independent. kind "plain": rows [n], whole kept sets, plain SDPA, output
+# written. "write": rows [n, 2], the key blocks a pair shares, both blocks' queries in one call,
+# output and log-sum-exp written. "merge": rows [n] or [n, 2], a further part of the rows' key
+# blocks, merged into the stored output and log-sum-exp.
+Phases = list[list[tuple[str, Group]]]
+
+
+def _gather_groups(keep: torch.Tensor, layout: DraftLayout, pair: bool) -> Phases:
+    """The gather path's work for a block mask [b, h, G, G] (see Phases); unpaired unless `pair`.
+
+    With pairing, level 0 pairs query blocks by their kept sets ("write"; unpaired blocks "plain");
+    each further level (PAIR_LEVELS in all) pairs again by what the blocks still lack ("merge" on
+    the shared part), and a last phase merges each block's remainder. Key blocks holding no real
+    key are dropped first: they add nothing, and a partial result with every key masked would
+    carry a meaningless log-sum-exp into the merge.
     """
     b, h, G, _ = keep.shape
-    flat = keep.reshape(b * h * G, G)
-    counts = flat.sum(1)
     valid = layout.indices(keep.device).key_valid.view(G, layout.block)
+    todo = (keep & valid.any(1)).reshape(b * h * G, G)  # key blocks each query block still lacks
+    rows = torch.arange(b * h * G, device=keep.device)
+    if not pair:
+        return [[("plain", group) for group in _by_count(rows, todo, valid)]]
+    phases = []
+    for level in range(PAIR_LEVELS):
+        partner = _pair_blocks(todo.view(b * h, G, G)).flatten()
+        paired = partner >= 0
+        mate = todo[partner.clamp(min=0)] & paired[:, None]  # the partner's blocks (none if unpaired)
+        first = (paired & (rows < partner)).nonzero().squeeze(1)
+        shared = _by_count(torch.stack([first, partner[first]], 1), todo[first] & mate[first], valid)
+        if level == 0:
+            phase = [("plain", group) for group in _by_count(rows[~paired], todo[~paired], valid)]
+            phases.append(phase + [("write", group) for group in shared])
+            todo = todo & ~mate & paired[:, None]
+        else:
+            phases.append([("merge", group) for group in shared])
+            todo = todo & ~mate
+    phases.append([("merge", group) for group in _by_count(rows, todo, valid)])
+    return [phase for phase in phases if phase]
+
+
+def _by_count(rows: torch.Tensor, sets: torch.Tensor, valid: torch.Tensor) -> list[Group]:
+    """Rows grouped by how many key blocks their `sets` ([n, G] bool) hold: (rows, cols [n, c], slots).
+
+    cols are the key blocks in ascending order. `slots` ([n, c * block] bool, valid keys) is None
+    when no block of the group holds padding, so SDPA runs unmasked. Rows with an empty set are
+    left out (their output stays zero). (Rounding counts up to fewer, padded groups measured slower.)
+    """
+    counts = sets.sum(1)
     groups = []
     for c in torch.unique(counts).tolist():
         if c == 0:
-            continue  # nothing to attend to: the output stays zero
-        rows = (counts == c).nonzero().squeeze(1)
+            continue
+        sel = (counts == c).nonzero().squeeze(1)
         # nonzero() is row-major, so each row's c columns come out together and ascending.
-        cols = flat[rows].nonzero()[:, 1].view(-1, c)
+        cols = sets[sel].nonzero()[:, 1].view(-1, c)
         slots = valid[cols].flatten(1)
         padded = ~slots.all(1)
         if not padded.all():
-            groups.append((rows[~padded], cols[~padded], None))
+            groups.append((rows[sel[~padded]], cols[~padded], None))
         if padded.any():
-            groups.append((rows[padded], cols[padded], slots[padded]))
+            groups.append((rows[sel[padded]], cols[padded], slots[padded]))
     return groups
+
+
+def _pair_blocks(sets: torch.Tensor) -> torch.Tensor:
+    """Partner of each query block ([m, G] indices within its (batch, head); -1: unpaired).
+
+    Greedy matching on the number of shared key blocks, vectorised: in each round every unpaired
+    block picks the unpaired block it shares most with, and blocks that pick each other pair up
+    (the best remaining pair always does, so each round makes progress). Blocks sharing fewer than
+    PAIR_MIN_SHARED key blocks are never paired: the saving is proportional to the shared blocks,
+    while every pair costs a merge.
+    """
+    m, G, _ = sets.shape
+    f = sets.float()
+    shared = f @ f.transpose(1, 2)  # [m, G, G]: exact integer counts
+    shared.diagonal(dim1=1, dim2=2).fill_(-1)
+    shared.masked_fill_(shared < PAIR_MIN_SHARED, -1)
+    own = torch.arange(G, device=sets.device).expand(m, G)
+    partner = torch.full((m, G), -1, dtype=torch.long, device=sets.device)
+    free = torch.ones(m, G, dtype=torch.bool, device=sets.device)
+    for _ in range(PAIR_ROUNDS):
+        score = shared.masked_fill(~(free[:, :, None] & free[:, None, :]), -1)
+        best_score, best = score.max(2)
+        mutual = (best.gather(1, best) == own) & (best_score >= 0) & free
+        if not mutual.any():
+            break
+        partner = torch.where(mutual, best, partner)
+        free &= ~mutual
+    return torch.where(partner >= 0, partner + (torch.arange(m, device=sets.device) * G)[:, None], partner)
+
+
+def _pairing_works(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Can the pairs/rests path run: CPU flash op (it returns the log-sum-exp), no gradients?
+
+    The op needs equal head sizes; autograd through it and the merge is not set up (plain SDPA is).
+    """
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    return (
+        q.device.type == "cpu"
+        and not grad
+        and q.shape[-1] == v.shape[-1]
+        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
 
 
 def _gather_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    groups: Phases,
     layout: DraftLayout,
     scale: float,
 ) -> torch.Tensor:
@@ -195,11 +300,19 @@ def _gather_attention(
     k_blocks = k.reshape(b * h * G, block * d)
     v_blocks = v.reshape(b * h * G, block * dv)
     out = q.new_zeros(b * h * G, block, dv)
-    chunks = list(_chunks(groups, block, max(d, dv)))
+    dim = max(d, dv)
+    phases = [
+        [(kind, chunk) for kind, group in phase for chunk in _chunks([group], block, dim)] for phase in groups
+    ]
+    chunks = [chunk for phase in phases for _, chunk in phase]
     if not chunks:
         return out.view(b, h, G * block, dv)
     most = max(cols.numel() for _, cols, _ in chunks) * block
-    tables = (q_blocks, k_blocks, v_blocks, out)
+    # Log-sum-exp of the output so far (-inf: no keys yet, so a merge keeps only the new part).
+    lse = None
+    if any(kind != "plain" for phase in phases for kind, _ in phase):
+        lse = q.new_full((b * h * G, block), float("-inf"), dtype=torch.float32)
+    tables = (q_blocks, k_blocks, v_blocks, out, lse)
 
     def attend_chunks(todo: queue.SimpleQueue, slot: int, sdpa_threads: int) -> None:
         # Gathered keys/values go to workspaces reused by every chunk and call: fresh large
@@ -207,58 +320,87 @@ def _gather_attention(
         work = (_workspace(k, most * d, 2 * slot), _workspace(v, most * dv, 2 * slot + 1))
         while True:
             try:
-                chunk = todo.get_nowait()
+                kind, chunk = todo.get_nowait()
             except queue.Empty:
                 return
-            _attend_chunk(chunk, tables, work, G, block, scale, sdpa_threads)
+            _attend_chunk(kind, chunk, tables, work, G, block, scale, sdpa_threads)
 
-    todo: queue.SimpleQueue = queue.SimpleQueue()
-    for chunk in chunks:
-        todo.put(chunk)
-    workers = min(torch.get_num_threads(), len(chunks))
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if workers <= 1 or grad:
-        attend_chunks(todo, 0, torch.get_num_threads())
-    else:
-        # Chunks are independent and write disjoint output rows: one single-threaded worker per
-        # core pulling from a queue. 25% faster than one caller with multi-threaded ops on this
-        # shared 2-core CPU (no per-op thread barrier; a descheduled worker just takes fewer chunks).
-        with threads(1):
-            jobs = [_pool(workers).submit(attend_chunks, todo, slot, 1) for slot in range(workers)]
-            for job in jobs:
-                job.result()
+    for phase in phases:
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for item in phase:
+            todo.put(item)
+        workers = min(torch.get_num_threads(), len(phase))
+        if workers <= 1 or grad:
+            attend_chunks(todo, 0, torch.get_num_threads())
+        else:
+            # Chunks of a phase are independent and write disjoint output rows: one single-threaded
+            # worker per core pulling from a queue. 25% faster than one caller with multi-threaded
+            # ops on this shared 2-core CPU (no per-op thread barrier; a descheduled worker just
+            # takes fewer chunks).
+            with threads(1):
+                jobs = [_pool(workers).submit(attend_chunks, todo, slot, 1) for slot in range(workers)]
+                for job in jobs:
+                    job.result()
     return out.view(b, h, G * block, dv)
 
 
 def _attend_chunk(
-    chunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    kind: str,
+    chunk: Group,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
     work: tuple[torch.Tensor, torch.Tensor],
     G: int,
     block: int,
     scale: float,
     sdpa_threads: int,
 ) -> None:
-    """SDPA of one chunk of query blocks over their gathered key/value blocks, into `out`."""
-    (rows, cols, slots), (q_blocks, k_blocks, v_blocks, out) = chunk, tables
+    """Attention of one chunk of query blocks over their gathered key/value blocks, into `out`.
+
+    kind (see Phases) "plain": SDPA, output written. "write" and "merge": the CPU flash op, which
+    also returns the log-sum-exp; rows [n, 2] stack both query blocks of a pair over their shared
+    keys. A merge is exact softmax over the union of disjoint key sets: out = o1 * exp(l1 - l) +
+    o2 * exp(l2 - l) with l = logaddexp(l1, l2), which is also stored for a later merge.
+    """
+    (rows, cols, slots), (q_blocks, k_blocks, v_blocks, out, lse) = chunk, tables
     n, c = cols.shape
     d, dv = q_blocks.shape[-1], out.shape[-1]
+    flat_rows = rows.flatten()
     with threads(1):
-        source = ((rows // G)[:, None] * G + cols).flatten()  # key block in (batch * heads * G)
+        head = rows if rows.dim() == 1 else rows[:, 0]  # a pair shares its (batch, head)
+        source = ((head // G)[:, None] * G + cols).flatten()  # key block in (batch * heads * G)
         keys = torch.index_select(k_blocks, 0, source, out=work[0][: n * c * block * d].view(n * c, -1))
         values = torch.index_select(v_blocks, 0, source, out=work[1][: n * c * block * dv].view(n * c, -1))
-        queries = q_blocks.index_select(0, rows)[:, None]
-    mask = None if slots is None else slots.view(n, 1, 1, c * block)
+        queries = q_blocks.index_select(0, flat_rows).view(n, 1, -1, d)
+        keys, values = keys.view(n, 1, c * block, d), values.view(n, 1, c * block, dv)
+    if kind == "plain":
+        mask = None if slots is None else slots.view(n, 1, 1, c * block)
+        with threads(sdpa_threads):
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        with threads(1):
+            out.index_copy_(0, rows, o[:, 0])
+        return
+    with threads(1):
+        # The flash op takes only additive masks of the query's dtype.
+        mask = None
+        if slots is not None:
+            mask = queries.new_zeros(n, 1, 1, c * block).masked_fill_(~slots.view(n, 1, 1, -1), float("-inf"))
     with threads(sdpa_threads):
-        o = F.scaled_dot_product_attention(
-            queries,
-            keys.view(n, 1, c * block, d),
-            values.view(n, 1, c * block, dv),
-            attn_mask=mask,
-            scale=scale,
+        o, l2 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            queries, keys, values, dropout_p=0.0, is_causal=False, attn_mask=mask, scale=scale
         )
     with threads(1):
-        out.index_copy_(0, rows, o[:, 0])
+        o, l2 = o.reshape(-1, block, dv), l2.reshape(-1, block).float()
+        if kind == "write":
+            out.index_copy_(0, flat_rows, o)
+            lse.index_copy_(0, flat_rows, l2)
+            return
+        l1 = lse.index_select(0, flat_rows)
+        total = torch.logaddexp(l1, l2)
+        merged = out.index_select(0, flat_rows).float() * (l1 - total).exp_()[..., None]
+        merged.addcmul_(o.float(), (l2 - total).exp_()[..., None])
+        out.index_copy_(0, flat_rows, merged.to(out.dtype))
+        lse.index_copy_(0, flat_rows, total)
 
 
 @functools.cache
@@ -301,7 +443,7 @@ def _chunks(groups: list, block: int, dim: int):
     """Split groups into chunks of at most GATHER_BUDGET gathered elements (at least one row)."""
     for rows, cols, slots in groups:
         step = max(1, GATHER_BUDGET // (cols.shape[1] * block * dim))
-        for i in range(0, rows.numel(), step):
+        for i in range(0, rows.shape[0], step):
             part = slice(i, i + step)
             yield rows[part], cols[part], None if slots is None else slots[part]
 
