@@ -55,7 +55,7 @@ PAIR_LEVELS = 1
 
 # Where compiled flex works, is it the faster choice? Not on CPU: with 128-token blocks its kernel
 # tiles keys by 128 while SDPA tiles by 512; `attnctl.kernels.bench` on the 2-core CPU, 32k tokens,
-# 8 heads, 10% of blocks kept: gather 6.3x over dense SDPA, compiled flex 3.4x (and slower than
+# 8 heads, 10% of blocks kept: gather 6.4x over dense SDPA, compiled flex 3.0x (and slower than
 # dense at 50%). Other devices: flex (its GPU kernels are the block-sparse path; not measured here).
 FLEX_PREFERRED: dict[str, bool] = {"cpu": False}
 
