@@ -48,11 +48,6 @@ PAIR_MIN_SHARED = 2
 # Rounds of mutual-best matching in _pair_blocks: later rounds pair few more blocks.
 PAIR_ROUNDS = 8
 
-# Levels of pairing on the gather path (see _gather_groups): level 0 pairs query blocks by their
-# kept key blocks, a level 1 would pair the remainders again. One level: with two, the benchmark
-# (32k tokens, 90% sparsity, 1 thread) was 5% slower: small shared parts, one more merge per block.
-PAIR_LEVELS = 1
-
 # Where compiled flex works, is it the faster choice? Not on CPU: with 128-token blocks its kernel
 # tiles keys by 128 while SDPA tiles by 512; `attnctl.kernels.bench` on the 2-core CPU, 32k tokens,
 # 8 heads, 10% of blocks kept: gather 6.4x over dense SDPA, compiled flex 3.0x (and slower than
@@ -79,8 +74,7 @@ class SparsePlan:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Block-sparse attention in the kernel layout: [batch, heads, length, dv]."""
         if self.backend == "gather":
-            groups = self._groups if _pairing_works(q, k, v) else self._plain_groups
-            return _gather_attention(q, k, v, groups, self.layout, scale)
+            return self._gather(q, k, v, scale)
         if self.backend == "dense":
             return _dense_attention(q, k, v, self.keep, self.layout, scale)
         if self.backend == "flex_eager":
@@ -102,10 +96,13 @@ class SparsePlan:
             )
             _FLEX_WORKS[key] = False
             self.backend = "gather"
-            groups = self._groups if _pairing_works(q, k, v) else self._plain_groups
-            out = _gather_attention(q, k, v, groups, self.layout, scale)
+            out = self._gather(q, k, v, scale)
         self.auto = False
         return out
+
+    def _gather(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        groups = self._groups if _pairing_works(q, k, v) else self._plain_groups
+        return _gather_attention(q, k, v, groups, self.layout, scale)
 
     @functools.cached_property
     def _flex_mask(self):  # -> BlockMask
@@ -180,19 +177,19 @@ Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 # cols [n, c], slots) as made by _by_count. Within a phase every query block is in at most one
 # group, so its chunks are independent. kind "plain": rows [n], whole kept sets, plain SDPA, output
 # written. "write": rows [n, 2], the key blocks a pair shares, both blocks' queries in one call,
-# output and log-sum-exp written. "merge": rows [n] or [n, 2], a further part of the rows' key
-# blocks, merged into the stored output and log-sum-exp.
+# output and log-sum-exp written. "merge": rows [n], the rest of the rows' key blocks, merged into
+# the stored output and log-sum-exp.
 Phases = list[list[tuple[str, Group]]]
 
 
 def _gather_groups(keep: torch.Tensor, layout: DraftLayout, pair: bool) -> Phases:
     """The gather path's work for a block mask [b, h, G, G] (see Phases); unpaired unless `pair`.
 
-    With pairing, level 0 pairs query blocks by their kept sets ("write"; unpaired blocks "plain");
-    each further level (PAIR_LEVELS in all) pairs again by what the blocks still lack ("merge" on
-    the shared part), and a last phase merges each block's remainder. Key blocks holding no real
-    key are dropped first: they add nothing, and a partial result with every key masked would
-    carry a meaningless log-sum-exp into the merge.
+    With pairing, the first phase runs unpaired blocks whole ("plain") and each pair's shared key
+    blocks ("write"); the second merges each paired block's remainder ("merge"). (Pairing the
+    remainders again was measured 5% slower at 32k tokens and 90% sparsity: small shared parts and
+    one more merge per block.) Key blocks holding no real key are dropped first: they add nothing,
+    and a partial result with every key masked would carry a meaningless log-sum-exp into the merge.
     """
     b, h, G, _ = keep.shape
     valid = layout.indices(keep.device).key_valid.view(G, layout.block)
@@ -200,20 +197,16 @@ def _gather_groups(keep: torch.Tensor, layout: DraftLayout, pair: bool) -> Phase
     rows = torch.arange(b * h * G, device=keep.device)
     if not pair:
         return [[("plain", group) for group in _by_count(rows, todo, valid)]]
-    phases = []
-    for level in range(PAIR_LEVELS):
-        partner = _pair_blocks(todo.view(b * h, G, G)).flatten()
-        paired = partner >= 0
-        mate = todo[partner.clamp(min=0)] & paired[:, None]  # the partner's blocks (none if unpaired)
-        first = (paired & (rows < partner)).nonzero().squeeze(1)
-        shared = _by_count(torch.stack([first, partner[first]], 1), todo[first] & mate[first], valid)
-        if level == 0:
-            phase = [("plain", group) for group in _by_count(rows[~paired], todo[~paired], valid)]
-            phases.append(phase + [("write", group) for group in shared])
-            todo = todo & ~mate & paired[:, None]
-        else:
-            phases.append([("merge", group) for group in shared])
-            todo = todo & ~mate
+    partner = _pair_blocks(todo.view(b * h, G, G)).flatten()
+    paired = partner >= 0
+    mate = todo[partner.clamp(min=0)] & paired[:, None]  # the partner's blocks (none if unpaired)
+    first = (paired & (rows < partner)).nonzero().squeeze(1)
+    shared = _by_count(torch.stack([first, partner[first]], 1), todo[first] & mate[first], valid)
+    phases = [
+        [("plain", group) for group in _by_count(rows[~paired], todo[~paired], valid)]
+        + [("write", group) for group in shared]
+    ]
+    todo = todo & ~mate & paired[:, None]  # what each paired block still lacks: its remainder
     phases.append([("merge", group) for group in _by_count(rows, todo, valid)])
     return [phase for phase in phases if phase]
 
