@@ -93,4 +93,3 @@ def check_number(
     bracket = "(" if low_open else "["
     kind = "an integer" if integer else "a number"
     check(ok, name, value, f"{kind} in {bracket}{lo}, {hi}]")
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 
@@ -356,11 +357,71 @@ def test_gather_pairs_equal_masked_sdpa(monkeypatch, layout, min_shared):
     out = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep, **shape)
     mask = _token_mask(keep, text, text_first, frames, height, width, pool)
     assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() <= 1e-5
-    phases = _gather_plan(keep, shape)._groups
+    work = _gather_plan(keep, shape)._groups
+    phases = work.phases
     if g > 1:
         assert {"write", "merge"} <= _kinds(phases)  # the paired path really ran
+    # The output buffer is not zero-filled: each query block is written by the first phase or zeroed.
+    written = torch.cat([group[0].flatten() for _, group in phases[0]])
+    blocks = keep.shape[0] * keep.shape[1] * DraftLayout.of(**shape).blocks
+    assert sorted(written.tolist() + work.unwritten.tolist()) == list(range(blocks))
     if text:  # the (dense, padded) text block is shared by every pair: masked pair calls
         assert any(group[2] is not None for phase in phases for kind, group in phase if kind == "write")
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.bfloat16, 3e-2)])
+def test_gather_pairs_in_other_dtypes(dtype, tol):
+    # Pairs, merges and padded blocks in float64 (merged in float64) and bfloat16 (merged in float32).
+    text, text_first, frames, height, width, pool = LAYOUTS[1]
+    shape = dict(text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool)
+    g = DraftLayout.of(**shape).visual_blocks
+    keep = torch.rand(1, 2, g, g, generator=torch.Generator().manual_seed(5)) < 0.6
+    q, k, v = _qkv(1, 2, text + frames * height * width, seed=6)
+    mask = _token_mask(keep, text, text_first, frames, height, width, pool)
+    ref = F.scaled_dot_product_attention(*(x.double() for x in (q, k, v)), attn_mask=mask)
+    qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+    out = draft_attention(qd, kd, vd, sparsity=0.4, backend="gather", block_mask=keep, **shape)
+    assert out.dtype == dtype
+    assert {"write", "merge"} <= _kinds(_gather_plan(keep, shape)._groups.phases)
+    assert (out.double() - ref).abs().max() <= tol
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:2])
+def test_gather_gradients_equal_masked_sdpa(layout):
+    # Under autograd the gather path runs unpaired, on fresh tensors instead of scratch buffers.
+    text, text_first, frames, height, width, pool = layout
+    shape = dict(text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool)
+    g = DraftLayout.of(**shape).visual_blocks
+    keep = torch.rand(2, 2, g, g, generator=torch.Generator().manual_seed(8)) < 0.5
+    q, k, v = (x.requires_grad_() for x in _qkv(2, 2, text + frames * height * width, seed=9))
+    out = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep, **shape)
+    mask = _token_mask(keep, text, text_first, frames, height, width, pool)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert (out - ref).abs().max() <= 1e-5
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert (grad - ref_grad).abs().max() <= 1e-5
+
+
+def test_gather_scratch_buffers_are_not_shared_with_results_or_threads():
+    # Kernel-layout copies, tables and gathers reuse per-thread scratch buffers on CPU: a result
+    # must survive later calls, and calls from concurrent threads must not see each other's data.
+    text, text_first, frames, height, width, pool = LAYOUTS[2]
+    shape = dict(text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool)
+    inputs = [_qkv(1, 2, text + frames * height * width, seed=s) for s in range(4)]
+
+    def run(qkv):
+        return draft_attention(*qkv, sparsity=0.6, backend="gather", **shape)
+
+    first = run(inputs[0])
+    kept = first.clone()
+    expected = [run(qkv) for qkv in inputs]
+    assert torch.equal(first, kept)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool_:
+        for _ in range(3):
+            for out, ref in zip(pool_.map(run, inputs), expected, strict=True):
+                assert torch.equal(out, ref)
 
 
 def test_gather_pairs_sharing_nothing_merge_exactly(monkeypatch):
@@ -370,7 +431,7 @@ def test_gather_pairs_sharing_nothing_merge_exactly(monkeypatch):
     shape = dict(text=0, text_first=False, frames=1, height=6, width=10, pool=(4, 4))
     keep = torch.eye(6, dtype=torch.bool)[None, None].repeat(1, 2, 1, 1)
     keep[0, 1, 3, 3] = False  # and a query block with nothing kept
-    assert _kinds(_gather_plan(keep, shape)._groups) == {"merge"}
+    assert _kinds(_gather_plan(keep, shape)._groups.phases) == {"merge"}
     q, k, v = _qkv(1, 2, 60, seed=13)
     out = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep, **shape)
     mask = _token_mask(keep, 0, False, 1, 6, 10, (4, 4))
@@ -400,5 +461,5 @@ def test_gather_without_pairing_where_the_lse_op_cannot_run(monkeypatch):
     paired = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep, **shape)
     monkeypatch.setattr(sparse_mod, "_pairing_works", lambda *args: False)
     plain = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep.clone(), **shape)
-    assert _kinds(_gather_plan(keep, shape)._plain_groups) == {"plain"}
+    assert _kinds(_gather_plan(keep, shape)._plain_groups.phases) == {"plain"}
     assert (plain - paired).abs().max() <= 1e-5

@@ -29,7 +29,7 @@ import math
 import torch
 
 from attnctl.controls import check, check_number
-from attnctl.kernels.sparse import SparsePlan, threads
+from attnctl.kernels.sparse import SparsePlan, take, threads
 
 BACKENDS = ("auto", "flex", "flex_eager", "gather", "dense")
 
@@ -74,7 +74,7 @@ def draft_attention(
     # Permutation copies, draft and block selection are memory bound or tiny: one thread (see
     # sparse.threads); the attention itself uses them all.
     with threads(1):
-        q, k, v = (layout.to_kernel(x) for x in (query, key, value))
+        q, k, v = (layout.to_kernel(x, name) for x, name in ((query, "q"), (key, "k"), (value, "v")))
         if block_mask is None:
             keep = _select_blocks(layout, q, k, sparsity, scale)
             plan = SparsePlan(backend, layout.kernel_block_mask(keep), layout)
@@ -197,13 +197,13 @@ class DraftLayout:
     def indices(self, device: torch.device) -> _LayoutIndices:
         return _layout_indices(self, torch.device(device))
 
-    def to_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """[batch, heads, seq, d] in sequence order -> [batch, heads, length, d] in kernel order."""
+    def to_kernel(self, x: torch.Tensor, buffer: str | None = None) -> torch.Tensor:
+        """[batch, heads, seq, d] in sequence order -> [batch, heads, length, d] in kernel order,
+        padding slots zero. With a `buffer` name the result lives in that scratch buffer
+        (`sparse.scratch`), valid until the next use of the name in this thread."""
         idx = self.indices(x.device)
-        if self.padded:
-            # One zero token at index `seq` is what every padding slot gathers.
-            x = torch.cat([x, x.new_zeros(*x.shape[:2], 1, x.shape[3])], dim=2)
-        return x.index_select(2, idx.gather)
+        out = x.index_select(2, idx.source) if buffer is None else take(x, 2, idx.source, buffer)
+        return out.index_fill_(2, idx.padding, 0) if self.padded else out
 
     def from_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of `to_kernel`: drops padding, restores sequence order."""
@@ -227,7 +227,8 @@ class DraftLayout:
 
 @dataclasses.dataclass(frozen=True)
 class _LayoutIndices:
-    gather: torch.Tensor  # [length]: sequence index per kernel position; `seq` for padding
+    source: torch.Tensor  # [length]: sequence index per kernel position (0 for padding)
+    padding: torch.Tensor  # kernel positions of the padding slots
     scatter: torch.Tensor  # [seq]: kernel position per sequence index
     key_valid: torch.Tensor  # [length] bool: real token (not padding)
     block_padded: torch.Tensor  # [blocks] bool: block holds padding
@@ -250,7 +251,8 @@ def _layout_indices(layout: DraftLayout, device: torch.device) -> _LayoutIndices
     key_valid = gather != pad
     real_per_block = key_valid.view(layout.blocks, layout.block).sum(1)
     return _LayoutIndices(
-        gather=gather.to(device),
+        source=gather.masked_fill(~key_valid, 0).to(device),
+        padding=(~key_valid).nonzero().squeeze(1).to(device),
         scatter=scatter.to(device),
         key_valid=key_valid.to(device),
         block_padded=(real_per_block < layout.block).to(device),
