@@ -1,8 +1,9 @@
 """Kernel benchmark of DraftAttention (arXiv 2505.14708): dense SDPA vs the block-sparse backends.
 
 `run_kernel_bench` times, in one run and on the same inputs, dense SDPA and `draft_attention`
-with each sparse backend at each sparsity (batch 1, fp32, median of `repeats` timed runs after a
-warm-up run that also absorbs torch.compile). Sparse times are end to end: draft, block
+with each sparse backend at each sparsity (batch 1, fp32; per case a warm-up run that also absorbs
+torch.compile, then `repeats` dense and sparse runs back to back: medians, and the median of the
+per-pair speedups). Sparse times are end to end: draft, block
 selection, mask/plan building, permutation, attention, inverse permutation. The mask-building
 part (draft + block mask + backend plan) is also timed on its own. Accuracy is the relative L2
 error of each sparse output against dense attention.
@@ -105,25 +106,12 @@ def _run(
         q, k, v = _video_qkv(frames, rows, cols, heads, head_dim, seed)
         dense = functools.partial(F.scaled_dot_product_attention, q, k, v)
         dense_out = dense()
-        # Dense is timed before and after the sparse cases (median of both) so that a load change
-        # on a shared machine during the run does not favour either side.
-        dense_before = _times_ms(dense, repeats)
-        cases = []
         for sparsity in sparsities:
             for backend in backends:
-                run = _time_sparse(q, k, v, dense_out, shape, backend, sparsity, repeats)
+                run = _time_sparse(q, k, v, dense, dense_out, shape, backend, sparsity, repeats)
                 run.update(tokens=n, sparsity=sparsity, backend=backend)
-                cases.append(run)
-                echo(_row({**run, "dense_ms": statistics.median(dense_before)}))
-        dense_after = _times_ms(dense, repeats, warmup=0)
-        dense_ms = statistics.median(dense_before + dense_after)
-        for run in cases:
-            run["dense_ms"] = round(dense_ms, 2)
-            run["dense_ms_before_after"] = [
-                round(statistics.median(t), 2) for t in (dense_before, dense_after)
-            ]
-            run["speedup"] = round(dense_ms / run["sparse_ms"], 2)
-        results["runs"] += cases
+                results["runs"].append(run)
+                echo(_row(run))
     results["config"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
@@ -272,10 +260,9 @@ _HEADER = (
 
 
 def _row(r: dict[str, Any]) -> str:
-    speedup = r.get("speedup", r["dense_ms"] / r["sparse_ms"])
     return (
         f"{r['tokens']:>7} {r['sparsity']:>8} {r['backend']:>8} {r['dense_ms']:>9.1f} {r['sparse_ms']:>9.1f} "
-        f"{speedup:>6.2f}x {r['mask_ms']:>8.1f} {r['first_call_ms']:>8.0f} {r['rel_l2']:>8.4f}"
+        f"{r['speedup']:>6.2f}x {r['mask_ms']:>8.1f} {r['first_call_ms']:>8.0f} {r['rel_l2']:>8.4f}"
     )
 
 
@@ -283,23 +270,30 @@ def _time_sparse(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    dense: Callable[[], torch.Tensor],
     dense_out: torch.Tensor,
     shape: dict[str, Any],
     backend: str,
     sparsity: float,
     repeats: int,
 ) -> dict[str, Any]:
+    """One case: after a warm-up, `repeats` (dense, sparse) pairs timed back to back; the speedup
+    is the median of the per-pair ratios, so that a load change on a shared machine during the run
+    moves both sides of a ratio alike."""
     call = functools.partial(
         draft_attention, q, k, v, text=0, text_first=False, sparsity=sparsity, backend=backend, **shape
     )
     start = time.perf_counter()
     out = call()  # warm-up; includes compiling flex for this shape
     first_ms = 1e3 * (time.perf_counter() - start)
-    sparse_ms = _median_ms(call, repeats, warmup=0)
+    pairs = [(_times_ms(dense, 1, warmup=0)[0], _times_ms(call, 1, warmup=0)[0]) for _ in range(repeats)]
     mask_ms = _median_ms(functools.partial(_build_mask, q, k, backend, sparsity, shape), repeats)
     error = torch.linalg.vector_norm(out - dense_out) / torch.linalg.vector_norm(dense_out)
     return {
-        "sparse_ms": round(sparse_ms, 2),
+        "dense_ms": round(statistics.median(d for d, _ in pairs), 2),
+        "sparse_ms": round(statistics.median(s for _, s in pairs), 2),
+        "speedup": round(statistics.median(d / s for d, s in pairs), 2),
+        "pairs_ms": [[round(d, 3), round(s, 3)] for d, s in pairs],
         "mask_ms": round(mask_ms, 2),
         "first_call_ms": round(first_ms, 1),
         "rel_l2": round(error.item(), 5),

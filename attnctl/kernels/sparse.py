@@ -225,9 +225,10 @@ def _gather_groups(keep: torch.Tensor, layout: DraftLayout, pair: bool) -> Gathe
 def _by_count(rows: torch.Tensor, sets: torch.Tensor, valid: torch.Tensor) -> list[Group]:
     """Rows grouped by how many key blocks their `sets` ([n, G] bool) hold: (rows, cols [n, c], slots).
 
-    cols are the key blocks in ascending order, as indices into all (batch * heads * G) blocks. `slots` ([n, c * block] bool, valid keys) is None
-    when no block of the group holds padding, so SDPA runs unmasked. Rows with an empty set are
-    left out (their output stays zero). (Rounding counts up to fewer, padded groups measured slower.)
+    cols are the key blocks in ascending order, as indices into all (batch * heads * G) blocks.
+    `slots` ([n, c * block] bool, valid keys) is None when no block of the group holds padding, so
+    SDPA runs unmasked. Rows with an empty set are left out (their output stays zero). (Rounding
+    counts up to fewer, padded groups measured slower.)
     """
     counts, G = sets.sum(1), sets.shape[1]
     groups = []
@@ -448,9 +449,10 @@ def scratch(
     """An uninitialised tensor of `shape` on `like`'s device, for use within one call only.
 
     On CPU, a view of a buffer kept per thread and `name` and reused by later calls (each as large
-    as the largest request so far): fresh large CPU allocations page-fault on first touch, and on
-    the 2-core machine measured that costs more than the copy into them (8 MB: 18-170 ms against
-    10 ms into a reused buffer). Elsewhere, where caching allocators reuse memory anyway, a new tensor.
+    as the largest request so far): fresh large CPU allocations page-fault on first touch, which on
+    the 2-core machine measured costs more than the copy into them (a 64 MB copy: 25 ms into fresh
+    memory, up to 190 ms into never-touched memory, 10 ms into a reused buffer). Elsewhere, where
+    caching allocators reuse memory anyway, a new tensor.
     """
     dtype = like.dtype if dtype is None else dtype
     if like.device.type != "cpu":
