@@ -319,7 +319,9 @@ def test_kernel_bench_smoke(tmp_path, capsys):
         repeats=1,
         backend=["gather"],
         threads=1,
+        kernel=True,
         e2e=True,
+        e2e_layers=2,
         e2e_frames=5,
         e2e_size=64,
         e2e_steps=4,
@@ -328,6 +330,7 @@ def test_kernel_bench_smoke(tmp_path, capsys):
     assert written["kernel"]["runs"][0]["sparsity"] == 0.9
     e2e = written["end_to_end"]
     assert e2e["config"]["video_tokens"] == 2 * 4 * 4  # (5 frames -> 2) x (64 px / 16)^2
+    assert e2e["config"]["num_layers"] == 2
     assert e2e["end_to_end_speedup"] > 0
     assert e2e["psnr_db"] > 0 and len(e2e["dense_denoise_s"]) == 2
     assert "speedup" in capsys.readouterr().out

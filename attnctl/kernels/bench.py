@@ -127,7 +127,11 @@ def draft(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per case (median)."),
     backend: list[str] = typer.Option(["flex", "gather"], "--backend", help="Sparse backends to time."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
-    e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Also run the end-to-end Wan pipeline part."),
+    kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the kernel part."),
+    e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end Wan pipeline part."),
+    e2e_layers: int = typer.Option(
+        8, "--e2e-layers", min=1, help="Transformer blocks of the end-to-end Wan."
+    ),
     e2e_frames: int = typer.Option(61, "--e2e-frames", min=1, help="Frames of the end-to-end video."),
     e2e_size: int = typer.Option(512, "--e2e-size", min=16, help="Height and width of the end-to-end video."),
     e2e_steps: int = typer.Option(8, "--e2e-steps", min=1, help="Denoising steps of the end-to-end run."),
@@ -139,18 +143,19 @@ def draft(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        results["kernel"] = run_kernel_bench(
-            tokens=tokens,
-            sparsities=sparsity,
-            heads=heads,
-            head_dim=head_dim,
-            repeats=repeats,
-            backends=backend,
-            echo=typer.echo,
-        )
+        if kernel:
+            results["kernel"] = run_kernel_bench(
+                tokens=tokens,
+                sparsities=sparsity,
+                heads=heads,
+                head_dim=head_dim,
+                repeats=repeats,
+                backends=backend,
+                echo=typer.echo,
+            )
         if e2e:
             results["end_to_end"] = run_pipeline_bench(
-                frames=e2e_frames, size=e2e_size, steps=e2e_steps, echo=typer.echo
+                frames=e2e_frames, size=e2e_size, steps=e2e_steps, num_layers=e2e_layers, echo=typer.echo
             )
     finally:
         torch.set_num_threads(saved_threads)
