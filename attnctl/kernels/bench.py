@@ -124,7 +124,7 @@ def draft(
     sparsity: list[float] = typer.Option([0.5, 0.75, 0.9], "--sparsity", help="Fractions of blocks dropped."),
     heads: int = typer.Option(8, "--heads", min=1),
     head_dim: int = typer.Option(64, "--head-dim", min=1),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per case (median)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Back-to-back dense and sparse runs per case."),
     backend: list[str] = typer.Option(["flex", "gather"], "--backend", help="Sparse backends to time."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
     kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the kernel part."),
