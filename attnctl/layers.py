@@ -89,19 +89,21 @@ def format_layers(layers: Sequence[LayerInfo]) -> str:
     )
 
 
-def working_layers(
-    layers: Sequence[LayerInfo], height: int, width: int, minimum: int = 16
-) -> list[LayerInfo]:
-    """The text-attending layers at the lowest map side >= `minimum` that the model really has.
+def working_layers(layers: Sequence[LayerInfo], height: int, width: int) -> list[LayerInfo]:
+    """The text-attending layers the attention-guidance methods read by default.
 
-    The attention-guidance papers read the 16x16 maps of SD at 512 px: the coarsest resolution that
-    still has spatial detail. This gives 16 there, 24 for SD 2 at 768 px and 32 for SDXL at 1024 px
-    (which has no 16x16 attention), without hard-coding a resolution. With no side >= `minimum`,
-    the finest resolution is used."""
+    Rule: the text-attending level at latent/4, else the lowest one above it (else the finest).
+    The papers read the 16x16 maps of SD at 512 px, a 64x64 latent: latent/4, the coarsest level
+    that still has spatial detail. The rule gives 16 there, 24 for SD 2 at 768 px, 32 for SDXL at
+    1024 px (whose text-attending levels are latent/2 and latent/4) and 8 for the bundled testbed
+    (a 16x16 latent that attends to text at 8x8 only), square or not (sides from the shorter one),
+    without hard-coding a resolution. `height`, `width`: the latent's.
+    """
     text = [layer for layer in layers if layer.kind in ("cross", "joint")]
     if not text:
         raise ValueError("the model has no layer attending to text")
-    side = {layer.name: -(-min(height, width) // layer.downsample) for layer in text}
-    usable = [s for s in side.values() if s >= minimum]
+    short = min(height, width)
+    side = {layer.name: -(-short // layer.downsample) for layer in text}
+    usable = [s for s in side.values() if s >= -(-short // 4)]
     chosen = min(usable) if usable else max(side.values())
     return [layer for layer in text if side[layer.name] == chosen]

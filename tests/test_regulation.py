@@ -169,6 +169,12 @@ def _layout_unet(levels: tuple[str, ...], sample_size: int) -> UNet2DConditionMo
             32,
             {"down_blocks.2", "up_blocks.0", "mid_block"},
         ),
+        # SD 1.x at 256 px: latent 32 -> latent/4 = 8
+        (("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), (32, 32), 8, {"down_blocks.2", "up_blocks.1"}),
+        # the bundled testbed: 16x16 latent, text attention at 8x8 only (no latent/4 level: the one above)
+        (("DownBlock2D", "CrossAttnDownBlock2D"), (16, 16), 8, {"down_blocks.1", "up_blocks.0", "mid_block"}),
+        # the wave-1 testbed layout (text attention at 16 and 8): 8, not the full-resolution 16
+        (("CrossAttnDownBlock2D",) * 2, (16, 16), 8, {"down_blocks.1", "up_blocks.0", "mid_block"}),
     ],
 )
 def test_working_layers_follow_the_layout(levels, latent, side, blocks):

@@ -68,13 +68,17 @@ def test_non_square_basis_uses_shorter_side_sigma_and_per_axis_grid() -> None:
     assert first[2, 3] == pytest.approx(math.exp(-0.5), rel=1e-6)
 
 
-def test_small_maps_are_unsupported() -> None:
-    assert regulation_supported(16, 16) and regulation_supported(16, 40)
-    assert not regulation_supported(8, 8) and not regulation_supported(8, 32)
-    with pytest.raises(ValueError, match="at least 16"):
-        gaussian_basis(8, 8)
-    with pytest.raises(ValueError, match="at least 16"):
-        regulate(torch.zeros(2, 64, 10), height=8, width=8)
+def test_eight_pixel_maps_get_sigma_one_and_smaller_maps_are_unsupported() -> None:
+    assert regulation_supported(8, 8) and regulation_supported(8, 32) and regulation_supported(16, 40)
+    basis = gaussian_basis(8, 8)  # σ = max(1, 8 // 16) = 1: centres 2, 4, 6 per axis
+    assert basis.shape == (9, 8, 8)
+    assert [divmod(int(b.argmax()), 8) for b in basis] == [(y, x) for y in (2, 4, 6) for x in (2, 4, 6)]
+    assert basis[0][2, 3] == pytest.approx(math.exp(-0.5), rel=1e-6)
+    assert not regulation_supported(4, 4) and not regulation_supported(4, 32)
+    with pytest.raises(ValueError, match="at least 8"):
+        gaussian_basis(4, 4)
+    with pytest.raises(ValueError, match="at least 8"):
+        regulate(torch.zeros(2, 16, 10), height=4, width=4)
 
 
 def test_loss_matches_formula() -> None:

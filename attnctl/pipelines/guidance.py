@@ -35,8 +35,8 @@ from .guidance_math import (
 class AttendAndExcite(Control):
     """Attend-and-Excite: push each token's strongest map pixel up, L = max_k (1 - max A_k).
 
-    tokens: the subject words. layers: None = the cross-attention layers at the lowest map side
-    >= 16 (16x16 on SD at 512 px, 32x32 on SDXL at 1024 px). guided_fraction: guide the first
+    tokens: the subject words. layers: None = `working_layers`, the cross-attention level at
+    latent/4, else the lowest above it (16x16 on SD at 512 px, 32x32 on SDXL at 1024 px). guided_fraction: guide the first
     fraction of the steps (reference: 25 of 50). scale: step size a_i = scale*sqrt(linspace(1, .5)).
     thresholds: iterative refinement {step: T} for a 50-step run (scaled to the run's step count):
     repeat updates while L > 1 - T, at most max_refinement times.

@@ -17,15 +17,22 @@ from ..families.base import LayerInfo
 from ..families.unet import UNetAdapter
 from ..layers import working_layers
 from .attention import AttentionCall, AttentionEdit, attend, sdpa
-from .regulation_math import MEAN_WEIGHT, QUANTILE_WEIGHT, WEIGHT_DECAY, RegulationState, regulation_bias
+from .regulation_math import (
+    MEAN_WEIGHT,
+    QUANTILE_WEIGHT,
+    WEIGHT_DECAY,
+    RegulationState,
+    regulation_bias,
+    regulation_supported,
+)
 
 
 @dataclasses.dataclass
 class AttentionRegulation(Control):
     """Regulate cross-attention of `targets` (words or phrases of the prompt).
 
-    layers: layer paths or block indices (None: the cross-attention layers at the lowest map side
-        >= 16, e.g. up_blocks.1 and down_blocks.2 of SD at 512 px).
+    layers: layer paths or block indices (None: `working_layers`, the cross-attention level at
+        latent/4, else the lowest above it: up_blocks.1 and down_blocks.2 of SD at 512 px).
     edit_fraction: edit the first fraction of the steps (reference: steps 0-24 of 50).
     iterations, lr: plain gradient steps w <- w - (rows * lr) grad per layer and step.
     smoothing, decay: D = smoothing * D_prev + (1 - smoothing) * D_best, scaled by decay^step.
@@ -261,7 +268,7 @@ class AttentionRegulationProcessor:
             state, layer, attn, hidden_states, encoder_hidden_states, attention_mask, temb
         )
         lay = prepared.layout
-        edit = cross and step < self.spec.edit_fraction * self.num_steps and min(lay.height, lay.width) >= 16
+        edit = cross and step < self.spec.edit_fraction * self.num_steps and regulation_supported(lay.height, lay.width)
         return prepared.finish(
             attend(AttentionCall(state, layer, prepared, sdpa), [self._edit] if edit else [])
         )

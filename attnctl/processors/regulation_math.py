@@ -36,8 +36,8 @@ WEIGHT_DECAY = 0.09
 # The 90th percentile pixel of every target is pushed towards 0.9.
 QUANTILE = 0.9
 QUANTILE_TARGET = 0.9
-# The smallest map side for which σ = side // 16 is at least 1.
-MIN_SIDE = 16
+# The smallest map side regulated: σ = max(1, side // 16) gives a 3x3 grid of bumps at 8.
+MIN_SIDE = 8
 
 
 @dataclasses.dataclass
@@ -85,11 +85,11 @@ class RegulationInfo:
 
 
 def regulation_supported(height: int, width: int) -> bool:
-    """True when the layer's map can be regulated: σ = min(height, width) // 16 must be ≥ 1.
+    """True when the layer's map can be regulated: its shorter side is at least 8.
 
-    Smaller maps (e.g. the 8×8 layers of SD at 512 px) are skipped rather than given σ = 1:
-    the reference only edits 16–32 side maps, and a σ = 1 basis on an 8-pixel side would be a
-    different, untested basis.
+    The reference edits 16–32 side maps with σ = side // 16 and divides by zero below 16; attnctl
+    uses σ = max(1, side // 16), so 8–15 sides (the bundled testbed's 8×8 text layers) get σ = 1
+    and a 3×3 grid of bumps at 8. Smaller maps are skipped.
     """
     return min(height, width) >= MIN_SIDE
 
@@ -97,14 +97,14 @@ def regulation_supported(height: int, width: int) -> bool:
 def gaussian_basis(height: int, width: int, *, device: torch.device | str | None = None) -> Tensor:
     """Fixed 2-D Gaussian bumps ``[C, height, width]`` (fp32) of Attention Regulation (Zhang et al. 2024).
 
-    g_c(y, x) = exp(-((x - x0)² + (y - y0)²) / (2σ²)) with σ = side // 16 and centres on a grid of
-    stride 2σ starting at 2σ (49 bumps for a 16, 32 or 64 square side). Non-square maps use one
+    g_c(y, x) = exp(-((x - x0)² + (y - y0)²) / (2σ²)) with σ = max(1, side // 16) and centres on a
+    grid of stride 2σ starting at 2σ (49 bumps for a 16, 32 or 64 square side, 9 for 8). Non-square maps use one
     isotropic σ from the shorter side and lay the grid out per axis, so a 16×24 map gets 7×11
     bumps. Bumps are ordered row-major by centre (y0 outer, x0 inner).
     Raises ``ValueError`` when :func:`regulation_supported` is False.
     """
     _check_supported(height, width)
-    sigma = min(height, width) // 16
+    sigma = max(1, min(height, width) // 16)
     ys = torch.arange(height, dtype=torch.float32, device=device)
     xs = torch.arange(width, dtype=torch.float32, device=device)
     cy = torch.arange(2 * sigma, height, 2 * sigma, dtype=torch.float32, device=device)
@@ -366,7 +366,7 @@ def _quantile_dim1(x: Tensor, q: float) -> Tensor:
 def _check_supported(height: int, width: int) -> None:
     if not regulation_supported(height, width):
         raise ValueError(
-            f"Attention Regulation needs a map side of at least {MIN_SIDE} (σ = side // 16 ≥ 1); "
+            f"Attention Regulation needs a map side of at least {MIN_SIDE}; "
             f"got height={height}, width={width}. Skip this layer."
         )
 

@@ -44,10 +44,14 @@ class TrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
     min_snr_gamma: float = 5.0
-    unet_channels: tuple[int, int] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64)
+    # Which UNet levels (full latent resolution first) have attention layers; the mid block always does.
+    attention_levels: tuple[bool, ...] = (False, True)
     layers_per_block: int = 1
     text_width: int = 64
-    text_layers: int = 3
+    # 0: the text states are token + position embeddings after the final norm (non-contextual), so
+    # a word's state cannot carry the rest of the prompt and the conditioning runs through the words.
+    text_layers: int = 0
     checkpoint_every: int = 100
     log_every: int = 25
 
@@ -141,15 +145,25 @@ def build_vae():
 
 
 def build_unet(config: TrainConfig):
-    """UNet with cross-attention at 16x16 (first level) and 8x8 (second level and mid block)."""
+    """UNet whose `attention_levels` (and mid block) have self- and cross-attention.
+
+    The default attends to text at 8x8 only (the second level and the mid block): latent/2 of the
+    16x16 latent, the coarsest level, where the cross-attention maps localise words.
+    """
     from diffusers import UNet2DConditionModel
 
+    if len(config.attention_levels) != len(config.unet_channels):
+        raise ValueError(
+            f"attention_levels={config.attention_levels} needs one entry per UNet level {config.unet_channels}"
+        )
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 2,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=down,
+        up_block_types=up,
         block_out_channels=config.unet_channels,
         layers_per_block=config.layers_per_block,
         cross_attention_dim=config.text_width,
@@ -160,7 +174,7 @@ def build_unet(config: TrainConfig):
 
 
 def build_text_encoder(tokenizer, config: TrainConfig):
-    """A real CLIPTextModel (causal self-attention) sized for the caption vocabulary."""
+    """A real CLIPTextModel sized for the caption vocabulary (`text_layers` causal transformer layers)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(
