@@ -268,7 +268,11 @@ class AttentionRegulationProcessor:
             state, layer, attn, hidden_states, encoder_hidden_states, attention_mask, temb
         )
         lay = prepared.layout
-        edit = cross and step < self.spec.edit_fraction * self.num_steps and regulation_supported(lay.height, lay.width)
+        edit = (
+            cross
+            and step < self.spec.edit_fraction * self.num_steps
+            and regulation_supported(lay.height, lay.width)
+        )
         return prepared.finish(
             attend(AttentionCall(state, layer, prepared, sdpa), [self._edit] if edit else [])
         )
