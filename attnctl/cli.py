@@ -17,10 +17,11 @@ app.add_typer(bench_app, name="bench")
 def _register() -> None:
     """Commands defined next to what they run: the testbed's, and the benchmarks."""
     from attnctl.kernels.bench import draft
-    from attnctl.testbed.cli import compose, testbed_app
+    from attnctl.testbed.cli import compose, maps, testbed_app
 
     app.add_typer(testbed_app, name="testbed")
     bench_app.command("compose")(compose)
+    bench_app.command("maps")(maps)
     bench_app.command("draft")(draft)
 
 

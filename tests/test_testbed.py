@@ -141,3 +141,30 @@ def test_bench_compares_methods_on_the_same_samples(tmp_path):
 def test_bench_rejects_unknown_method():
     with pytest.raises(ValueError, match="method"):
         run_compose("nope", pipe=object())
+
+
+def test_in_box_ratio():
+    from attnctl.testbed.localisation import in_box_ratio
+
+    flat = torch.ones(8, 8)
+    assert in_box_ratio(flat, (0, 0, 16, 16), (32, 32)) == pytest.approx(1.0)
+    peaked = torch.zeros(8, 8)
+    peaked[0:2, 0:2] = 1.0  # all mass in the top-left 8x8 pixels
+    assert in_box_ratio(peaked, (0, 0, 8, 8), (32, 32)) == pytest.approx(16.0)
+    assert in_box_ratio(peaked, (16, 16, 32, 32), (32, 32)) == 0.0
+
+
+def test_bench_maps_reports_every_text_layer(tmp_path):
+    from attnctl.testbed.localisation import run_maps
+
+    out = tmp_path / "maps.json"
+    report = run_maps(2, 1, sizes=(2,), steps=10, json_out=out, log=None)
+    saved = json.loads(out.read_text())
+    assert report["records"] and saved["summary"] == report["summary"]
+    layers = set(report["layer_grids"])
+    assert layers and set(report["default_layers"]) <= layers
+    for row in report["records"]:
+        assert set(row["layers"]) == layers and row["kind"] in ("colour", "shape")
+        assert row["default"] >= 0 and all(v >= 0 for v in row["resolutions"].values())
+    with pytest.raises(ValueError, match="sizes"):
+        run_maps(1, 1, sizes=(1,), pipe=object())

@@ -107,11 +107,50 @@ def compose(
         typer.echo(f"wrote {json_out}")
 
 
+def maps(
+    sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
+    prompts: int = typer.Option(12, help="Prompts per object count from the fixed held-out lists."),
+    seeds: int = typer.Option(2, help="Seeds per prompt."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report (summary + records) here."),
+    model: str | None = typer.Option(None, help="Pipeline folder (default: the bundled shapes model)."),
+    steps: int = typer.Option(25, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
+    quiet: bool = typer.Option(False, help="Print only the summary table."),
+) -> None:
+    """Localisation benchmark: median in-box ratio of colour and shape words' attention, per layer."""
+    import torch
+
+    from .localisation import format_maps, run_maps
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        counts = tuple(int(x) for x in sizes.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (2, 3)") from e
+    report = run_maps(
+        prompts,
+        seeds,
+        sizes=counts,
+        model=model,
+        steps=steps,
+        guidance_scale=guidance,
+        json_out=json_out,
+        log=None if quiet else typer.echo,
+    )
+    if quiet:
+        typer.echo(format_maps(report))
+    if json_out:
+        typer.echo(f"wrote {json_out}")
+
+
 def _standalone_app() -> typer.Typer:
     app = typer.Typer(no_args_is_help=True)
     app.add_typer(testbed_app, name="testbed")
     bench_app = typer.Typer(no_args_is_help=True)
     bench_app.command("compose")(compose)
+    bench_app.command("maps")(maps)
     app.add_typer(bench_app, name="bench")
     return app
 
