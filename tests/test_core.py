@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.controls import Control
+from attnctl.core.attention import AttentionEdit
+from attnctl.core.controls import Control
+from attnctl.core.layers import LayerSelection
 from attnctl.families.base import LayerInfo
-from attnctl.layers import LayerSelection
-from attnctl.processors.attention import AttentionEdit
 from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from ..control import ForwardHook
-from ..controls import Control, check, check_number, check_words
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.controls import Control, check, check_number, check_words
+from ..core.layers import working_layers
+from ..core.session import ForwardHook
 from ..families.base import LayerInfo
-from ..layers import working_layers
-from ..processors.attention import AttentionCall, AttentionEdit
 from .guidance_math import (
     REFINEMENT_MAX_ITERS,
     REFINEMENT_THRESHOLDS,

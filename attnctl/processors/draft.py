@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..controls import Control, check, check_number
-from ..families.base import LayerInfo
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.controls import Control, check, check_number
+from ..families.base import LayerInfo, sdpa
 from ..kernels import BACKENDS, draft_attention
-from .attention import AttentionCall, AttentionEdit, sdpa
 
 
 @dataclasses.dataclass

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from ..controls import Control, check, check_number, check_words
-from ..families.base import LayerInfo
+from ..core.attention import AttentionCall, AttentionEdit, attend
+from ..core.controls import Control, check, check_number, check_words
+from ..core.layers import working_layers
+from ..families.base import LayerInfo, sdpa
 from ..families.unet import UNetAdapter
-from ..layers import working_layers
-from .attention import AttentionCall, AttentionEdit, attend, sdpa
 from .regulation_math import (
     MEAN_WEIGHT,
     QUANTILE_WEIGHT,

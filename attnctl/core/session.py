@@ -19,10 +19,10 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from ..families import FamilyAdapter, LayerInfo, adapter_for
+from .attention import AttentionEdit, AttnctlProcessor
 from .controls import Control
-from .families import FamilyAdapter, LayerInfo, adapter_for
 from .layers import LayerSelection
-from .processors.attention import AttentionEdit, AttnctlProcessor
 from .tokens import TokenTruncatedError
 
 HOOK_NAME = "attnctl"
@@ -112,7 +112,7 @@ class Session:
         self.controls: list[Control] = []
         self.forward_hooks: list[ForwardHook] = []
         self.generation_hooks: list[Callable[[Session], None]] = []  # called as each generation starts
-        self.maps: Any = None  # filled by AttentionMaps (an attnctl.maps.MapStore)
+        self.maps: Any = None  # filled by AttentionMaps (an attnctl.processors.maps.MapStore)
         # live state, updated at every denoiser forward
         self.step = -1  # index of the denoising step of the current forward
         self.timestep: float | None = None

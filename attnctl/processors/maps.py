@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .controls import Control, check, check_number, check_words
-from .processors.attention import AttentionCall, AttentionEdit
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.controls import Control, check, check_number, check_words
 
 
 @dataclasses.dataclass

@@ -9,6 +9,9 @@ A control contributes to an attention call through an `AttentionEdit`, overridin
 Explicit probabilities are computed only when an edit changes logits or probabilities; observers
 alone keep the model's own attention kernel and recompute just the text columns they read, in
 query chunks, so no N x N matrix is ever kept.
+
+`session` arguments are the live `Session` (typed Any: this module sits below the session, which
+imports it), or a stand-in with the same state, as `AttentionRegulationProcessor` passes.
 """
 
 from __future__ import annotations
@@ -17,15 +20,11 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..families.base import FamilyAdapter, LayerInfo, Prepared
-
-if TYPE_CHECKING:
-    from ..control import Session
 
 # Elements of one logits chunk when text probabilities are recomputed (16 MiB in fp32; a chunk
 # lives with ~2 same-sized temporaries, so this bounds the extra peak memory of recording maps).
@@ -35,7 +34,7 @@ CHUNK_ELEMENTS = 1 << 22
 class AttentionEdit:
     """What a control does inside attention calls. Override what you need; the rest stays a no-op."""
 
-    def active(self, session: Session, layer: LayerInfo) -> bool:
+    def active(self, session: Any, layer: LayerInfo) -> bool:
         """Whether this edit takes part in the current call of `layer` (e.g. only on some steps)."""
         return True
 
@@ -59,7 +58,7 @@ def _overrides(edit: AttentionEdit, method: str) -> bool:
 class AttentionCall:
     """One call of one attention layer: q, k, v [B, H, S, D], token layout and the session state."""
 
-    def __init__(self, session: Session, layer: LayerInfo, prepared: Prepared, default_kernel: Callable):
+    def __init__(self, session: Any, layer: LayerInfo, prepared: Prepared, default_kernel: Callable):
         self.session = session
         self.layer = layer
         self.query, self.key, self.value = prepared.query, prepared.key, prepared.value
@@ -134,10 +133,6 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
 def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
     """Run one attention call with the edits' contributions; returns [B, H, Sq, D].
 
@@ -179,7 +174,7 @@ class AttnctlProcessor:
     this processor exposes the signature of the one it replaces.
     """
 
-    def __init__(self, original: Any, session: Session, layer: LayerInfo, adapter: FamilyAdapter):
+    def __init__(self, original: Any, session: Any, layer: LayerInfo, adapter: FamilyAdapter):
         self.original = original
         self.session = session
         self.layer = layer

@@ -12,8 +12,8 @@ import dataclasses
 import fnmatch
 from collections.abc import Sequence
 
+from ..families.base import KINDS, LayerInfo
 from .controls import check
-from .families.base import KINDS, LayerInfo
 
 
 @dataclasses.dataclass(frozen=True)
