@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..families.base import FamilyAdapter, LayerInfo, Prepared
+from .denoiser import BatchRows
 
 # Elements of one logits chunk when text probabilities are recomputed (16 MiB in fp32; a chunk
 # lives with ~2 same-sized temporaries, so this bounds the extra peak memory of recording maps).
@@ -67,13 +68,14 @@ class AttentionCall:
         self.scale = prepared.scale if prepared.scale is not None else 1.0 / math.sqrt(self.query.shape[-1])
         self.kernel_scale = prepared.scale  # passed on as given, so the default path is the model's own
         self.default_kernel = default_kernel
+        self.rows: BatchRows = session.rows  # which batch rows are uncond / cond / perturbed
         self.probs: torch.Tensor | None = None  # set when probabilities were computed explicitly
         self._text_probs: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def cond_rows(self) -> list[int]:
         """Batch rows of this call that belong to the conditional (prompted) branch."""
-        return self.session.cond_rows
+        return list(self.rows.cond)
 
     def logits(self, rows: list[int] | None = None) -> torch.Tensor:
         """Explicit pre-softmax logits [B, H, Sq, Sk] of the given batch rows (default: all), mask included."""

@@ -2,7 +2,7 @@
 
 Before a guided denoising step, a conditional-only forward with gradients reads the cross-attention
 maps of the concept words, a loss is taken on them and the latent moves: z_t <- z_t - a_t grad_z L.
-The step then denoises the updated latent. No denoising loop is copied: a denoiser hook makes the
+The step then denoises the updated latent. No denoising loop is copied: a denoiser wrapper makes the
 update at the step's first forward and feeds the updated latent to every forward of that step, and
 the scheduler's `step` (wrapped on the instance) steps from the updated latent too.
 """
@@ -17,8 +17,8 @@ import torch
 
 from ..core.attention import AttentionCall, AttentionEdit
 from ..core.controls import Control, check, check_number, check_words
+from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
 from ..core.layers import working_layers
-from ..core.session import ForwardHook
 from ..families.base import LayerInfo
 from .guidance_math import (
     REFINEMENT_MAX_ITERS,
@@ -132,7 +132,7 @@ def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: 
     collector = _Collector(fixed)
     session.add_edit(candidates, collector)
     guide = _Guide(spec, words, loss, refine, collector)
-    session.forward_hooks.append(guide)
+    session.add_wrapper(guide)
     session.generation_hooks.append(guide.reset)
     session.wrap(session.pipe.scheduler, "step", guide.wrap_step)
 
@@ -174,7 +174,7 @@ class _Collector(AttentionEdit):
         self.count += 1
 
 
-class _Guide(ForwardHook):
+class _Guide(DenoiserWrapper):
     def __init__(self, spec: Any, words: list[str], loss: Callable, refine: Callable, collector: _Collector):
         self.spec, self.words, self.loss, self.refine, self.collector = spec, words, loss, refine, collector
         self.reset(None)
@@ -195,7 +195,7 @@ class _Guide(ForwardHook):
                 self.delta = self._update(session, module, args, kwargs)
         if self.delta is None:
             return args, kwargs
-        latent, put = _latent(session, args, kwargs)
+        latent, put = latent_input(session, args, kwargs)
         scale = _input_scale(session)
         rows = torch.arange(latent.shape[0], device=latent.device) % self.delta.shape[0]
         return put(latent + (scale * self.delta[rows]).to(latent.dtype))
@@ -229,8 +229,8 @@ class _Guide(ForwardHook):
     def _update(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         rows = list(session.cond_rows)
         batch = session.batch
-        latent, _ = _latent(session, args, kwargs)
-        sub_args, sub_kwargs = _take_rows((args, kwargs), rows, batch)
+        latent, _ = latent_input(session, args, kwargs)
+        sub_args, sub_kwargs = take_rows((args, kwargs), rows, batch)
         x0 = latent[rows].detach()
         x = x0.clone()
         scale = _input_scale(session)
@@ -238,14 +238,14 @@ class _Guide(ForwardHook):
         union, real, groups = self._columns(session)
         if len(self.states) != len(rows):
             self.states = [{} for _ in rows]
-        saved = (session.batch, session.cond_rows, session.guiding, session.branch)
+        saved = (session.batch, session.rows, session.guiding, session.branch)
         session.guiding, session.branch = True, "cond"
         try:
             iteration = 0
             while True:
                 x.requires_grad_(True)
                 self.collector.start(union)
-                _, put = _latent(session, sub_args, sub_kwargs)
+                _, put = latent_input(session, sub_args, sub_kwargs)
                 with torch.enable_grad():
                     module(*put(x)[0], **put(x)[1])
                     if self.collector.total is None:
@@ -269,19 +269,11 @@ class _Guide(ForwardHook):
                     break
                 iteration += 1
         finally:
-            session.batch, session.cond_rows, session.guiding, session.branch = saved
+            session.batch, session.rows, session.guiding, session.branch = saved
         for state in self.states:
             if "next_masks" in state:
                 state["masks"] = state.pop("next_masks")
         return (x - x0) / scale  # the update of z, one row per conditional image
-
-
-def _latent(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
-    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs)."""
-    name = session.adapter.latent_arg
-    if args:
-        return args[0], lambda new: ((new, *args[1:]), kwargs)
-    return kwargs[name], lambda new: (args, {**kwargs, name: new})
 
 
 def _input_scale(session: Any) -> float:
@@ -290,16 +282,3 @@ def _input_scale(session: Any) -> float:
     if scale_input is None or session.timestep is None:
         return 1.0
     return float(scale_input(torch.ones(1), torch.tensor(session.timestep)).flatten()[0])
-
-
-def _take_rows(obj: Any, rows: list[int], batch: int) -> Any:
-    """Every tensor with the batch as its first dimension, restricted to `rows` (nested in tuples/dicts)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple):
-        return tuple(_take_rows(o, rows, batch) for o in obj)
-    if isinstance(obj, list):
-        return [_take_rows(o, rows, batch) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _take_rows(v, rows, batch) for k, v in obj.items()}
-    return obj

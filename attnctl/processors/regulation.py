@@ -14,6 +14,7 @@ import torch
 
 from ..core.attention import AttentionCall, AttentionEdit, attend
 from ..core.controls import Control, check, check_number, check_words
+from ..core.denoiser import BatchRows
 from ..core.layers import working_layers
 from ..families.base import LayerInfo, sdpa
 from ..families.unet import UNetAdapter
@@ -234,7 +235,7 @@ class AttentionRegulationProcessor:
         self._edit = _Regulator(self.spec, None, self._fixed_columns)
 
     def _fixed_columns(self, state: Any) -> tuple[list[list[int]], list[list[int]]]:
-        n = len(state.cond_rows)
+        n = len(state.rows.cond)
         return [self.targets] * n, [self.restore] * n
 
     def __call__(
@@ -257,9 +258,7 @@ class AttentionRegulationProcessor:
         )
         state = _State(
             grid=(1, *(self.latent_size or (round(n**0.5),) * 2)),
-            cond_rows=list(range(batch // 2, batch))
-            if self.guidance and batch % 2 == 0
-            else list(range(batch)),
+            rows=BatchRows.of_batch(batch, None, self.guidance),
             step=step,
             prompt=self,
         )
@@ -283,6 +282,6 @@ class _State:
     """The session facts the processor needs, derived from the call itself."""
 
     grid: tuple[int, int, int]
-    cond_rows: list[int]
+    rows: BatchRows
     step: int
     prompt: Any
