@@ -5,6 +5,8 @@ A control contributes to an attention call through an `AttentionEdit`, overridin
 - `logit_bias(call, logits)`: edit the pre-softmax logits (Attention Regulation, layout masks);
 - `post_softmax(call, probs, logits)`: edit the probabilities (AR restores start/end columns);
 - `kernel(call)`: compute the output with another kernel (DraftAttention);
+- `mix_output(call, out)`: mix the output O with the values V per batch row / head, after the kernel
+  and the logit / probability edits, whichever kernel ran (SoftPAG: O' = (1-u)·O + u·V);
 - `observe(call)`: read the attention (maps), e.g. through `call.text_probs(columns)`.
 Explicit probabilities are computed only when an edit changes logits or probabilities; observers
 alone keep the model's own attention kernel and recompute just the text columns they read, in
@@ -47,6 +49,10 @@ class AttentionEdit:
 
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
         return None
+
+    def mix_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """O' from the attention output O [B, H, Sq, D] and `call.value`, for the rows / heads it edits."""
+        return out
 
     def observe(self, call: AttentionCall) -> None:
         return None
@@ -138,8 +144,10 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
     """Run one attention call with the edits' contributions; returns [B, H, Sq, D].
 
-    Logit and probability edits apply to the conditional rows only (given to them as [Bc, H, Sq, Sk]);
-    the other rows keep the model's own kernel, so the unconditional branch stays bit-identical.
+    Order: the kernel (an edit's, else the model's own), then logit and probability edits, then output
+    mixes, then observers. Logit and probability edits apply to the conditional rows only (given to
+    them as [Bc, H, Sq, Sk]); the other rows keep the kernel's output, so the unconditional branch
+    stays bit-identical. Output mixes see every row and choose their own (e.g. `call.rows.perturbed`).
     """
     biases = [e for e in edits if _overrides(e, "logit_bias")]
     posts = [e for e in edits if _overrides(e, "post_softmax")]
@@ -163,6 +171,9 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
         call.probs = probs
         edited = probs.to(call.value.dtype) @ call.value[rows]
         out = out.index_copy(0, torch.tensor(rows, device=out.device), edited)
+    for e in edits:
+        if _overrides(e, "mix_output"):
+            out = e.mix_output(call, out)
     for e in edits:
         if _overrides(e, "observe"):
             e.observe(call)
