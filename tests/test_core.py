@@ -11,7 +11,7 @@ import attnctl
 from attnctl.core.attention import AttentionEdit
 from attnctl.core.controls import Control
 from attnctl.core.denoiser import BatchRows, DenoiserWrapper, denoiser_output, take_rows
-from attnctl.core.layers import LayerSelection
+from attnctl.core.layers import LayerSelection, SelectedLayer
 from attnctl.families.base import LayerInfo
 from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
@@ -271,6 +271,20 @@ def test_layer_patterns_are_anchored():
         str(LayerSelection(("blocks.1",), kinds=("cross",)))
         == "LayerSelection(layers=['blocks.1'], kinds=['cross'])"
     )
+
+
+def test_resolved_layers_carry_their_heads():
+    chosen = LayerSelection(("blocks.1",), heads=(0, 2)).resolve(_layers())
+    assert [(layer.name, layer.selected_heads) for layer in chosen] == [
+        ("blocks.1.attn1", (0, 2)),
+        ("blocks.1.attn2", (0, 2)),
+    ]
+    assert all(isinstance(layer, SelectedLayer) and isinstance(layer, LayerInfo) for layer in chosen)
+    assert chosen[0].heads == 4 and chosen[0].block == "blocks.1"  # the LayerInfo fields as they were
+    assert all(layer.selected_heads is None for layer in LayerSelection(("blocks.1",)).resolve(_layers()))
+    with attnctl.control(tiny_pipeline("sd")) as ctl:
+        layer = ctl.select("up_blocks.0", kinds=("cross",), heads=[1])[0]
+        assert layer.selected_heads == (1,) and layer.name.startswith("up_blocks.0.")
 
 
 def test_layer_selection_errors_list_available_layers():

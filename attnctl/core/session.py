@@ -22,7 +22,7 @@ from ..families import FamilyAdapter, LayerInfo, adapter_for
 from .attention import AttentionEdit, AttnctlProcessor
 from .controls import Control
 from .denoiser import BatchRows, DenoiserHook, DenoiserWrapper
-from .layers import LayerSelection
+from .layers import LayerSelection, SelectedLayer
 from .tokens import TokenTruncatedError
 
 HOOK_NAME = "attnctl"
@@ -94,8 +94,9 @@ class Session:
 
     def select(
         self, layers: Any = None, kinds: tuple[str, ...] | None = None, heads: Any = None
-    ) -> list[LayerInfo]:
-        """Resolve a control's `layers` value (None, a pattern, or a list of patterns/indices)."""
+    ) -> list[SelectedLayer]:
+        """Resolve a control's `layers` value (None, a pattern, or a list of patterns/indices) and
+        `heads` (None: every head)."""
         if isinstance(layers, (str, int)):
             layers = [layers]
         selection = LayerSelection(
