@@ -12,6 +12,7 @@ from attnctl.core.attention import AttentionEdit
 from attnctl.core.controls import Control
 from attnctl.core.denoiser import BatchRows, DenoiserWrapper, denoiser_output, take_rows
 from attnctl.core.layers import LayerSelection, SelectedLayer
+from attnctl.core.session import PerGeneration, in_steps
 from attnctl.families.base import LayerInfo
 from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
@@ -187,6 +188,28 @@ def test_denoiser_output_forms():
     assert prediction is sample and put(new)[0] is new
     prediction, put = denoiser_output(Transformer2DModelOutput(sample=sample))
     assert prediction is sample and put(new).sample is new
+
+
+def test_step_gating():
+    assert in_steps(3, 50) and in_steps(3, 50, steps=[1, 3]) and not in_steps(2, 50, steps=[1, 3])
+    assert in_steps(24, 50, first=0.5) and not in_steps(25, 50, first=0.5)  # steps 0-24 of 50
+    assert not in_steps(3, 50, steps=[3], first=0.05)
+
+
+def test_per_generation_values_are_computed_once_per_pipeline_call():
+    pipe = tiny_pipeline("sd")
+    computed = []
+    value = PerGeneration(lambda session: computed.append(session.prompts()) or len(computed))
+
+    class _Read(AttentionEdit):
+        def observe(self, call):
+            value.get(call.session)
+
+    with attnctl.control(pipe) as ctl:
+        ctl.add_edit(ctl.layers, _Read())
+        _run(pipe, "sd")
+        _run(pipe, "sd", num_images_per_prompt=2)  # the same prompt object, another generation
+    assert computed == [[PROMPT], [PROMPT, PROMPT]]
 
 
 def test_unsupported_pipeline_names_the_families():

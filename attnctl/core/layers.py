@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
 from ..families.base import KINDS, LayerInfo
 from .controls import check
@@ -120,3 +121,25 @@ def working_layers(layers: Sequence[LayerInfo], height: int, width: int) -> list
     usable = [s for s in side.values() if s >= -(-short // 4)]
     chosen = min(usable) if usable else max(side.values())
     return [layer for layer in text if side[layer.name] == chosen]
+
+
+class WorkingLayers:
+    """The text-attending layers a control acts on: those its `layers` field names, else
+    `working_layers` of each call's token grid.
+
+    The rule needs the latent size, known only when the denoiser runs, so the control installs on
+    every `candidates` layer and asks `includes` per call; the rule runs once per grid."""
+
+    def __init__(self, session: Any, layers: Any = None):
+        fixed = None if layers is None else session.select(layers, kinds=("cross", "joint"))
+        self.candidates = fixed or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
+        self._fixed = None if fixed is None else {layer.name for layer in fixed}
+        self._by_grid: dict[tuple[int, int], set[str]] = {}
+
+    def includes(self, session: Any, layer: LayerInfo) -> bool:
+        if self._fixed is not None:
+            return layer.name in self._fixed
+        grid = session.grid[1:]
+        if grid not in self._by_grid:
+            self._by_grid[grid] = {x.name for x in working_layers(session.layers, *grid)}
+        return layer.name in self._by_grid[grid]

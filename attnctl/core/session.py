@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, Generic, TypeVar
 
 import torch
 from diffusers.hooks import HookRegistry
@@ -24,6 +24,8 @@ from .controls import Control
 from .denoiser import BatchRows, DenoiserHook, DenoiserWrapper
 from .layers import LayerSelection, SelectedLayer
 from .tokens import TokenTruncatedError
+
+T = TypeVar("T")
 
 HOOK_NAME = "attnctl"
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
@@ -78,6 +80,7 @@ class Session:
         self.grid: tuple[int, int, int] = (1, 0, 0)
         self.text_len: int | None = None
         self.prompt: str | list[str] | None = None
+        self.generation = 0  # counts pipeline calls (generations) seen in this session
         self._forwards_since_prompt = 0
         self._edits: dict[str, list[AttentionEdit]] = {}
         self._undo: list[Callable[[], None]] = []
@@ -212,6 +215,7 @@ class Session:
             return
         self.prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
         self._forwards_since_prompt = 0
+        self.generation += 1
         self.step = -1
         self.timestep = None
         for hook in self.generation_hooks:
@@ -288,6 +292,31 @@ class Session:
                 "(the prompt is truncated there): shorten the prompt or raise max_sequence_length"
             )
         return rows
+
+
+class PerGeneration(Generic[T]):
+    """A value a control computes from the session once per generation, on first use (e.g. the
+    prompt's word positions): `compute(session)` runs again only when a new pipeline call began."""
+
+    def __init__(self, compute: Callable[[Any], T]):
+        self._compute = compute
+        self._generation: int | None = None
+        self._value: T | None = None
+
+    def get(self, session: Any) -> T:
+        if self._generation != session.generation:
+            self._value = self._compute(session)
+            self._generation = session.generation
+        return self._value  # type: ignore[return-value]
+
+
+def in_steps(
+    step: int, num_steps: int, *, steps: Collection[int] | None = None, first: float | None = None
+) -> bool:
+    """Whether denoising step `step` of `num_steps` is one a control acts on: listed in `steps`
+    (None: any) and within the first `first` fraction of the run (None: to the end). Papers give
+    step ranges as fractions of the run (steps 0-24 of 50: the first 0.5)."""
+    return (steps is None or step in steps) and (first is None or step < first * num_steps)
 
 
 def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

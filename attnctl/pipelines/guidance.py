@@ -18,7 +18,8 @@ import torch
 from ..core.attention import AttentionCall, AttentionEdit
 from ..core.controls import Control, check, check_number, check_words
 from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
-from ..core.layers import working_layers
+from ..core.layers import WorkingLayers
+from ..core.session import PerGeneration, in_steps
 from ..families.base import LayerInfo
 from .guidance_math import (
     REFINEMENT_MAX_ITERS,
@@ -127,10 +128,9 @@ def _check_common(spec: Any) -> None:
 
 
 def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: Callable) -> None:
-    fixed = None if spec.layers is None else session.select(spec.layers, kinds=("cross", "joint"))
-    candidates = fixed or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
-    collector = _Collector(fixed)
-    session.add_edit(candidates, collector)
+    layers = WorkingLayers(session, spec.layers)
+    collector = _Collector(layers)
+    session.add_edit(layers.candidates, collector)
     guide = _Guide(spec, words, loss, refine, collector)
     session.add_wrapper(guide)
     session.generation_hooks.append(guide.reset)
@@ -140,26 +140,17 @@ def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: 
 class _Collector(AttentionEdit):
     """Sums head-averaged text maps of the working layers during a guidance forward (differentiable)."""
 
-    def __init__(self, fixed: list[LayerInfo] | None):
-        self.fixed = None if fixed is None else {layer.name for layer in fixed}
-        self._auto: dict[tuple[int, int], set[str]] = {}
+    def __init__(self, layers: WorkingLayers):
+        self.layers = layers
         self.columns: list[int] = []
         self.total: torch.Tensor | None = None
-        self.grid: tuple[int, int] = (0, 0)
         self.count = 0
 
     def start(self, columns: list[int]) -> None:
         self.columns, self.total, self.count = columns, None, 0
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        if not session.guiding:
-            return False
-        if self.fixed is not None:
-            return layer.name in self.fixed
-        grid = session.grid[1:]
-        if grid not in self._auto:
-            self._auto[grid] = {x.name for x in working_layers(session.layers, *grid)}
-        return layer.name in self._auto[grid]
+        return session.guiding and self.layers.includes(session, layer)
 
     def observe(self, call: AttentionCall) -> None:
         layout = call.layout
@@ -177,20 +168,20 @@ class _Collector(AttentionEdit):
 class _Guide(DenoiserWrapper):
     def __init__(self, spec: Any, words: list[str], loss: Callable, refine: Callable, collector: _Collector):
         self.spec, self.words, self.loss, self.refine, self.collector = spec, words, loss, refine, collector
+        self.columns = PerGeneration(self._columns)
         self.reset(None)
 
     def reset(self, session: Any) -> None:
         self.step = -1
         self.delta: torch.Tensor | None = None  # latent update of the current step, per image
         self.states: list[dict] = []  # per image, e.g. A-STAR's retention masks
-        self.prompt_columns: Any = None
 
     def before(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if session.guiding:
             return args, kwargs
         if session.step != self.step:  # the step's first forward decides its update
             self.step, self.delta = session.step, None
-            guided = session.step < self.spec.guided_fraction * session.num_steps
+            guided = in_steps(session.step, session.num_steps, first=self.spec.guided_fraction)
             if guided and session.cond_rows and self.spec.scale > 0:
                 self.delta = self._update(session, module, args, kwargs)
         if self.delta is None:
@@ -212,19 +203,17 @@ class _Guide(DenoiserWrapper):
         return guided_step
 
     def _columns(self, session: Any) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
-        if self.prompt_columns is None or self.prompt_columns[0] is not session.prompt:
-            real, groups = [], []
-            for prompt in session.prompts():
-                real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
-                groups.append(
-                    [
-                        session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)
-                        for w in self.words
-                    ]
-                )
-            union = sorted({c for r in real for c in r})
-            self.prompt_columns = (session.prompt, union, real, groups)
-        return self.prompt_columns[1], self.prompt_columns[2], self.prompt_columns[3]
+        """All prompt-token columns, and per image its prompt tokens and each word's columns."""
+        real, groups = [], []
+        for prompt in session.prompts():
+            real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
+            groups.append(
+                [
+                    session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)
+                    for w in self.words
+                ]
+            )
+        return sorted({c for r in real for c in r}), real, groups
 
     def _update(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         rows = list(session.cond_rows)
@@ -235,7 +224,7 @@ class _Guide(DenoiserWrapper):
         x = x0.clone()
         scale = _input_scale(session)
         alpha = step_sizes(max(1, session.num_steps), self.spec.scale)[session.step]
-        union, real, groups = self._columns(session)
+        union, real, groups = self.columns.get(session)
         if len(self.states) != len(rows):
             self.states = [{} for _ in rows]
         saved = (session.batch, session.rows, session.guiding, session.branch)
