@@ -5,12 +5,12 @@ with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
 ctl.maps["cat"]  # [h, w]
 """
 
-from .control import Session, control
-from .controls import Control
-from .layers import LayerSelection
-from .maps import AttentionMaps
+from .core.controls import Control
+from .core.layers import LayerSelection
+from .core.session import Session, control
 from .pipelines.guidance import AStar, AttendAndExcite
 from .processors.draft import DraftAttention
+from .processors.maps import AttentionMaps
 from .processors.regulation import AttentionRegulation, AttentionRegulationProcessor
 
 __all__ = [

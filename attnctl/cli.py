@@ -90,7 +90,7 @@ def layers(
     import torch
 
     import attnctl
-    from attnctl.processors.attention import AttentionEdit
+    from attnctl.core.attention import AttentionEdit
 
     pipe = _load(model)
     sizes: dict[str, tuple[int, int, int]] = {}
@@ -147,7 +147,7 @@ def _load(model: str | None) -> Any:
 def _first_image(result: Any) -> Any:
     from PIL import Image
 
-    from attnctl.maps import _to_pil
+    from attnctl.processors.maps import _to_pil
 
     images = getattr(result, "images", None)
     if images is None:

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.controls import Control
+from attnctl.core.attention import AttentionEdit
+from attnctl.core.controls import Control
+from attnctl.core.denoiser import BatchRows, DenoiserWrapper, denoiser_output, take_rows
+from attnctl.core.layers import LayerSelection, SelectedLayer
+from attnctl.core.session import PerGeneration, in_steps
 from attnctl.families.base import LayerInfo
-from attnctl.layers import LayerSelection
-from attnctl.processors.attention import AttentionEdit
 from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"
@@ -111,6 +113,105 @@ def test_steps_and_branches_are_tracked():
     assert batch == 2 and all(rows == (1,) for _, _, rows in seen)  # CFG: [uncond, cond]
 
 
+def test_batch_rows_of_a_batch():
+    assert BatchRows.of_batch(4, None, stacked_cfg=True) == BatchRows(uncond=(0, 1), cond=(2, 3))
+    assert BatchRows.of_batch(3, None, stacked_cfg=True) == BatchRows(cond=(0, 1, 2))  # odd: not CFG
+    assert BatchRows.of_batch(2, None, stacked_cfg=False) == BatchRows(cond=(0, 1))
+    assert BatchRows.of_batch(2, "uncond", stacked_cfg=True) == BatchRows(uncond=(0, 1))
+    assert BatchRows.of_batch(2, "cond", stacked_cfg=True) == BatchRows(cond=(0, 1))
+    rows = BatchRows(uncond=(0,), cond=(1,)).append_perturbed(2)
+    assert rows == BatchRows(uncond=(0,), cond=(1,), perturbed=(2, 3)) and rows.size == 4
+
+
+class _AppendPerturbed(DenoiserWrapper):
+    """Test-only wrapper: appends a copy of the conditional rows as perturbed rows, folds them out after."""
+
+    def __init__(self, declare=True):
+        self.declare = declare
+
+    def before(self, session, module, args, kwargs):
+        batch = session.batch
+        extra = take_rows((args, kwargs), session.cond_rows, batch)
+        args, kwargs = _append((args, kwargs), extra, batch)
+        if self.declare:
+            session.rows = session.rows.append_perturbed(len(session.rows.cond))
+        return args, kwargs
+
+    def after(self, session, module, output):
+        prediction, put = denoiser_output(output)
+        return put(prediction[: session.rows.size - len(session.rows.perturbed)])
+
+
+def _append(obj, extra, batch):
+    if isinstance(obj, torch.Tensor):
+        return torch.cat([obj, extra]) if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple):
+        return tuple(_append(o, e, batch) for o, e in zip(obj, extra, strict=True))
+    if isinstance(obj, dict):
+        return {k: _append(v, extra[k], batch) for k, v in obj.items()}
+    return obj
+
+
+def test_attention_sees_the_rows_a_wrapper_adds():
+    pipe = tiny_pipeline("sd")
+    base = _output(_run(pipe, "sd"))
+    seen = []
+
+    class _Rows(AttentionEdit):
+        def observe(self, call):
+            seen.append((call.query.shape[0], call.rows))
+
+    with attnctl.control(pipe) as ctl:
+        ctl.add_wrapper(_AppendPerturbed())
+        ctl.add_edit(ctl.layers[:1], _Rows())
+        out = _output(_run(pipe, "sd"))
+    assert seen and all(
+        batch == 3 and rows == BatchRows(uncond=(0,), cond=(1,), perturbed=(2,)) for batch, rows in seen
+    )
+    assert torch.allclose(out, base, atol=1e-6)  # the perturbed rows were folded out again
+
+
+def test_undeclared_rows_are_an_error():
+    pipe = tiny_pipeline("sd")
+    with pytest.raises(ValueError, match=r"_AppendPerturbed made the denoiser batch 3 rows"):
+        with attnctl.control(pipe) as ctl:
+            ctl.add_wrapper(_AppendPerturbed(declare=False))
+            _run(pipe, "sd")
+    assert "forward" not in vars(pipe.unet)
+
+
+def test_denoiser_output_forms():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    sample, new = torch.ones(2), torch.zeros(2)
+    prediction, put = denoiser_output((sample,))
+    assert prediction is sample and put(new)[0] is new
+    prediction, put = denoiser_output(Transformer2DModelOutput(sample=sample))
+    assert prediction is sample and put(new).sample is new
+
+
+def test_step_gating():
+    assert in_steps(3, 50) and in_steps(3, 50, steps=[1, 3]) and not in_steps(2, 50, steps=[1, 3])
+    assert in_steps(24, 50, first=0.5) and not in_steps(25, 50, first=0.5)  # steps 0-24 of 50
+    assert not in_steps(3, 50, steps=[3], first=0.05)
+
+
+def test_per_generation_values_are_computed_once_per_pipeline_call():
+    pipe = tiny_pipeline("sd")
+    computed = []
+    value = PerGeneration(lambda session: computed.append(session.prompts()) or len(computed))
+
+    class _Read(AttentionEdit):
+        def observe(self, call):
+            value.get(call.session)
+
+    with attnctl.control(pipe) as ctl:
+        ctl.add_edit(ctl.layers, _Read())
+        _run(pipe, "sd")
+        _run(pipe, "sd", num_images_per_prompt=2)  # the same prompt object, another generation
+    assert computed == [[PROMPT], [PROMPT, PROMPT]]
+
+
 def test_unsupported_pipeline_names_the_families():
     class NotAPipe:
         unet = torch.nn.Linear(2, 2)
@@ -193,6 +294,20 @@ def test_layer_patterns_are_anchored():
         str(LayerSelection(("blocks.1",), kinds=("cross",)))
         == "LayerSelection(layers=['blocks.1'], kinds=['cross'])"
     )
+
+
+def test_resolved_layers_carry_their_heads():
+    chosen = LayerSelection(("blocks.1",), heads=(0, 2)).resolve(_layers())
+    assert [(layer.name, layer.selected_heads) for layer in chosen] == [
+        ("blocks.1.attn1", (0, 2)),
+        ("blocks.1.attn2", (0, 2)),
+    ]
+    assert all(isinstance(layer, SelectedLayer) and isinstance(layer, LayerInfo) for layer in chosen)
+    assert chosen[0].heads == 4 and chosen[0].block == "blocks.1"  # the LayerInfo fields as they were
+    assert all(layer.selected_heads is None for layer in LayerSelection(("blocks.1",)).resolve(_layers()))
+    with attnctl.control(tiny_pipeline("sd")) as ctl:
+        layer = ctl.select("up_blocks.0", kinds=("cross",), heads=[1])[0]
+        assert layer.selected_heads == (1,) and layer.name.startswith("up_blocks.0.")
 
 
 def test_layer_selection_errors_list_available_layers():

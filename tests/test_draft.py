@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.controls import Control
+from attnctl.core.controls import Control
 from attnctl.processors import draft as draft_module
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 

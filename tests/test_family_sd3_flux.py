@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.core.attention import AttentionEdit
 from attnctl.families import adapter_for
 from attnctl.families.flux import FluxAdapter
 from attnctl.families.sd3 import SD3Adapter
-from attnctl.processors.attention import AttentionEdit
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.processors.attention import AttentionEdit
+from attnctl.core.attention import AttentionEdit
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"

@@ -9,7 +9,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 import attnctl
-from attnctl.controls import Control
+from attnctl.core.controls import Control
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"

@@ -7,9 +7,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import attnctl
+from attnctl.core.attention import AttentionEdit
+from attnctl.core.layers import working_layers
 from attnctl.families.unet import UNetAdapter
-from attnctl.layers import working_layers
-from attnctl.processors.attention import AttentionEdit
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from attnctl.core.tokens import TokenNotFoundError, TokenTruncatedError, prompt_tokens, token_positions
 from attnctl.tiny import (
     build_clip_tokenizer,
     build_llama_tokenizer,
@@ -11,7 +12,6 @@ from attnctl.tiny import (
     default_corpus,
     hunyuan_prompt_template,
 )
-from attnctl.tokens import TokenNotFoundError, TokenTruncatedError, prompt_tokens, token_positions
 
 KINDS = ("clip", "t5", "llama")
 # Special tokens before the prompt's first token: CLIP and Llama add BOS, T5 does not.

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from ..control import Session
+import torch.nn.functional as F
 
 KINDS = ("self", "cross", "joint")
 
@@ -64,7 +62,11 @@ class Prepared:
 
 
 class FamilyAdapter:
-    """Base adapter; subclasses fill in the family-specific parts."""
+    """Base adapter; subclasses fill in the family-specific parts.
+
+    `session` arguments are attnctl's live session; adapters read or set only `grid`, `text_len`,
+    `denoisers` and `adapters` on it (typed Any: families sit below the session and never import it).
+    """
 
     name: str = ""
     # Denoiser class names this adapter accepts (names, so that optional classes need no import).
@@ -78,7 +80,7 @@ class FamilyAdapter:
         """Every attention module of the denoiser, in model order."""
         raise NotImplementedError
 
-    def observe_forward(self, session: Session, inputs: dict[str, Any]) -> None:
+    def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         """Read the token grid from a denoiser call's arguments (by parameter name).
 
         Called before each denoiser forward; sets `session.grid` (frames, height, width of the
@@ -88,7 +90,7 @@ class FamilyAdapter:
 
     def prepare(
         self,
-        session: Session,
+        session: Any,
         layer: LayerInfo,
         attn: torch.nn.Module,
         hidden_states: torch.Tensor,
@@ -104,8 +106,6 @@ class FamilyAdapter:
         """The attention kernel the model itself would use in this layer: f(q, k, v, mask, scale).
 
         Default: PyTorch SDPA on [B, H, S, D], what diffusers' UNet, SD3 and CogVideoX processors call."""
-        from ..processors.attention import sdpa
-
         return sdpa
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
@@ -136,6 +136,13 @@ def grid_for(tokens: int, height: int, width: int) -> tuple[int, int]:
             return h, w
         factor *= 2
     raise ValueError(f"cannot place {tokens} tokens on a grid downsampled from {height}x{width}")
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    """PyTorch SDPA on [B, H, S, D]: the kernel of the processors that call it directly."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def heads_to_dim1(x: torch.Tensor) -> torch.Tensor:

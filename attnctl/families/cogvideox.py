@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..tokens import token_positions
+from ..core.tokens import token_positions
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of
 from .wan import check_grid
 

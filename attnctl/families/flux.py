@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..tokens import token_positions
+from ..core.tokens import token_positions
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..tokens import token_positions
+from ..core.tokens import token_positions
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel, heads_to_dim1
 from .wan import check_grid, video_grid
 

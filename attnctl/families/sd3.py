@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..tokens import TokenTruncatedError, token_positions
+from ..core.tokens import TokenTruncatedError, token_positions
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..tokens import token_positions
+from ..core.tokens import token_positions
 from .base import FamilyAdapter, Layout, Prepared, block_of, grid_for
 
 

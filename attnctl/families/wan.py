@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..tokens import token_positions
+from ..core.tokens import token_positions
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel, heads_to_dim1
 
 # diffusers' WanAttnProcessor treats the last 512 context tokens of an I2V call as text.

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from attnctl.controls import check, check_number
+from attnctl.core.controls import check, check_number
 from attnctl.kernels.sparse import SparsePlan, take, threads
 
 BACKENDS = ("auto", "flex", "flex_eager", "gather", "dense")

@@ -49,7 +49,7 @@ class ControlledPipelineMixin:
     attnctl_session: Any = None
 
     def __call__(self, *args: Any, controls: Any = (), **kwargs: Any) -> Any:
-        from ..control import control
+        from ..core.session import control
 
         with control(self, *controls) as session:
             result = super().__call__(*args, **kwargs)  # type: ignore[misc]

@@ -2,7 +2,7 @@
 
 Before a guided denoising step, a conditional-only forward with gradients reads the cross-attention
 maps of the concept words, a loss is taken on them and the latent moves: z_t <- z_t - a_t grad_z L.
-The step then denoises the updated latent. No denoising loop is copied: a denoiser hook makes the
+The step then denoises the updated latent. No denoising loop is copied: a denoiser wrapper makes the
 update at the step's first forward and feeds the updated latent to every forward of that step, and
 the scheduler's `step` (wrapped on the instance) steps from the updated latent too.
 """
@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from ..control import ForwardHook
-from ..controls import Control, check, check_number, check_words
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.controls import Control, check, check_number, check_words
+from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
+from ..core.layers import WorkingLayers
+from ..core.session import PerGeneration, in_steps
 from ..families.base import LayerInfo
-from ..layers import working_layers
-from ..processors.attention import AttentionCall, AttentionEdit
 from .guidance_math import (
     REFINEMENT_MAX_ITERS,
     REFINEMENT_THRESHOLDS,
@@ -127,12 +128,11 @@ def _check_common(spec: Any) -> None:
 
 
 def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: Callable) -> None:
-    fixed = None if spec.layers is None else session.select(spec.layers, kinds=("cross", "joint"))
-    candidates = fixed or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
-    collector = _Collector(fixed)
-    session.add_edit(candidates, collector)
+    layers = WorkingLayers(session, spec.layers)
+    collector = _Collector(layers)
+    session.add_edit(layers.candidates, collector)
     guide = _Guide(spec, words, loss, refine, collector)
-    session.forward_hooks.append(guide)
+    session.add_wrapper(guide)
     session.generation_hooks.append(guide.reset)
     session.wrap(session.pipe.scheduler, "step", guide.wrap_step)
 
@@ -140,26 +140,17 @@ def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: 
 class _Collector(AttentionEdit):
     """Sums head-averaged text maps of the working layers during a guidance forward (differentiable)."""
 
-    def __init__(self, fixed: list[LayerInfo] | None):
-        self.fixed = None if fixed is None else {layer.name for layer in fixed}
-        self._auto: dict[tuple[int, int], set[str]] = {}
+    def __init__(self, layers: WorkingLayers):
+        self.layers = layers
         self.columns: list[int] = []
         self.total: torch.Tensor | None = None
-        self.grid: tuple[int, int] = (0, 0)
         self.count = 0
 
     def start(self, columns: list[int]) -> None:
         self.columns, self.total, self.count = columns, None, 0
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        if not session.guiding:
-            return False
-        if self.fixed is not None:
-            return layer.name in self.fixed
-        grid = session.grid[1:]
-        if grid not in self._auto:
-            self._auto[grid] = {x.name for x in working_layers(session.layers, *grid)}
-        return layer.name in self._auto[grid]
+        return session.guiding and self.layers.includes(session, layer)
 
     def observe(self, call: AttentionCall) -> None:
         layout = call.layout
@@ -174,28 +165,28 @@ class _Collector(AttentionEdit):
         self.count += 1
 
 
-class _Guide(ForwardHook):
+class _Guide(DenoiserWrapper):
     def __init__(self, spec: Any, words: list[str], loss: Callable, refine: Callable, collector: _Collector):
         self.spec, self.words, self.loss, self.refine, self.collector = spec, words, loss, refine, collector
+        self.columns = PerGeneration(self._columns)
         self.reset(None)
 
     def reset(self, session: Any) -> None:
         self.step = -1
         self.delta: torch.Tensor | None = None  # latent update of the current step, per image
         self.states: list[dict] = []  # per image, e.g. A-STAR's retention masks
-        self.prompt_columns: Any = None
 
     def before(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if session.guiding:
             return args, kwargs
         if session.step != self.step:  # the step's first forward decides its update
             self.step, self.delta = session.step, None
-            guided = session.step < self.spec.guided_fraction * session.num_steps
+            guided = in_steps(session.step, session.num_steps, first=self.spec.guided_fraction)
             if guided and session.cond_rows and self.spec.scale > 0:
                 self.delta = self._update(session, module, args, kwargs)
         if self.delta is None:
             return args, kwargs
-        latent, put = _latent(session, args, kwargs)
+        latent, put = latent_input(session, args, kwargs)
         scale = _input_scale(session)
         rows = torch.arange(latent.shape[0], device=latent.device) % self.delta.shape[0]
         return put(latent + (scale * self.delta[rows]).to(latent.dtype))
@@ -212,40 +203,38 @@ class _Guide(ForwardHook):
         return guided_step
 
     def _columns(self, session: Any) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
-        if self.prompt_columns is None or self.prompt_columns[0] is not session.prompt:
-            real, groups = [], []
-            for prompt in session.prompts():
-                real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
-                groups.append(
-                    [
-                        session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)
-                        for w in self.words
-                    ]
-                )
-            union = sorted({c for r in real for c in r})
-            self.prompt_columns = (session.prompt, union, real, groups)
-        return self.prompt_columns[1], self.prompt_columns[2], self.prompt_columns[3]
+        """All prompt-token columns, and per image its prompt tokens and each word's columns."""
+        real, groups = [], []
+        for prompt in session.prompts():
+            real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
+            groups.append(
+                [
+                    session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)
+                    for w in self.words
+                ]
+            )
+        return sorted({c for r in real for c in r}), real, groups
 
     def _update(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         rows = list(session.cond_rows)
         batch = session.batch
-        latent, _ = _latent(session, args, kwargs)
-        sub_args, sub_kwargs = _take_rows((args, kwargs), rows, batch)
+        latent, _ = latent_input(session, args, kwargs)
+        sub_args, sub_kwargs = take_rows((args, kwargs), rows, batch)
         x0 = latent[rows].detach()
         x = x0.clone()
         scale = _input_scale(session)
         alpha = step_sizes(max(1, session.num_steps), self.spec.scale)[session.step]
-        union, real, groups = self._columns(session)
+        union, real, groups = self.columns.get(session)
         if len(self.states) != len(rows):
             self.states = [{} for _ in rows]
-        saved = (session.batch, session.cond_rows, session.guiding, session.branch)
+        saved = (session.batch, session.rows, session.guiding, session.branch)
         session.guiding, session.branch = True, "cond"
         try:
             iteration = 0
             while True:
                 x.requires_grad_(True)
                 self.collector.start(union)
-                _, put = _latent(session, sub_args, sub_kwargs)
+                _, put = latent_input(session, sub_args, sub_kwargs)
                 with torch.enable_grad():
                     module(*put(x)[0], **put(x)[1])
                     if self.collector.total is None:
@@ -269,19 +258,11 @@ class _Guide(ForwardHook):
                     break
                 iteration += 1
         finally:
-            session.batch, session.cond_rows, session.guiding, session.branch = saved
+            session.batch, session.rows, session.guiding, session.branch = saved
         for state in self.states:
             if "next_masks" in state:
                 state["masks"] = state.pop("next_masks")
         return (x - x0) / scale  # the update of z, one row per conditional image
-
-
-def _latent(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
-    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs)."""
-    name = session.adapter.latent_arg
-    if args:
-        return args[0], lambda new: ((new, *args[1:]), kwargs)
-    return kwargs[name], lambda new: (args, {**kwargs, name: new})
 
 
 def _input_scale(session: Any) -> float:
@@ -290,16 +271,3 @@ def _input_scale(session: Any) -> float:
     if scale_input is None or session.timestep is None:
         return 1.0
     return float(scale_input(torch.ones(1), torch.tensor(session.timestep)).flatten()[0])
-
-
-def _take_rows(obj: Any, rows: list[int], batch: int) -> Any:
-    """Every tensor with the batch as its first dimension, restricted to `rows` (nested in tuples/dicts)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple):
-        return tuple(_take_rows(o, rows, batch) for o in obj)
-    if isinstance(obj, list):
-        return [_take_rows(o, rows, batch) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _take_rows(v, rows, batch) for k, v in obj.items()}
-    return obj

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from ..controls import Control, check, check_number
-from ..families.base import LayerInfo
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.controls import Control, check, check_number
+from ..core.session import in_steps
+from ..families.base import LayerInfo, sdpa
 from ..kernels import BACKENDS, draft_attention
-from .attention import AttentionCall, AttentionEdit, sdpa
 
 
 @dataclasses.dataclass
@@ -70,7 +71,8 @@ class _Sparse(AttentionEdit):
         self.spec = spec
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        return self.spec.sparsity > 0 and session.step >= self.spec.dense_steps * session.num_steps
+        dense = in_steps(session.step, session.num_steps, first=self.spec.dense_steps)
+        return self.spec.sparsity > 0 and not dense
 
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
         lay = call.layout

@@ -8,15 +8,18 @@ latent update and no UNet backward pass; the unconditional rows are left bit-ide
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..controls import Control, check, check_number, check_words
-from ..families.base import LayerInfo
+from ..core.attention import AttentionCall, AttentionEdit, attend
+from ..core.controls import Control, check, check_number, check_words
+from ..core.denoiser import BatchRows
+from ..core.layers import WorkingLayers, working_layers
+from ..core.session import PerGeneration, in_steps
+from ..families.base import LayerInfo, sdpa
 from ..families.unet import UNetAdapter
-from ..layers import working_layers
-from .attention import AttentionCall, AttentionEdit, attend, sdpa
 from .regulation_math import (
     MEAN_WEIGHT,
     QUANTILE_WEIGHT,
@@ -64,10 +67,9 @@ class AttentionRegulation(Control):
         check_number("seed", self.seed, low=0, integer=True)
 
     def install(self, session: Any) -> None:
-        chosen = None if self.layers is None else session.select(self.layers, kinds=("cross", "joint"))
-        candidates = chosen or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
-        edit = _Regulator(self, chosen, self._columns)
-        session.add_edit(candidates, edit)
+        layers = WorkingLayers(session, self.layers)
+        edit = _Regulator(self, layers, self._columns)
+        session.add_edit(layers.candidates, edit)
         session.generation_hooks.append(edit.reset)
 
     def _columns(self, session: Any) -> tuple[list[list[int]], list[list[int]]]:
@@ -85,38 +87,23 @@ class AttentionRegulation(Control):
 
 
 class _Regulator(AttentionEdit):
-    def __init__(self, spec: AttentionRegulation, layers: list[LayerInfo] | None, columns: Any):
+    def __init__(self, spec: AttentionRegulation, layers: WorkingLayers | None, columns: Callable):
         self.spec = spec
-        self.columns = columns
-        self.fixed = None if layers is None else {layer.name for layer in layers}
+        self.layers = layers  # None: the plain processor, which decides per call itself
+        self.columns = PerGeneration(columns)  # (target columns, restore columns) per image
         self.states: dict[str, RegulationState] = {}
-        self._auto: dict[tuple[int, int], set[str]] = {}
-        self._columns: tuple[Any, list[list[int]], list[list[int]]] | None = None
-        self.last_info: dict[
-            str, Any
-        ] = {}  # layer name -> RegulationInfo of its latest call (for inspection)
 
     def reset(self, session: Any) -> None:
         self.states.clear()
-        self._columns = None
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        if not session.cond_rows or session.step >= self.spec.edit_fraction * max(1, session.num_steps):
-            return False
-        if self.fixed is not None:
-            return layer.name in self.fixed
-        grid = session.grid[1:]
-        if grid not in self._auto:
-            self._auto[grid] = {x.name for x in working_layers(session.layers, *grid)}
-        return layer.name in self._auto[grid]
-
-    def _targets(self, session: Any) -> tuple[list[list[int]], list[list[int]]]:
-        if self._columns is None or self._columns[0] is not session.prompt:  # once per generation
-            self._columns = (session.prompt, *self.columns(session))
-        return self._columns[1], self._columns[2]
+        editing = bool(session.cond_rows) and in_steps(
+            session.step, session.num_steps, first=self.spec.edit_fraction
+        )
+        return editing and self.layers.includes(session, layer)
 
     def logit_bias(self, call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
-        targets, restore = self._targets(call.session)
+        targets, restore = self.columns.get(call.session)
         layout = call.layout
         text, image = layout.text_k, layout.image_q
         edited = logits.clone()
@@ -156,7 +143,7 @@ class _Regulator(AttentionEdit):
     def post_softmax(self, call: AttentionCall, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # AR puts the start/end-of-text columns back to their unedited probabilities (rows then no
         # longer sum to 1): part of the method, reproduced as published.
-        _, restore = self._targets(call.session)
+        _, restore = self.columns.get(call.session)
         unedited = logits.softmax(-1)
         text = call.layout.text_k
         probs = probs.clone()
@@ -234,7 +221,7 @@ class AttentionRegulationProcessor:
         self._edit = _Regulator(self.spec, None, self._fixed_columns)
 
     def _fixed_columns(self, state: Any) -> tuple[list[list[int]], list[list[int]]]:
-        n = len(state.cond_rows)
+        n = len(state.rows.cond)
         return [self.targets] * n, [self.restore] * n
 
     def __call__(
@@ -257,11 +244,8 @@ class AttentionRegulationProcessor:
         )
         state = _State(
             grid=(1, *(self.latent_size or (round(n**0.5),) * 2)),
-            cond_rows=list(range(batch // 2, batch))
-            if self.guidance and batch % 2 == 0
-            else list(range(batch)),
+            rows=BatchRows.of_batch(batch, None, self.guidance),
             step=step,
-            prompt=self,
         )
         layer = LayerInfo(str(id(attn)), "cross" if cross else "self", attn.heads, "", 0)
         prepared = UNetAdapter().prepare(
@@ -270,7 +254,7 @@ class AttentionRegulationProcessor:
         lay = prepared.layout
         edit = (
             cross
-            and step < self.spec.edit_fraction * self.num_steps
+            and in_steps(step, self.num_steps, first=self.spec.edit_fraction)
             and regulation_supported(lay.height, lay.width)
         )
         return prepared.finish(
@@ -283,6 +267,6 @@ class _State:
     """The session facts the processor needs, derived from the call itself."""
 
     grid: tuple[int, int, int]
-    cond_rows: list[int]
+    rows: BatchRows
     step: int
-    prompt: Any
+    generation: int = 0  # one generation until reset(), which starts a fresh edit

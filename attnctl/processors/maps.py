@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .controls import Control, check, check_number, check_words
-from .processors.attention import AttentionCall, AttentionEdit
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.controls import Control, check, check_number, check_words
+from ..core.session import PerGeneration, in_steps
 
 
 @dataclasses.dataclass
@@ -58,26 +59,24 @@ class _Recorder(AttentionEdit):
     def __init__(self, spec: AttentionMaps, store: MapStore):
         self.spec = spec
         self.store = store
-        self._positions: dict[str, list[list[int]]] = {}
-        self._prompt: Any = None
+        self.positions = PerGeneration(self._positions)
 
     def active(self, session: Any, layer: Any) -> bool:
-        return bool(session.cond_rows) and (self.spec.steps is None or session.step in self.spec.steps)
+        return bool(session.cond_rows) and in_steps(session.step, session.num_steps, steps=self.spec.steps)
+
+    def _positions(self, session: Any) -> dict[str, list[list[int]]]:
+        """Per word, its text positions in each conditional row."""
+        words = self.spec.words(session.prompts()[0])
+        return {w: session.text_positions(w, self.spec.occurrence) for w in words}
 
     def observe(self, call: AttentionCall) -> None:
-        session = call.session
-        if self._prompt is not session.prompt:  # resolve words once per generation
-            prompts = session.prompts()
-            self._positions = {
-                w: session.text_positions(w, self.spec.occurrence) for w in self.spec.words(prompts[0])
-            }
-            self._prompt = session.prompt
-        columns = sorted({c for rows in self._positions.values() for pos in rows for c in pos})
+        positions = self.positions.get(call.session)
+        columns = sorted({c for rows in positions.values() for pos in rows for c in pos})
         probs = call.text_probs(columns)  # [cond rows, N, C] head-averaged
         index = {c: i for i, c in enumerate(columns)}
         layout = call.layout
         grid = (layout.frames, layout.height, layout.width)
-        for word, rows in self._positions.items():
+        for word, rows in positions.items():
             maps = [probs[i, :, [index[c] for c in pos]].mean(-1) for i, pos in enumerate(rows)]
             self.store.add(word, torch.stack(maps).mean(0).reshape(grid))
 

@@ -3,7 +3,8 @@
 A selection names blocks or modules by path ("up_blocks.1", "transformer_blocks.3.attn",
 "*.attn2"), by block index (3 = the fourth block holding attention, in model order), by kind
 (self / cross / joint) and optionally by heads. Patterns are anchored at dot boundaries, so
-"blocks.1" matches "blocks.1.attn1" but never "blocks.10.attn1".
+"blocks.1" matches "blocks.1.attn1" but never "blocks.10.attn1". Resolving gives each layer with
+the heads chosen in it (`SelectedLayer`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
+from ..families.base import KINDS, LayerInfo
 from .controls import check
-from .families.base import KINDS, LayerInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectedLayer(LayerInfo):
+    """A resolved layer: its `LayerInfo` and the head indices chosen in it (None: every head)."""
+
+    selected_heads: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +52,9 @@ class LayerSelection:
             ok = len(self.heads) > 0 and all(isinstance(h, int) and h >= 0 for h in self.heads)
             check(ok, "heads", list(self.heads), "a non-empty list of head indices >= 0")
 
-    def resolve(self, layers: Sequence[LayerInfo]) -> list[LayerInfo]:
-        """The layers selected, in model order; an error listing what exists when nothing matches."""
+    def resolve(self, layers: Sequence[LayerInfo]) -> list[SelectedLayer]:
+        """The layers selected, in model order, with their selected heads; an error listing what
+        exists when nothing matches."""
         pool = [layer for layer in layers if self.kinds is None or layer.kind in self.kinds]
         if self.patterns is not None:
             blocks = list(dict.fromkeys(layer.block for layer in layers))
@@ -63,7 +73,11 @@ class LayerSelection:
         if self.heads is not None:
             too_many = [layer.name for layer in pool if max(self.heads) >= layer.heads]
             check(not too_many, "heads", list(self.heads), f"head indices below the heads of {too_many[:3]}")
-        return pool
+        fields = [f.name for f in dataclasses.fields(LayerInfo)]
+        return [
+            SelectedLayer(**{f: getattr(layer, f) for f in fields}, selected_heads=self.heads)
+            for layer in pool
+        ]
 
     def __str__(self) -> str:
         parts = []
@@ -107,3 +121,25 @@ def working_layers(layers: Sequence[LayerInfo], height: int, width: int) -> list
     usable = [s for s in side.values() if s >= -(-short // 4)]
     chosen = min(usable) if usable else max(side.values())
     return [layer for layer in text if side[layer.name] == chosen]
+
+
+class WorkingLayers:
+    """The text-attending layers a control acts on: those its `layers` field names, else
+    `working_layers` of each call's token grid.
+
+    The rule needs the latent size, known only when the denoiser runs, so the control installs on
+    every `candidates` layer and asks `includes` per call; the rule runs once per grid."""
+
+    def __init__(self, session: Any, layers: Any = None):
+        fixed = None if layers is None else session.select(layers, kinds=("cross", "joint"))
+        self.candidates = fixed or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
+        self._fixed = None if fixed is None else {layer.name for layer in fixed}
+        self._by_grid: dict[tuple[int, int], set[str]] = {}
+
+    def includes(self, session: Any, layer: LayerInfo) -> bool:
+        if self._fixed is not None:
+            return layer.name in self._fixed
+        grid = session.grid[1:]
+        if grid not in self._by_grid:
+            self._by_grid[grid] = {x.name for x in working_layers(session.layers, *grid)}
+        return layer.name in self._by_grid[grid]

@@ -5,10 +5,15 @@ A control contributes to an attention call through an `AttentionEdit`, overridin
 - `logit_bias(call, logits)`: edit the pre-softmax logits (Attention Regulation, layout masks);
 - `post_softmax(call, probs, logits)`: edit the probabilities (AR restores start/end columns);
 - `kernel(call)`: compute the output with another kernel (DraftAttention);
+- `mix_output(call, out)`: mix the output O with the values V per batch row / head, after the kernel
+  and the logit / probability edits, whichever kernel ran (SoftPAG: O' = (1-u)·O + u·V);
 - `observe(call)`: read the attention (maps), e.g. through `call.text_probs(columns)`.
 Explicit probabilities are computed only when an edit changes logits or probabilities; observers
 alone keep the model's own attention kernel and recompute just the text columns they read, in
 query chunks, so no N x N matrix is ever kept.
+
+`session` arguments are the live `Session` (typed Any: this module sits below the session, which
+imports it), or a stand-in with the same state, as `AttentionRegulationProcessor` passes.
 """
 
 from __future__ import annotations
@@ -17,15 +22,12 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..families.base import FamilyAdapter, LayerInfo, Prepared
-
-if TYPE_CHECKING:
-    from ..control import Session
+from .denoiser import BatchRows
 
 # Elements of one logits chunk when text probabilities are recomputed (16 MiB in fp32; a chunk
 # lives with ~2 same-sized temporaries, so this bounds the extra peak memory of recording maps).
@@ -35,7 +37,7 @@ CHUNK_ELEMENTS = 1 << 22
 class AttentionEdit:
     """What a control does inside attention calls. Override what you need; the rest stays a no-op."""
 
-    def active(self, session: Session, layer: LayerInfo) -> bool:
+    def active(self, session: Any, layer: LayerInfo) -> bool:
         """Whether this edit takes part in the current call of `layer` (e.g. only on some steps)."""
         return True
 
@@ -48,6 +50,10 @@ class AttentionEdit:
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
         return None
 
+    def mix_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """O' from the attention output O [B, H, Sq, D] and `call.value`, for the rows / heads it edits."""
+        return out
+
     def observe(self, call: AttentionCall) -> None:
         return None
 
@@ -59,7 +65,7 @@ def _overrides(edit: AttentionEdit, method: str) -> bool:
 class AttentionCall:
     """One call of one attention layer: q, k, v [B, H, S, D], token layout and the session state."""
 
-    def __init__(self, session: Session, layer: LayerInfo, prepared: Prepared, default_kernel: Callable):
+    def __init__(self, session: Any, layer: LayerInfo, prepared: Prepared, default_kernel: Callable):
         self.session = session
         self.layer = layer
         self.query, self.key, self.value = prepared.query, prepared.key, prepared.value
@@ -68,13 +74,14 @@ class AttentionCall:
         self.scale = prepared.scale if prepared.scale is not None else 1.0 / math.sqrt(self.query.shape[-1])
         self.kernel_scale = prepared.scale  # passed on as given, so the default path is the model's own
         self.default_kernel = default_kernel
+        self.rows: BatchRows = session.rows  # which batch rows are uncond / cond / perturbed
         self.probs: torch.Tensor | None = None  # set when probabilities were computed explicitly
         self._text_probs: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def cond_rows(self) -> list[int]:
         """Batch rows of this call that belong to the conditional (prompted) branch."""
-        return self.session.cond_rows
+        return list(self.rows.cond)
 
     def logits(self, rows: list[int] | None = None) -> torch.Tensor:
         """Explicit pre-softmax logits [B, H, Sq, Sk] of the given batch rows (default: all), mask included."""
@@ -134,15 +141,13 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
 def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
     """Run one attention call with the edits' contributions; returns [B, H, Sq, D].
 
-    Logit and probability edits apply to the conditional rows only (given to them as [Bc, H, Sq, Sk]);
-    the other rows keep the model's own kernel, so the unconditional branch stays bit-identical.
+    Order: the kernel (an edit's, else the model's own), then logit and probability edits, then output
+    mixes, then observers. Logit and probability edits apply to the conditional rows only (given to
+    them as [Bc, H, Sq, Sk]); the other rows keep the kernel's output, so the unconditional branch
+    stays bit-identical. Output mixes see every row and choose their own (e.g. `call.rows.perturbed`).
     """
     biases = [e for e in edits if _overrides(e, "logit_bias")]
     posts = [e for e in edits if _overrides(e, "post_softmax")]
@@ -167,6 +172,9 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
         edited = probs.to(call.value.dtype) @ call.value[rows]
         out = out.index_copy(0, torch.tensor(rows, device=out.device), edited)
     for e in edits:
+        if _overrides(e, "mix_output"):
+            out = e.mix_output(call, out)
+    for e in edits:
         if _overrides(e, "observe"):
             e.observe(call)
     return out
@@ -179,7 +187,7 @@ class AttnctlProcessor:
     this processor exposes the signature of the one it replaces.
     """
 
-    def __init__(self, original: Any, session: Session, layer: LayerInfo, adapter: FamilyAdapter):
+    def __init__(self, original: Any, session: Any, layer: LayerInfo, adapter: FamilyAdapter):
         self.original = original
         self.session = session
         self.layer = layer

@@ -2,8 +2,8 @@
 
 Three hook points, one per level (DESIGN.md):
 - attention: an `AttnctlProcessor` replaces the processor of each layer a control selects;
-- denoiser: a diffusers `ModelHook` tracks the step, the timestep, the token grid and which batch rows
-  are conditional, and lets controls wrap the denoiser call;
+- denoiser: a diffusers `ModelHook` (`denoiser.py`) tracks the step, the timestep, the token grid and
+  which batch rows are uncond / cond / perturbed, and runs the controls' `DenoiserWrapper`s;
 - sampler: controls may wrap methods of the pipeline's objects on the instance (restored on exit).
 Everything installed is recorded as an undo action and undone in reverse order in a `finally`.
 """
@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Collection, Iterator
+from typing import Any, Generic, TypeVar
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks import HookRegistry
 
+from ..families import FamilyAdapter, LayerInfo, adapter_for
+from .attention import AttentionEdit, AttnctlProcessor
 from .controls import Control
-from .families import FamilyAdapter, LayerInfo, adapter_for
-from .layers import LayerSelection
-from .processors.attention import AttentionEdit, AttnctlProcessor
+from .denoiser import BatchRows, DenoiserHook, DenoiserWrapper
+from .layers import LayerSelection, SelectedLayer
 from .tokens import TokenTruncatedError
+
+T = TypeVar("T")
 
 HOOK_NAME = "attnctl"
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
@@ -47,52 +49,6 @@ def control(pipe: Any, *controls: Control) -> Iterator[Session]:
         session.restore()
 
 
-class _NoState(BaseState):
-    def reset(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-class _DenoiserHook(ModelHook):
-    """Tracks each denoiser forward. Stateful, so diffusers hands it the pipeline's cache context."""
-
-    _is_stateful = True
-
-    def __init__(self, session: Session, adapter: FamilyAdapter):
-        super().__init__()
-        self.session = session
-        self.adapter = adapter
-        self.state = StateManager(_NoState)  # receives cache_context("cond"/"uncond") from pipelines
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        context = self.state._context
-        self.session._begin_forward(
-            module, self.adapter, context.name if context is not None else None, args, kwargs
-        )
-        for wrap in self.session.forward_hooks:
-            args, kwargs = wrap.before(self.session, module, args, kwargs)
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        for wrap in reversed(self.session.forward_hooks):
-            output = wrap.after(self.session, module, output)
-        return output
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-
-class ForwardHook:
-    """A denoiser-level contribution: change a denoiser call's inputs and/or its output."""
-
-    def before(
-        self, session: Session, module: torch.nn.Module, args: tuple, kwargs: dict
-    ) -> tuple[tuple, dict]:
-        return args, kwargs
-
-    def after(self, session: Session, module: torch.nn.Module, output: Any) -> Any:
-        return output
-
-
 class Session:
     """What `control(...)` yields: live state during generation and results afterwards (`maps`)."""
 
@@ -110,20 +66,21 @@ class Session:
         self.adapter = self.adapters[0]
         self.layers: list[LayerInfo] = self.adapter.layers(self.denoisers[0])
         self.controls: list[Control] = []
-        self.forward_hooks: list[ForwardHook] = []
+        self.wrappers: list[DenoiserWrapper] = []  # denoiser level, in the order added
         self.generation_hooks: list[Callable[[Session], None]] = []  # called as each generation starts
-        self.maps: Any = None  # filled by AttentionMaps (an attnctl.maps.MapStore)
+        self.maps: Any = None  # filled by AttentionMaps (an attnctl.processors.maps.MapStore)
         # live state, updated at every denoiser forward
         self.step = -1  # index of the denoising step of the current forward
         self.timestep: float | None = None
         self.branch: str | None = None  # forced "cond"/"uncond" for forwards made by controls
         self.guiding = False  # True during a control's own gradient forward (latent guidance)
         self.log: dict[str, list[dict]] = {}  # per control kind: what it did (e.g. guidance losses)
-        self.cond_rows: list[int] = []
+        self.rows = BatchRows()  # of the batch entering the denoiser, after the wrappers' changes
         self.batch = 0
         self.grid: tuple[int, int, int] = (1, 0, 0)
         self.text_len: int | None = None
         self.prompt: str | list[str] | None = None
+        self.generation = 0  # counts pipeline calls (generations) seen in this session
         self._forwards_since_prompt = 0
         self._edits: dict[str, list[AttentionEdit]] = {}
         self._undo: list[Callable[[], None]] = []
@@ -140,8 +97,9 @@ class Session:
 
     def select(
         self, layers: Any = None, kinds: tuple[str, ...] | None = None, heads: Any = None
-    ) -> list[LayerInfo]:
-        """Resolve a control's `layers` value (None, a pattern, or a list of patterns/indices)."""
+    ) -> list[SelectedLayer]:
+        """Resolve a control's `layers` value (None, a pattern, or a list of patterns/indices) and
+        `heads` (None: every head)."""
         if isinstance(layers, (str, int)):
             layers = [layers]
         selection = LayerSelection(
@@ -157,6 +115,10 @@ class Session:
                 for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
                     self._swap_processor(denoiser, adapter, layer)
             self._edits[layer.name].append(edit)
+
+    def add_wrapper(self, wrapper: DenoiserWrapper) -> None:
+        """Run `wrapper` around every denoiser call (its `after` in reverse order of adding)."""
+        self.wrappers.append(wrapper)
 
     def edits_for(self, layer: LayerInfo) -> list[AttentionEdit]:
         return [e for e in self._edits.get(layer.name, ()) if e.active(self, layer)]
@@ -193,7 +155,7 @@ class Session:
         had_forward = "forward" in vars(denoiser)
         previous_forward = vars(denoiser).get("forward")
         registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-        registry.register_hook(_DenoiserHook(self, adapter), HOOK_NAME)
+        registry.register_hook(DenoiserHook(self, adapter), HOOK_NAME)
 
         def undo() -> None:
             registry.remove_hook(HOOK_NAME, recurse=False)
@@ -253,6 +215,7 @@ class Session:
             return
         self.prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
         self._forwards_since_prompt = 0
+        self.generation += 1
         self.step = -1
         self.timestep = None
         for hook in self.generation_hooks:
@@ -262,24 +225,34 @@ class Session:
         self, module: torch.nn.Module, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict
     ) -> None:
         self._forwards_since_prompt += 1
-        inputs = _named_inputs(module, args, kwargs)
-        t = inputs.get("timestep")
+        t = _named_inputs(module, args, kwargs).get("timestep")
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
         if t != self.timestep:
             self.step += 1
             self.timestep = t
+        self._read_batch(module, adapter, args, kwargs)
+        branch = self.branch or context
+        self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch))
+
+    def _read_batch(
+        self,
+        module: torch.nn.Module,
+        adapter: FamilyAdapter,
+        args: tuple,
+        kwargs: dict,
+        changed_by: DenoiserWrapper | None = None,
+    ) -> None:
+        """Batch size, token grid and text length of the call as it will enter the denoiser."""
+        inputs = _named_inputs(module, args, kwargs)
         text = inputs.get("encoder_hidden_states")
         self.text_len = None if text is None else text.shape[1]
         adapter.observe_forward(self, inputs)
         self.batch = inputs[adapter.latent_arg].shape[0]
-        branch = self.branch or context
-        if branch in ("cond", "uncond"):
-            self.cond_rows = list(range(self.batch)) if branch == "cond" else []
-        elif self._batched_cfg(branch) and self.batch % 2 == 0:
-            # diffusers' pipelines stack [uncond, cond] along the batch for CFG
-            self.cond_rows = list(range(self.batch // 2, self.batch))
-        else:
-            self.cond_rows = list(range(self.batch))
+        if changed_by is not None and self.rows.size != self.batch:
+            raise ValueError(
+                f"{type(changed_by).__name__} made the denoiser batch {self.batch} rows but session.rows "
+                f"declares {self.rows.size} ({self.rows}); declare added rows, e.g. rows.append_perturbed(n)"
+            )
 
     def _batched_cfg(self, context: str | None) -> bool:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
@@ -288,6 +261,11 @@ class Session:
             # its `guidance_scale` property tells the same
             cfg = (getattr(self.pipe, "guidance_scale", None) or 0) > 1
         return bool(cfg)
+
+    @property
+    def cond_rows(self) -> list[int]:
+        """The conditional rows of the current denoiser batch (a list, to index tensors with)."""
+        return list(self.rows.cond)
 
     @property
     def num_steps(self) -> int:
@@ -314,6 +292,31 @@ class Session:
                 "(the prompt is truncated there): shorten the prompt or raise max_sequence_length"
             )
         return rows
+
+
+class PerGeneration(Generic[T]):
+    """A value a control computes from the session once per generation, on first use (e.g. the
+    prompt's word positions): `compute(session)` runs again only when a new pipeline call began."""
+
+    def __init__(self, compute: Callable[[Any], T]):
+        self._compute = compute
+        self._generation: int | None = None
+        self._value: T | None = None
+
+    def get(self, session: Any) -> T:
+        if self._generation != session.generation:
+            self._value = self._compute(session)
+            self._generation = session.generation
+        return self._value  # type: ignore[return-value]
+
+
+def in_steps(
+    step: int, num_steps: int, *, steps: Collection[int] | None = None, first: float | None = None
+) -> bool:
+    """Whether denoising step `step` of `num_steps` is one a control acts on: listed in `steps`
+    (None: any) and within the first `first` fraction of the run (None: to the end). Papers give
+    step ranges as fractions of the run (steps 0-24 of 50: the first 0.5)."""
+    return (steps is None or step in steps) and (first is None or step < first * num_steps)
 
 
 def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

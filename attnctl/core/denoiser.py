@@ -1,0 +1,137 @@
+"""The denoiser level: a diffusers `ModelHook` on the UNet/transformer, the batch rows, and the
+protocol a denoiser-level control fills in.
+
+At each denoiser call the session tracks the step and the timestep and labels the batch rows
+(`BatchRows`): the pipeline's `cache_context("cond"/"uncond")` names a one-branch call, else
+diffusers' CFG stacking `[uncond, cond]` halves the batch. Then each registered `DenoiserWrapper`
+may change the call (`before`), e.g. append perturbed rows and declare them in `session.rows`; after
+each one the session reads the batch, grid and text length again, so attention calls see the batch
+that really enters the denoiser. After the forward, `after` runs newest first and may fold the
+output, e.g. perturbed rows into the prediction the pipeline's own CFG formula then combines.
+
+`session` arguments are the live `Session` (typed Any: this module sits below the session).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from ..families.base import FamilyAdapter
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRows:
+    """Which rows of the batch entering the denoiser are unconditional, conditional and perturbed."""
+
+    uncond: tuple[int, ...] = ()
+    cond: tuple[int, ...] = ()
+    perturbed: tuple[int, ...] = ()
+
+    @classmethod
+    def of_batch(cls, batch: int, branch: str | None, stacked_cfg: bool) -> BatchRows:
+        """The rows of a batch as the pipeline built it: one named branch ("cond" / "uncond"), CFG's
+        `[uncond, cond]` halves, or (no CFG) all conditional."""
+        rows = tuple(range(batch))
+        if branch == "cond":
+            return cls(cond=rows)
+        if branch == "uncond":
+            return cls(uncond=rows)
+        if stacked_cfg and batch % 2 == 0:
+            return cls(uncond=rows[: batch // 2], cond=rows[batch // 2 :])
+        return cls(cond=rows)
+
+    @property
+    def size(self) -> int:
+        return len(self.uncond) + len(self.cond) + len(self.perturbed)
+
+    def append_perturbed(self, count: int) -> BatchRows:
+        """These rows and `count` perturbed rows appended at the end of the batch."""
+        new = tuple(range(self.size, self.size + count))
+        return dataclasses.replace(self, perturbed=self.perturbed + new)
+
+
+class DenoiserWrapper:
+    """A denoiser-level contribution around each denoiser call (`session.add_wrapper`).
+
+    Override what you need; the rest passes the call through unchanged."""
+
+    def before(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Change the call's arguments. A wrapper that adds rows to the batch declares them in
+        `session.rows` (e.g. `session.rows = session.rows.append_perturbed(n)`)."""
+        return args, kwargs
+
+    def after(self, session: Any, module: torch.nn.Module, output: Any) -> Any:
+        """Change the denoiser's output (e.g. fold the perturbed rows it added back out)."""
+        return output
+
+
+def take_rows(obj: Any, rows: list[int], batch: int) -> Any:
+    """Every tensor with the batch as its first dimension, restricted to `rows` (nested in tuples/dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple):
+        return tuple(take_rows(o, rows, batch) for o in obj)
+    if isinstance(obj, list):
+        return [take_rows(o, rows, batch) for o in obj]
+    if isinstance(obj, dict):
+        return {k: take_rows(v, rows, batch) for k, v in obj.items()}
+    return obj
+
+
+def latent_input(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
+    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs)."""
+    name = session.adapter.latent_arg
+    if args:
+        return args[0], lambda new: ((new, *args[1:]), kwargs)
+    return kwargs[name], lambda new: (args, {**kwargs, name: new})
+
+
+def denoiser_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The prediction in a denoiser's output (a `(sample, ...)` tuple with `return_dict=False`, else
+    an output object with `.sample`), and a function that puts a replacement back in the same form."""
+    if isinstance(output, tuple):
+        return output[0], lambda new: (new, *output[1:])
+    return output.sample, lambda new: dataclasses.replace(output, sample=new)
+
+
+class DenoiserHook(ModelHook):
+    """Tracks each denoiser forward and runs the wrappers around it. Stateful, so diffusers hands it
+    the pipeline's cache context."""
+
+    _is_stateful = True
+
+    def __init__(self, session: Any, adapter: FamilyAdapter):
+        super().__init__()
+        self.session = session
+        self.adapter = adapter
+        self.state = StateManager(_NoState)  # receives cache_context("cond"/"uncond") from pipelines
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        session = self.session
+        context = self.state._context
+        session._begin_forward(
+            module, self.adapter, context.name if context is not None else None, args, kwargs
+        )
+        for wrapper in session.wrappers:
+            args, kwargs = wrapper.before(session, module, args, kwargs)
+            session._read_batch(module, self.adapter, args, kwargs, changed_by=wrapper)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        for wrapper in reversed(self.session.wrappers):
+            output = wrapper.after(self.session, module, output)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass

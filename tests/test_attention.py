@@ -1,0 +1,128 @@
+"""attend(): how the edits of one attention call compose (kernel, logits, output mix, observer)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.core.attention import AttentionCall, AttentionEdit, attend
+from attnctl.core.denoiser import BatchRows
+from attnctl.families.base import LayerInfo, Layout, Prepared, sdpa
+from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
+
+ROWS = BatchRows(uncond=(0,), cond=(1,), perturbed=(2,))
+
+
+def _call():
+    """A self-attention call of 3 rows (uncond, cond, perturbed), 2 heads, 6 tokens."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 6, 4, generator=g) for _ in range(3))
+    layout = Layout(image_q=slice(0, 6), image_k=slice(0, 6), text_k=None, frames=1, height=2, width=3)
+    layer = LayerInfo("blocks.0.attn1", "self", 2, "blocks.0", 0)
+    prepared = Prepared(q, k, v, layout, finish=lambda out: out)
+    return AttentionCall(types.SimpleNamespace(rows=ROWS), layer, prepared, sdpa)
+
+
+class _Mix(AttentionEdit):
+    """SoftPAG's form of mix: O' = (1 - u)·O + u·V on head 1 of the given rows."""
+
+    def __init__(self, rows, u=0.25):
+        self.rows, self.u, self.seen = list(rows), u, None
+
+    def mix_output(self, call, out):
+        self.seen = out.clone()
+        out = out.clone()
+        out[self.rows, 1] = (1 - self.u) * out[self.rows, 1] + self.u * call.value[self.rows, 1]
+        return out
+
+
+class _Kernel(AttentionEdit):
+    def kernel(self, call):
+        return 2 * call.value  # any kernel but the model's own
+
+
+class _Bias(AttentionEdit):
+    def logit_bias(self, call, logits):
+        return logits + torch.linspace(0, 3, logits.shape[-1])
+
+
+class _Observer(AttentionEdit):
+    def __init__(self):
+        self.calls = 0
+
+    def observe(self, call):
+        self.calls += 1
+
+
+def _mixed(out, value, rows, u=0.25):
+    out = out.clone()
+    out[rows, 1] = (1 - u) * out[rows, 1] + u * value[rows, 1]
+    return out
+
+
+def test_mix_applies_to_a_kernel_edits_output_and_observers_still_run():
+    call, mix, observer = _call(), _Mix(ROWS.perturbed), _Observer()
+    out = attend(call, [mix, _Kernel(), observer])  # the mix listed first still runs after the kernel
+    assert torch.equal(mix.seen, 2 * call.value)
+    assert torch.equal(out, _mixed(2 * call.value, call.value, [2]))
+    assert observer.calls == 1
+
+
+def test_mix_sees_the_logit_edited_conditional_rows():
+    call, mix = _call(), _Mix([1, 2])
+    out = attend(call, [mix, _Bias()])
+    plain = sdpa(call.query, call.key, call.value, None, None)
+    biased = (_Bias().logit_bias(call, call.logits([1])).softmax(-1) @ call.value[[1]])[0]
+    assert torch.allclose(mix.seen[1], biased, atol=1e-6)
+    assert torch.equal(mix.seen[[0, 2]], plain[[0, 2]])
+    assert torch.allclose(out, _mixed(mix.seen, call.value, [1, 2]))
+
+
+class _NoMix(AttentionEdit):
+    def __init__(self):
+        self.calls = []
+
+    def mix_output(self, call, out):
+        self.calls.append((call.session.step, call.layer.block))
+        return out
+
+
+@pytest.mark.parametrize("family", ["sd", "flux", "wan"])
+def test_noop_mix_is_bit_identical(family):
+    pipe = tiny_pipeline(family)
+
+    def run():
+        result = pipe(
+            "a cat and a frog", generator=torch.Generator().manual_seed(0), **tiny_call_kwargs(family)
+        )
+        return torch.as_tensor(result.images if hasattr(result, "images") else result.frames)
+
+    base = run()
+    noop = _NoMix()
+    with attnctl.control(pipe) as ctl:
+        ctl.add_edit(ctl.layers, noop)
+        out = run()
+    assert noop.calls and torch.equal(out, base)
+
+
+def test_noop_mix_composes_with_draft_attention_and_maps():
+    pipe = tiny_pipeline("wan")
+    kwargs = tiny_call_kwargs("wan", num_inference_steps=4, height=64, width=64)
+    controls = (attnctl.DraftAttention(sparsity=0.5, pool=(1, 2)), attnctl.AttentionMaps(["cat"]))
+
+    def run(*edits):
+        with attnctl.control(pipe, *controls) as ctl:
+            for edit in edits:
+                ctl.add_edit([layer for layer in ctl.layers if layer.kind == "self"], edit)
+            frames = pipe("a cat and a frog", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        return frames, ctl.maps["cat"]
+
+    base, base_map = run()
+    noop = _NoMix()
+    out, out_map = run(noop)
+    # it ran on calls that DraftAttention made sparse: past the first quarter of steps, after block 0
+    assert any(step >= 1 and block != "blocks.0" for step, block in noop.calls)
+    assert torch.equal(out, base) and torch.equal(out_map, base_map)
