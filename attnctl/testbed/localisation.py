@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..layers import working_layers
-from ..processors.attention import AttentionCall, AttentionEdit
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.layers import working_layers
 from .bench import BENCH_SEED
 from .data import bench_prompts, parse_caption
 from .detector import detect
