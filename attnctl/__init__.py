@@ -12,6 +12,7 @@ from .pipelines.guidance import AStar, AttendAndExcite
 from .processors.draft import DraftAttention
 from .processors.maps import AttentionMaps
 from .processors.regulation import AttentionRegulation, AttentionRegulationProcessor
+from .processors.softpag import PAG, SoftPAG
 
 __all__ = [
     "AStar",
@@ -22,7 +23,9 @@ __all__ = [
     "Control",
     "DraftAttention",
     "LayerSelection",
+    "PAG",
     "Session",
+    "SoftPAG",
     "control",
 ]
 __version__ = "0.1.0"

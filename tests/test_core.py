@@ -10,7 +10,7 @@ import torch
 import attnctl
 from attnctl.core.attention import AttentionEdit
 from attnctl.core.controls import Control
-from attnctl.core.denoiser import BatchRows, DenoiserWrapper, denoiser_output, take_rows
+from attnctl.core.denoiser import BatchRows, DenoiserWrapper, append_rows, denoiser_output
 from attnctl.core.layers import LayerSelection, SelectedLayer
 from attnctl.core.session import PerGeneration, in_steps
 from attnctl.families.base import LayerInfo
@@ -130,9 +130,7 @@ class _AppendPerturbed(DenoiserWrapper):
         self.declare = declare
 
     def before(self, session, module, args, kwargs):
-        batch = session.batch
-        extra = take_rows((args, kwargs), session.cond_rows, batch)
-        args, kwargs = _append((args, kwargs), extra, batch)
+        args, kwargs = append_rows((args, kwargs), session.cond_rows, session.batch)
         if self.declare:
             session.rows = session.rows.append_perturbed(len(session.rows.cond))
         return args, kwargs
@@ -140,16 +138,6 @@ class _AppendPerturbed(DenoiserWrapper):
     def after(self, session, module, output):
         prediction, put = denoiser_output(output)
         return put(prediction[: session.rows.size - len(session.rows.perturbed)])
-
-
-def _append(obj, extra, batch):
-    if isinstance(obj, torch.Tensor):
-        return torch.cat([obj, extra]) if obj.dim() > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple):
-        return tuple(_append(o, e, batch) for o, e in zip(obj, extra, strict=True))
-    if isinstance(obj, dict):
-        return {k: _append(v, extra[k], batch) for k, v in obj.items()}
-    return obj
 
 
 def test_attention_sees_the_rows_a_wrapper_adds():

@@ -58,7 +58,8 @@ class AttentionEdit:
         return None
 
 
-def _overrides(edit: AttentionEdit, method: str) -> bool:
+def overrides(edit: AttentionEdit, method: str) -> bool:
+    """Whether `edit` fills in `method` of the protocol (the others stay no-ops and are skipped)."""
     return getattr(type(edit), method) is not getattr(AttentionEdit, method)
 
 
@@ -76,6 +77,7 @@ class AttentionCall:
         self.default_kernel = default_kernel
         self.rows: BatchRows = session.rows  # which batch rows are uncond / cond / perturbed
         self.probs: torch.Tensor | None = None  # set when probabilities were computed explicitly
+        self.edits: list[AttentionEdit] = []  # the edits taking part in this call (set by attend)
         self._text_probs: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
@@ -149,11 +151,12 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
     them as [Bc, H, Sq, Sk]); the other rows keep the kernel's output, so the unconditional branch
     stays bit-identical. Output mixes see every row and choose their own (e.g. `call.rows.perturbed`).
     """
-    biases = [e for e in edits if _overrides(e, "logit_bias")]
-    posts = [e for e in edits if _overrides(e, "post_softmax")]
+    call.edits = edits
+    biases = [e for e in edits if overrides(e, "logit_bias")]
+    posts = [e for e in edits if overrides(e, "post_softmax")]
     out = None
     for e in edits:
-        if _overrides(e, "kernel"):
+        if overrides(e, "kernel"):
             out = e.kernel(call)
             if out is not None:
                 break
@@ -172,10 +175,10 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
         edited = probs.to(call.value.dtype) @ call.value[rows]
         out = out.index_copy(0, torch.tensor(rows, device=out.device), edited)
     for e in edits:
-        if _overrides(e, "mix_output"):
+        if overrides(e, "mix_output"):
             out = e.mix_output(call, out)
     for e in edits:
-        if _overrides(e, "observe"):
+        if overrides(e, "observe"):
             e.observe(call)
     return out
 

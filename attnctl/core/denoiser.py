@@ -38,6 +38,8 @@ class BatchRows:
         """The rows of a batch as the pipeline built it: one named branch ("cond" / "uncond"), CFG's
         `[uncond, cond]` halves, or (no CFG) all conditional."""
         rows = tuple(range(batch))
+        if branch == "perturbed":  # a separate forward of a perturbed branch (SoftPAG's batch="split")
+            return cls(perturbed=rows)
         if branch == "cond":
             return cls(cond=rows)
         if branch == "uncond":
@@ -73,14 +75,24 @@ class DenoiserWrapper:
 
 def take_rows(obj: Any, rows: list[int], batch: int) -> Any:
     """Every tensor with the batch as its first dimension, restricted to `rows` (nested in tuples/dicts)."""
+    return _map_batch(obj, lambda x: x[rows], batch)
+
+
+def append_rows(obj: Any, rows: list[int], batch: int) -> Any:
+    """Every tensor with the batch as its first dimension, with copies of `rows` appended at the end
+    (nested in tuples/lists/dicts); e.g. the conditional rows again, as a perturbed branch."""
+    return _map_batch(obj, lambda x: torch.cat([x, x[rows]]), batch)
+
+
+def _map_batch(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch else obj
+        return fn(obj) if obj.dim() > 0 and obj.shape[0] == batch else obj
     if isinstance(obj, tuple):
-        return tuple(take_rows(o, rows, batch) for o in obj)
+        return tuple(_map_batch(o, fn, batch) for o in obj)
     if isinstance(obj, list):
-        return [take_rows(o, rows, batch) for o in obj]
+        return [_map_batch(o, fn, batch) for o in obj]
     if isinstance(obj, dict):
-        return {k: take_rows(v, rows, batch) for k, v in obj.items()}
+        return {k: _map_batch(v, fn, batch) for k, v in obj.items()}
     return obj
 
 

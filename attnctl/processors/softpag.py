@@ -1,0 +1,238 @@
+"""SoftPAG and PAG: perturb chosen attention heads in a perturbed branch and guide away from it.
+
+Ahn et al., "Fine-Grained Perturbation Guidance via Attention Head Selection" (NeurIPS 2025,
+reference code cvlab-kaist/HeadHunter) and "Self-Rectifying Diffusion Sampling with
+Perturbed-Attention Guidance" (ECCV 2024; diffusers' PAG pipelines). The denoiser level
+(`pipelines.perturbed.PerturbedGuidance`) adds the perturbed rows and folds them into the guidance;
+this module perturbs those rows' selected heads inside attnctl's processor, so it works whatever
+the attention backend and composes with any kernel (DraftAttention) and observer (maps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.attention import AttentionCall, AttentionEdit, overrides
+from ..core.controls import Control, check, check_number
+from ..pipelines.perturbed import BATCH_MODES, PerturbedGuidance
+from .softpag_math import TARGETS, image_scope_attention, perturbed_output
+
+SCOPES = ("joint", "image")
+# Layers whose image queries attend to image keys: where a head can be perturbed.
+PERTURBABLE = ("self", "joint")
+
+
+@dataclasses.dataclass
+class SoftPAG(Control):
+    """Soft perturbation of chosen attention heads, guided by ε_c - ε_p.
+
+    heads: which heads, as a mapping {layer path: [head, ...]}, a list of "layer path:head" strings,
+        or the path of a head-search result JSON (its "selected" list of "layer:head", in order).
+    top: with a result JSON, use its first `top` heads (None: all).
+    u: interpolation toward the target map, A' = (1 - u)·A + u·A_target (1: PAG's full perturbation).
+    scale: perturbation guidance scale s. adaptive_scale: s_t = max(0, s - adaptive·(1000 - t)).
+    target: "identity" (A_target = I: O' = (1 - u)·O + u·V) or "uniform" (O' = (1 - u)·O + u·mean(V)).
+    scope: on joint-attention models, "joint" perturbs the whole joint sequence (the HeadHunter
+        reference) and "image" only the image block: image queries attend to themselves and the
+        text keys, text rows are intact (diffusers' SD3 PAG). Self-attention layers: the same.
+    batch: "auto" (one batched forward of [uncond, cond, perturbed] where memory allows) or "split".
+    """
+
+    heads: dict[str, list[int]] | list[str] | str = dataclasses.field(default_factory=list)
+    u: float = 1.0
+    scale: float = 3.0
+    target: str = "identity"
+    adaptive_scale: float = 0.0
+    scope: str = "joint"
+    batch: str = "auto"
+    top: int | None = None
+
+    def validate(self) -> None:
+        self._check_heads()
+        check_number("u", self.u, low=0, high=1)
+        check_number("scale", self.scale, low=0)
+        check_number("adaptive_scale", self.adaptive_scale, low=0)
+        check(self.target in TARGETS, "target", self.target, f"one of {', '.join(TARGETS)}")
+        check(self.scope in SCOPES, "scope", self.scope, f"one of {', '.join(SCOPES)}")
+        check(self.batch in BATCH_MODES, "batch", self.batch, f"one of {', '.join(BATCH_MODES)}")
+        if self.top is not None:
+            check_number("top", self.top, low=1, integer=True)
+            check(isinstance(self.heads, str), "top", self.top, "None unless heads is a result JSON path")
+
+    def _check_heads(self) -> None:
+        allowed = (
+            'a non-empty {layer: [head, ...]} mapping, a list of "layer:head" strings, or a result JSON path'
+        )
+        h = self.heads
+        if isinstance(h, str):
+            path = Path(h)
+            check(path.is_file(), "heads", h, "an existing head-search result JSON file")
+            try:
+                selected = json.loads(path.read_text())["selected"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"heads={h!r} is not allowed: a JSON file with a 'selected' list ({e})"
+                ) from e
+            check(
+                isinstance(selected, list) and bool(selected),
+                "heads",
+                h,
+                "a result JSON whose 'selected' list is not empty",
+            )
+            _parse_pairs(selected, "heads")
+        elif isinstance(h, dict):
+            ok = bool(h) and all(
+                isinstance(k, str)
+                and k
+                and isinstance(v, (list, tuple))
+                and v
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+                for k, v in h.items()
+            )
+            check(ok, "heads", h, allowed)
+        elif isinstance(h, (list, tuple)):
+            check(bool(h), "heads", h, allowed)
+            _parse_pairs(h, "heads")
+        else:
+            check(False, "heads", h, allowed)
+
+    def head_map(self) -> dict[str, list[int]]:
+        """The heads as {layer pattern: [head, ...]}, in the given order (JSON: its first `top`)."""
+        h = self.heads
+        if isinstance(h, dict):
+            return {k: list(v) for k, v in h.items()}
+        pairs = json.loads(Path(h).read_text())["selected"][: self.top] if isinstance(h, str) else h
+        out: dict[str, list[int]] = {}
+        for layer, head in _parse_pairs(pairs, "heads"):
+            out.setdefault(layer, []).append(head)
+        return out
+
+    def install(self, session: Any) -> None:
+        heads: dict[str, tuple[int, ...] | None] = {}
+        for pattern, chosen in self.head_map().items():
+            for layer in session.select([pattern], kinds=PERTURBABLE, heads=sorted(set(chosen))):
+                heads[layer.name] = tuple(sorted(set(heads.get(layer.name) or ()) | set(chosen)))
+        _install(session, heads, self.u, self.target, self.scope, self.scale, self.adaptive_scale, self.batch)
+
+
+@dataclasses.dataclass
+class PAG(Control):
+    """Perturbed-Attention Guidance: every head of the chosen self-attention layers at u = 1.
+
+    layers: layer paths or block indices (e.g. ["mid_block"], diffusers' "mid" on SD).
+    scale, adaptive_scale: as SoftPAG (s_t = max(0, s - adaptive·(1000 - t))).
+    scope, batch: as SoftPAG ("image" reproduces diffusers' SD3 PAG on joint attention).
+    """
+
+    layers: list[str | int] = dataclasses.field(default_factory=list)
+    scale: float = 3.0
+    adaptive_scale: float = 0.0
+    scope: str = "joint"
+    batch: str = "auto"
+
+    def validate(self) -> None:
+        ok = isinstance(self.layers, (list, tuple)) and bool(self.layers)
+        ok = ok and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in self.layers)
+        check(ok, "layers", self.layers, "a non-empty list of layer paths or block indices")
+        check_number("scale", self.scale, low=0)
+        check_number("adaptive_scale", self.adaptive_scale, low=0)
+        check(self.scope in SCOPES, "scope", self.scope, f"one of {', '.join(SCOPES)}")
+        check(self.batch in BATCH_MODES, "batch", self.batch, f"one of {', '.join(BATCH_MODES)}")
+
+    def install(self, session: Any) -> None:
+        heads = {layer.name: None for layer in session.select(self.layers, kinds=PERTURBABLE)}
+        _install(session, heads, 1.0, "identity", self.scope, self.scale, self.adaptive_scale, self.batch)
+
+
+def _install(session: Any, heads: dict, u: float, target: str, scope: str, scale, adaptive, batch) -> None:
+    if u == 0 or scale == 0:
+        return  # O' = O, or ε_c - ε_p weighted 0: exactly the unguided run, at no cost
+    session.add_wrapper(PerturbedGuidance(scale, adaptive, batch))
+    layers = [layer for layer in session.layers if layer.name in heads]
+    session.add_edit(layers, _PerturbHeads(heads, u, target, scope))
+
+
+def _parse_pairs(pairs: Any, name: str) -> list[tuple[str, int]]:
+    out = []
+    for p in pairs:
+        layer, _, head = p.rpartition(":") if isinstance(p, str) else ("", "", "")
+        check(
+            bool(layer) and head.isdigit(),
+            name,
+            p,
+            '"layer path:head index" strings, e.g. "mid_block.attentions.0.transformer_blocks.0.attn1:3"',
+        )
+        out.append((layer, int(head)))
+    return out
+
+
+class _PerturbHeads(AttentionEdit):
+    """O' = (1 - u)·O + u·A_target·V on the perturbed rows' selected heads; nothing else changes."""
+
+    def __init__(self, heads: dict[str, tuple[int, ...] | None], u: float, target: str, scope: str):
+        self.heads, self.u, self.target, self.scope = heads, u, target, scope
+
+    def active(self, session: Any, layer: Any) -> bool:
+        return bool(session.rows.perturbed)
+
+    def kernel(self, call: AttentionCall) -> torch.Tensor | None:
+        """At u = 1 with the identity target the selected heads of the perturbed rows need no
+        attention at all (their output is V): compute the rest only. Any other kernel edit (e.g.
+        DraftAttention) computes everything instead, and `mix_output` overwrites those heads."""
+        if self.u != 1 or self.target != "identity" or self._image_scope(call) or call.mask is not None:
+            return None
+        if any(e is not self and overrides(e, "kernel") for e in call.edits):
+            return None
+        q, k, v = call.query, call.key, call.value
+        heads = self.heads[call.layer.name]
+        perturbed = list(call.rows.perturbed)
+        others = [r for r in range(q.shape[0]) if r not in call.rows.perturbed]
+        out = v.new_empty(q.shape[:3] + v.shape[3:])
+        if others:
+            out[others] = call.default_kernel(q[others], k[others], v[others], None, call.kernel_scale)
+        if heads is not None:
+            rest = [h for h in range(q.shape[1]) if h not in heads]
+            if rest:
+                sub = (x[perturbed][:, rest] for x in (q, k, v))
+                block = call.default_kernel(*sub, None, call.kernel_scale)
+                out[perturbed[0] : perturbed[-1] + 1, rest] = block  # perturbed rows are the last, contiguous
+        out[perturbed] = perturbed_output(out[perturbed], v[perturbed], heads, 1.0, "identity")
+        self._filled = True
+        return out
+
+    def mix_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_filled", False):
+            self._filled = False
+            return out
+        rows = list(call.rows.perturbed)
+        heads = self.heads[call.layer.name]
+        idx = torch.tensor(rows, device=out.device)
+        if self._image_scope(call):
+            goal = image_scope_attention(
+                call.query[rows], call.key[rows], call.value[rows], call.layout.image_k, call.scale
+            )
+            mixed = perturbed_output(out[rows], goal, heads, self.u, "identity")
+        else:
+            mixed = perturbed_output(out[rows], _values(call, rows, self.target), heads, self.u, self.target)
+        return out.index_copy(0, idx, mixed)
+
+    def _image_scope(self, call: AttentionCall) -> bool:
+        return self.scope == "image" and call.layer.kind == "joint" and call.layout.text_k is not None
+
+
+def _values(call: AttentionCall, rows: list[int], target: str) -> torch.Tensor:
+    """The values the target mixes in: each query's own (identity) or, for the uniform target, the
+    keys' values with masked keys left out of the mean."""
+    v = call.value[rows]
+    if target == "identity" or call.mask is None:
+        return v
+    mask = call.mask if call.mask.shape[0] == 1 else call.mask[rows]
+    check(mask.shape[-2] == 1, "target", target, "'identity' on layers with a per-query attention mask")
+    keep = (mask if mask.dtype == torch.bool else mask > float("-inf")).to(v.dtype)[..., 0, :, None]
+    mean = (v * keep).sum(2, keepdim=True) / keep.sum(2, keepdim=True).clamp_min(1)
+    return mean.expand_as(v)
