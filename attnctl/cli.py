@@ -17,12 +17,14 @@ app.add_typer(bench_app, name="bench")
 def _register() -> None:
     """Commands defined next to what they run: the testbed's, and the benchmarks."""
     from attnctl.kernels.bench import draft
+    from attnctl.pipelines.bench import pag
     from attnctl.testbed.cli import compose, maps, testbed_app
 
     app.add_typer(testbed_app, name="testbed")
     bench_app.command("compose")(compose)
     bench_app.command("maps")(maps)
     bench_app.command("draft")(draft)
+    bench_app.command("pag")(pag)
 
 
 MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbed model)."

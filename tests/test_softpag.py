@@ -213,3 +213,14 @@ def test_json_round_trip_and_validation(tmp_path):
     with pytest.raises(ValueError, match="head indices below"):
         with attnctl.control(pipe, attnctl.SoftPAG({"mid_block": [99]})):
             pass
+
+
+def test_bench_pag_reports_paired_ratios(tmp_path):
+    from attnctl.pipelines.bench import run_pag
+
+    report = run_pag(("sd3",), samples=1, json_out=tmp_path / "pag.json", log=None)
+    row = report["sd3"]
+    assert row["perturbed_layers"] and row["cfg_seconds"] > 0 and row["ratio_median"] > 0
+    assert json.loads((tmp_path / "pag.json").read_text())["sd3"]["ratios"] == row["ratios"]
+    with pytest.raises(ValueError, match="models"):
+        run_pag(("sdxl",))

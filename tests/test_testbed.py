@@ -128,12 +128,12 @@ def test_bench_compose_writes_json(tmp_path):
 
 
 def test_bench_compares_methods_on_the_same_samples(tmp_path):
-    report = run_compose("none,astar,regulation,excite", 1, 1, steps=2, sizes=(2,), log=None)
+    report = run_compose("none,astar,regulation,excite,pag,softpag", 1, 1, steps=2, sizes=(2,), log=None)
     records = report["records"]
-    assert [r["method"] for r in records] == ["none", "astar", "regulation", "excite"]
+    assert [r["method"] for r in records] == ["none", "astar", "regulation", "excite", "pag", "softpag"]
     assert len({(r["prompt"], r["seed"]) for r in records}) == 1  # same prompt and seed for all
     assert report["time_ratio"]["none"]["mean"] == 1.0 and report["time_ratio"]["astar"]["to"] == "none"
-    assert set(report["results"]) == {"none", "astar", "regulation", "excite"}
+    assert set(report["results"]) == {"none", "astar", "regulation", "excite", "pag", "softpag"}
     with pytest.raises(ValueError, match="sizes"):
         run_compose("none", 1, 1, sizes=(4,), pipe=object())
 

@@ -34,7 +34,15 @@ def _methods() -> dict[str, Callable[[str], list]]:
         "excite": lambda prompt: [attnctl.AttendAndExcite(_shapes(prompt))],
         "astar": lambda prompt: [attnctl.AStar(_shapes(prompt))],
         "regulation": lambda prompt: [attnctl.AttentionRegulation(_shapes(prompt))],
+        # PAG on the mid block's self-attention (diffusers' default "mid"), scale 3
+        "pag": lambda prompt: [attnctl.PAG(["mid_block"])],
+        # Until a head search ran, a stated rule: half the heads (0 and 1 of 4) of every
+        # self-attention layer at the 8x8 level the other methods read, u = 1, scale 3
+        "softpag": lambda prompt: [attnctl.SoftPAG({block: [0, 1] for block in SOFTPAG_BLOCKS})],
     }
+
+
+SOFTPAG_BLOCKS = ("down_blocks.1", "mid_block", "up_blocks.0")
 
 
 # Method name -> function from a prompt to the attnctl controls that implement it (paper defaults).
