@@ -168,3 +168,17 @@ def test_bench_maps_reports_every_text_layer(tmp_path):
         assert row["default"] >= 0 and all(v >= 0 for v in row["resolutions"].values())
     with pytest.raises(ValueError, match="sizes"):
         run_maps(1, 1, sizes=(1,), pipe=object())
+
+
+def test_methods_read_the_shipped_models_8x8_text_layers():
+    """The layer rule (text-attending level at latent/4, else the lowest above it) on the bundled
+    model: a 16x16 latent attending to text at 16x16 and 8x8 gives the 8x8 layers."""
+    import attnctl
+    from attnctl.core.layers import working_layers
+
+    pipe = load_pipeline()
+    with attnctl.control(pipe) as ctl:
+        chosen = working_layers(ctl.layers, 16, 16)
+        text = [x for x in ctl.layers if x.kind == "cross"]
+    assert chosen and all(16 // x.downsample == 8 for x in chosen)
+    assert {x.name for x in chosen} == {x.name for x in text if 16 // x.downsample == 8}
