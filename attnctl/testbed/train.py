@@ -37,7 +37,7 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
-    unet_steps: int = 5_000
+    unet_steps: int = 6_000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup: int = 200
@@ -46,7 +46,7 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     unet_channels: tuple[int, ...] = (32, 64)
     # Which UNet levels (full latent resolution first) have attention layers; the mid block always does.
-    attention_levels: tuple[bool, ...] = (False, True)
+    attention_levels: tuple[bool, ...] = (True, True)
     layers_per_block: int = 1
     text_width: int = 64
     # 0: the text states are token + position embeddings after the final norm (non-contextual), so
