@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnctl.testbed import load_pipeline, model_path
-from attnctl.testbed.bench import mean_ci, run_compose, wilson
+from attnctl.testbed.bench import SIZES, mean_ci, run_compose, wilson
 from attnctl.testbed.data import (
     CAPTION_WORDS,
     COLORS,
@@ -20,6 +20,7 @@ from attnctl.testbed.data import (
     generate,
     heldout_combos,
     parse_caption,
+    search_prompts,
 )
 from attnctl.testbed.detector import DETECTOR_EVAL_SEED, evaluate
 from attnctl.testbed.train import TrainConfig, train
@@ -61,6 +62,16 @@ def test_benchmark_prompts_are_held_out_of_training():
         assert prompts and all(combo_key(parse_caption(p)) in held for p in prompts)
     assert len(bench_prompts(1)) == 12
     assert bench_prompts(2) == bench_prompts(2)
+
+
+def test_search_prompts_are_not_benchmark_prompts():
+    bench = {combo_key(parse_caption(p)) for n in SIZES for p in bench_prompts(n)}
+    prompts = search_prompts()
+    keys = [combo_key(parse_caption(p)) for p in prompts]
+    assert not set(keys) & bench and all(len(k) in (2, 3) for k in keys)
+    assert len(set(keys)) == len(keys) == 27 + 18  # every two- and three-object training combination
+    assert set(keys) | {k for k in bench if len(k) > 1} == heldout_combos() | set(keys)
+    assert search_prompts() == prompts
 
 
 def test_detector_accuracy_on_held_out_renders():
