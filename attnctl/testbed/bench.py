@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..headhunter.distributed import Processes
 from .data import bench_prompts, parse_caption
 from .detector import detect
 
@@ -72,6 +73,8 @@ def run_compose(
     Metrics: `object_presence` (per prompted object: its shape was detected), `all_present` (per
     image: every prompted shape detected), `binding` (per prompted object: its shape detected in the
     prompted colour), `all_correct` (per image: every object with its colour) and seconds per image.
+    Under `accelerate launch` the samples are shared out among the processes and only the main
+    process writes `json_out` and logs the table; every process returns the whole report.
     """
     methods = [m.strip() for m in method.split(",")] if isinstance(method, str) else list(method)
     for m in methods:
@@ -82,31 +85,37 @@ def run_compose(
     bad = [size for size in sizes if size not in SIZES]
     if bad or not sizes:
         raise ValueError(f"sizes={list(sizes)} is not allowed: a non-empty subset of {list(SIZES)}")
+    procs = Processes()
     if pipe is None:
         from . import load_pipeline
 
-        pipe = load_pipeline(model)
+        pipe = procs.to_device(load_pipeline(model))
     pipe.set_progress_bar_config(disable=True)
 
-    records = []
-    total = len(sizes) * n_prompts * n_seeds * len(methods)
-    for size in sizes:
-        pool = bench_prompts(size)
-        for slot in range(n_prompts):
-            prompt = pool[slot % len(pool)]  # cycled when more prompts are asked than held out
-            for k in range(n_seeds):
-                seed = BENCH_SEED + 10_000 * size + 100 * slot + k
-                for m in methods:
-                    record = _generate_and_score(pipe, m, prompt, seed, steps, guidance_scale)
-                    record["n_objects"] = size
-                    record["method"] = m
-                    records.append(record)
-                    if log:
-                        ok = "ok " if record["all_correct"] else "MISS"
-                        log(
-                            f"[{len(records)}/{total}] {m}: {ok} {prompt!r} seed {seed}: "
-                            f"{record['found']} ({record['seconds']:.2f}s)"
-                        )
+    samples = [
+        (size, prompt, BENCH_SEED + 10_000 * size + 100 * slot + k)
+        for size in sizes
+        for slot, prompt in enumerate(_cycled(bench_prompts(size), n_prompts))
+        for k in range(n_seeds)
+    ]
+    # Under `accelerate launch` each process runs a contiguous share of the samples (every method on
+    # each), and the records come back in sample order: the same report as one process.
+    mine = procs.shard(samples)
+    where = f"process {procs.index}: " if procs.count > 1 else ""
+    own: list[dict] = []
+    for size, prompt, seed in mine:
+        for m in methods:
+            record = _generate_and_score(pipe, METHODS[m](prompt), prompt, seed, steps, guidance_scale)
+            record["n_objects"] = size
+            record["method"] = m
+            own.append(record)
+            if log:
+                ok = "ok " if record["all_correct"] else "MISS"
+                log(
+                    f"{where}[{len(own)}/{len(mine) * len(methods)}] {m}: {ok} {prompt!r} seed {seed}: "
+                    f"{record['found']} ({record['seconds']:.2f}s)"
+                )
+    records = procs.gather(own)
 
     base = methods[0]
     by_method = {m: [r for r in records if r["method"] == m] for m in methods}
@@ -121,6 +130,7 @@ def run_compose(
             "guidance_scale": guidance_scale,
             "bench_seed": BENCH_SEED,
             "torch_threads": torch.get_num_threads(),
+            "processes": procs.count,
         },
         "results": {m: summarize(rows) for m, rows in by_method.items()},
         "time_ratio": {
@@ -132,11 +142,12 @@ def run_compose(
         },
         "records": records,
     }
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=1))
-    if log:
-        log(format_table(report))
+    if procs.is_main:
+        if json_out:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).write_text(json.dumps(report, indent=1))
+        if log:
+            log(format_table(report))
     return report
 
 
@@ -212,8 +223,14 @@ def _ci_cell(s: dict) -> str:
     return f"{s['mean']:6.2f} [{lo},{hi}]"
 
 
-def _generate_and_score(pipe, method: str, prompt: str, seed: int, steps: int, guidance_scale: float) -> dict:
-    controls = METHODS[method](prompt)
+def _cycled(pool: list[str], n: int) -> list[str]:
+    """The first `n` prompts of `pool`, cycled when more are asked than it holds."""
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _generate_and_score(
+    pipe, controls: list, prompt: str, seed: int, steps: int, guidance_scale: float
+) -> dict:
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     if controls:
@@ -226,7 +243,13 @@ def _generate_and_score(pipe, method: str, prompt: str, seed: int, steps: int, g
     else:
         image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator)
     seconds = time.perf_counter() - start
-    found = detect(image.images[0])
+    return {"prompt": prompt, "seed": seed, "seconds": seconds, **score_image(image.images[0], prompt)}
+
+
+def score_image(image: Any, prompt: str) -> dict:
+    """What the detector finds of a testbed prompt's objects in an image: per object whether its shape
+    is there (`present`) and in the prompted colour (`bound`); per image `all_present`, `all_correct`."""
+    found = detect(image)
     objects = []
     for color, shape in parse_caption(prompt):
         colors_of_shape = {d.color for d in found if d.shape == shape}
@@ -239,9 +262,6 @@ def _generate_and_score(pipe, method: str, prompt: str, seed: int, steps: int, g
             }
         )
     return {
-        "prompt": prompt,
-        "seed": seed,
-        "seconds": seconds,
         "objects": objects,
         "all_present": all(o["present"] for o in objects),
         "all_correct": all(o["bound"] for o in objects),
