@@ -143,6 +143,95 @@ def layers(
         typer.echo(f"[{layer.index:3d}] {layer.name:<60} {layer.kind:<6} heads={layer.heads:<3} map={size}")
 
 
+@app.command()
+def headhunter(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="A text file, one prompt per line (default: the testbed's search prompts, two- and "
+        "three-object training combinations, none of them a benchmark prompt).",
+    ),
+    samples: int = typer.Option(
+        16, "--samples", help="M: generations per candidate (prompt i mod P, seed 900000 + i)."
+    ),
+    rounds: int = typer.Option(2, "--rounds", help="R: greedy rounds."),
+    top_k: int = typer.Option(3, "--top-k", help="k: heads added to the selection per round."),
+    steps: int = typer.Option(25, "--steps", help="Denoising steps."),
+    guidance: float | None = typer.Option(None, "--guidance", help="CFG scale (default: the pipeline's)."),
+    layers: str | None = typer.Option(
+        None,
+        "--layers",
+        help="Comma-separated layer patterns or block indices to search (anchored; default: every "
+        "self/joint attention layer).",
+    ),
+    objective: str = typer.Option(
+        "testbed",
+        "--objective",
+        help="testbed (detector: objects in their colours) or clip:PATH (e.g. PickScore).",
+    ),
+    u: float = typer.Option(1.0, "--u", help="SoftPAG's u, toward the identity map (1: PAG's perturbation)."),
+    scale: float = typer.Option(3.0, "--scale", help="SoftPAG's guidance scale s."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples generated per pipeline call."),
+    out: Path = typer.Option(
+        Path("headhunter.json"), "--out", "-o", help="Result JSON, rewritten after every candidate."
+    ),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Skip the candidates --out already scored."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch threads (default: torch's own choice)."
+    ),
+) -> None:
+    """HeadHunter: greedy search for the heads whose perturbation guides best.
+
+    Each round scores every remaining head, guided by SoftPAG on the heads
+    selected so far plus that head, on the same prompts and seeds, and adds
+    the top k. --out is rewritten after every candidate (a rerun resumes);
+    SoftPAG(heads=OUT, top=N) reads it. Under `accelerate launch` the
+    candidates are shared out among the processes."""
+    import torch
+
+    from attnctl.headhunter import candidate_heads, objective_from_name, processes, search, testbed
+    from attnctl.testbed.data import parse_caption, search_prompts
+
+    if threads:
+        torch.set_num_threads(threads)
+    texts = search_prompts() if prompts is None else _read_prompts(prompts)
+    with processes() as procs:
+        try:
+            score = objective_from_name(objective, procs.device)
+            if score is testbed:
+                for text in texts:  # before any generation
+                    parse_caption(text)
+            pipe = procs.to_device(_load(model))
+            patterns = (
+                [int(x) if x.strip().isdigit() else x.strip() for x in layers.split(",")] if layers else None
+            )
+            result = search(
+                pipe,
+                texts,
+                score,
+                candidates=candidate_heads(pipe, patterns),
+                samples=samples,
+                rounds=rounds,
+                top_k=top_k,
+                u=u,
+                scale=scale,
+                guidance_scale=guidance,
+                steps=steps,
+                batch_size=batch_size,
+                call_kwargs=_model_defaults(model),
+                out=out,
+                resume=resume,
+            )
+        except ValueError as e:
+            fail(str(e))
+        if procs.is_main:
+            typer.echo("selected: " + ", ".join(result["selected"]))
+            typer.echo(f"wrote {out}")
+
+
 def _model_defaults(model: str | None) -> dict[str, Any]:
     """Call arguments a model needs beyond the pipeline's defaults: tiny models run at tiny sizes."""
     from attnctl.pipelines import TINY_PREFIX
