@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import attnctl
 from attnctl.testbed import load_pipeline, model_path
-from attnctl.testbed.bench import SIZES, mean_ci, run_compose, wilson
+from attnctl.testbed.bench import SIZES, format_table, mean_ci, method_controls, run_compose, wilson
 from attnctl.testbed.data import (
     CAPTION_WORDS,
     COLORS,
@@ -152,6 +153,22 @@ def test_bench_compares_methods_on_the_same_samples(tmp_path):
 def test_bench_rejects_unknown_method():
     with pytest.raises(ValueError, match="method"):
         run_compose("nope", pipe=object())
+    with pytest.raises(ValueError, match="missing.json"):
+        run_compose("none,softpag:missing.json", pipe=object())
+
+
+def test_bench_softpag_on_a_head_search_result(tmp_path):
+    result = tmp_path / "heads.json"
+    selected = [
+        "mid_block.attentions.0.transformer_blocks.0.attn1:1",
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn1:3",
+    ]
+    result.write_text(json.dumps({"selected": selected}))
+    method = f"softpag:{result}"
+    assert method_controls(method)("a red circle") == [attnctl.SoftPAG(str(result), u=1.0, scale=3.0)]
+    report = run_compose(f"none,{method}", 1, 1, steps=4, sizes=(2,), log=None)
+    assert [r["method"] for r in report["records"]] == ["none", method]
+    assert set(report["results"]) == {"none", method} and method in format_table(report)
 
 
 def test_in_box_ratio():

@@ -48,6 +48,8 @@ SOFTPAG_BLOCKS = ("down_blocks.1", "mid_block", "up_blocks.0")
 
 # Method name -> function from a prompt to the attnctl controls that implement it (paper defaults).
 METHODS: dict[str, Callable[[str], list]] = _methods()
+# "softpag:RESULT": SoftPAG on the heads a head search selected (its result JSON), u = 1, scale 3.
+RESULT_METHOD = "softpag:"
 BENCH_SEED = 424_242
 SIZES = (1, 2, 3)
 RATE_METRICS = ("object_presence", "all_present", "binding", "all_correct")
@@ -77,9 +79,7 @@ def run_compose(
     process writes `json_out` and logs the table; every process returns the whole report.
     """
     methods = [m.strip() for m in method.split(",")] if isinstance(method, str) else list(method)
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"method {m!r} is not one of {sorted(METHODS)}")
+    controls = {m: method_controls(m) for m in methods}
     if n_prompts < 1 or n_seeds < 1:
         raise ValueError(f"n_prompts and n_seeds must be >= 1, got {n_prompts} and {n_seeds}")
     bad = [size for size in sizes if size not in SIZES]
@@ -105,7 +105,7 @@ def run_compose(
     own: list[dict] = []
     for size, prompt, seed in mine:
         for m in methods:
-            record = _generate_and_score(pipe, METHODS[m](prompt), prompt, seed, steps, guidance_scale)
+            record = _generate_and_score(pipe, controls[m](prompt), prompt, seed, steps, guidance_scale)
             record["n_objects"] = size
             record["method"] = m
             own.append(record)
@@ -149,6 +149,19 @@ def run_compose(
         if log:
             log(format_table(report))
     return report
+
+
+def method_controls(method: str) -> Callable[[str], list]:
+    """The function from a prompt to the controls of a method: a METHODS name, or softpag:RESULT (a
+    head-search result JSON; every head it selected)."""
+    if method.startswith(RESULT_METHOD) and method != RESULT_METHOD:
+        import attnctl
+
+        control = attnctl.SoftPAG(method[len(RESULT_METHOD) :], u=1.0, scale=3.0)
+        return lambda prompt: [control]
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {sorted(METHODS)} or {RESULT_METHOD}RESULT.json")
+    return METHODS[method]
 
 
 def summarize(records: list[dict]) -> dict:
@@ -196,10 +209,11 @@ def mean_ci(values: list[float]) -> dict:
 def format_table(report: dict) -> str:
     """The summary as a fixed-width text table, one block per method."""
     cfg = report["config"]
+    width = max(11, *(len(m) + 2 for m in report["results"]))  # softpag:RESULT names are long
     lines = [
         f"compose benchmark: prompts/size={cfg['n_prompts']} seeds={cfg['n_seeds']} sizes={cfg['sizes']} "
         f"steps={cfg['steps']} guidance={cfg['guidance_scale']}",
-        f"{'method':<11}{'objects':<8}{'images':>7}  "
+        f"{'method':<{width}}{'objects':<8}{'images':>7}  "
         + "  ".join(f"{m:>22}" for m in (*RATE_METRICS, "s/image", "time ratio")),
     ]
     for method, results in report["results"].items():
@@ -212,7 +226,7 @@ def format_table(report: dict) -> str:
             cells.append(_ci_cell(row["seconds_per_image"]))
             cells.append(_ci_cell(ratio) if name == "overall" else "")
             lines.append(
-                f"{method:<11}{name:<8}{row['n_images']:>7}  " + "  ".join(f"{c:>22}" for c in cells)
+                f"{method:<{width}}{name:<8}{row['n_images']:>7}  " + "  ".join(f"{c:>22}" for c in cells)
             )
     return "\n".join(lines)
 

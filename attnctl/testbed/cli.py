@@ -67,7 +67,8 @@ def eval_detector(
 def compose(
     method: str = typer.Option(
         "none",
-        help="Method name(s), comma-separated, from attnctl.testbed.bench.METHODS (none, excite, astar, regulation, pag, softpag).",
+        help="Method name(s), comma-separated, from attnctl.testbed.bench.METHODS (none, excite, astar, regulation, pag, softpag), "
+        "or softpag:RESULT.json (SoftPAG on a head search's selected heads, u = 1, scale 3).",
     ),
     sizes: str = typer.Option("1,2,3", help="Object counts to test, comma-separated."),
     prompts: int = typer.Option(12, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."),
