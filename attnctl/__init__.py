@@ -5,6 +5,7 @@ with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
 ctl.maps["cat"]  # [h, w]
 """
 
+from . import headhunter
 from .core.controls import Control
 from .core.layers import LayerSelection
 from .core.session import Session, control
@@ -27,5 +28,6 @@ __all__ = [
     "Session",
     "SoftPAG",
     "control",
+    "headhunter",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -32,7 +32,12 @@ MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbe
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="The text prompt."),
+    prompt: str | None = typer.Argument(None, help="The text prompt (or --prompts FILE)."),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="A text file, one prompt per line: image i of its prompts is written as <i>.png (same seed for all).",
+    ),
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
@@ -45,34 +50,55 @@ def generate(
     guidance: float | None = typer.Option(
         None, "--guidance", help="Guidance scale (default: the pipeline's)."
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch threads (default: torch's own choice)."
+    ),
 ) -> None:
-    """Generate an image (and a heatmap grid of --maps words) into --out."""
+    """Generate an image (and a heatmap grid of --maps words) into --out.
+
+    With --prompts, one image per line of the file: <index>.png (and
+    <index>_maps.png). Under `accelerate launch` the prompts are shared out
+    among the processes and each image is written once."""
     import torch
 
     import attnctl
+    from attnctl.headhunter.distributed import processes
 
+    if threads:
+        torch.set_num_threads(threads)
     words = [w.strip() for w in maps.split(",") if w.strip()] if maps else []
     if maps is not None and not words:
         raise typer.BadParameter(
             f"{maps!r} names no word; give comma-separated prompt words", param_hint="--maps"
         )
-    pipe = _load(model)
-    kwargs = _model_defaults(model)
-    kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pil")
-    for name, value in (("height", height), ("width", width), ("guidance_scale", guidance)):
-        if value is not None:
-            kwargs[name] = value
-    controls = [attnctl.AttentionMaps(words)] if words else []
-    with attnctl.control(pipe, *controls) as ctl:
-        result = pipe(prompt, **kwargs)
-    out.mkdir(parents=True, exist_ok=True)
-    image = _first_image(result)
-    image_path = out / "image.png"
-    image.save(image_path)
-    typer.echo(f"wrote {image_path}")
-    if words:
-        grid = ctl.maps.save_grid(out / "maps.png", image, words)
-        typer.echo(f"wrote {grid}")
+    if (prompt is None) == (prompts is None):
+        fail("give one PROMPT or --prompts FILE (one prompt per line)")
+    texts = [prompt] if prompts is None else _read_prompts(prompts)
+    digits = len(str(len(texts) - 1))
+    with processes() as procs:
+        mine = procs.shard(list(enumerate(texts)))
+        if not mine:
+            return
+        pipe = procs.to_device(_load(model))
+        kwargs = _model_defaults(model)
+        kwargs.update(num_inference_steps=steps, output_type="pil")
+        for name, value in (("height", height), ("width", width), ("guidance_scale", guidance)):
+            if value is not None:
+                kwargs[name] = value
+        out.mkdir(parents=True, exist_ok=True)
+        for index, text in mine:
+            stem = "image" if prompts is None else f"{index:0{digits}d}"
+            controls = [attnctl.AttentionMaps(words)] if words else []
+            with attnctl.control(pipe, *controls) as ctl:
+                result = pipe(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            image = _first_image(result)
+            image_path = out / f"{stem}.png"
+            image.save(image_path)
+            typer.echo(f"wrote {image_path}")
+            if words:
+                maps_name = "maps.png" if prompts is None else f"{stem}_maps.png"
+                grid = ctl.maps.save_grid(out / maps_name, image, words)
+                typer.echo(f"wrote {grid}")
 
 
 @app.command()
@@ -117,6 +143,95 @@ def layers(
         typer.echo(f"[{layer.index:3d}] {layer.name:<60} {layer.kind:<6} heads={layer.heads:<3} map={size}")
 
 
+@app.command()
+def headhunter(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    prompts: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="A text file, one prompt per line (default: the testbed's search prompts, two- and "
+        "three-object training combinations, none of them a benchmark prompt).",
+    ),
+    samples: int = typer.Option(
+        16, "--samples", help="M: generations per candidate (prompt i mod P, seed 900000 + i)."
+    ),
+    rounds: int = typer.Option(2, "--rounds", help="R: greedy rounds."),
+    top_k: int = typer.Option(3, "--top-k", help="k: heads added to the selection per round."),
+    steps: int = typer.Option(25, "--steps", help="Denoising steps."),
+    guidance: float | None = typer.Option(None, "--guidance", help="CFG scale (default: the pipeline's)."),
+    layers: str | None = typer.Option(
+        None,
+        "--layers",
+        help="Comma-separated layer patterns or block indices to search (anchored; default: every "
+        "self/joint attention layer).",
+    ),
+    objective: str = typer.Option(
+        "testbed",
+        "--objective",
+        help="testbed (detector: objects in their colours) or clip:PATH (e.g. PickScore).",
+    ),
+    u: float = typer.Option(1.0, "--u", help="SoftPAG's u, toward the identity map (1: PAG's perturbation)."),
+    scale: float = typer.Option(3.0, "--scale", help="SoftPAG's guidance scale s."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples generated per pipeline call."),
+    out: Path = typer.Option(
+        Path("headhunter.json"), "--out", "-o", help="Result JSON, rewritten after every candidate."
+    ),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Skip the candidates --out already scored."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch threads (default: torch's own choice)."
+    ),
+) -> None:
+    """HeadHunter: greedy search for the heads whose perturbation guides best.
+
+    Each round scores every remaining head, guided by SoftPAG on the heads
+    selected so far plus that head, on the same prompts and seeds, and adds
+    the top k. --out is rewritten after every candidate (a rerun resumes);
+    SoftPAG(heads=OUT, top=N) reads it. Under `accelerate launch` the
+    candidates are shared out among the processes."""
+    import torch
+
+    from attnctl.headhunter import candidate_heads, objective_from_name, processes, search, testbed
+    from attnctl.testbed.data import parse_caption, search_prompts
+
+    if threads:
+        torch.set_num_threads(threads)
+    texts = search_prompts() if prompts is None else _read_prompts(prompts)
+    with processes() as procs:
+        try:
+            score = objective_from_name(objective, procs.device)
+            if score is testbed:
+                for text in texts:  # before any generation
+                    parse_caption(text)
+            pipe = procs.to_device(_load(model))
+            patterns = (
+                [int(x) if x.strip().isdigit() else x.strip() for x in layers.split(",")] if layers else None
+            )
+            result = search(
+                pipe,
+                texts,
+                score,
+                candidates=candidate_heads(pipe, patterns),
+                samples=samples,
+                rounds=rounds,
+                top_k=top_k,
+                u=u,
+                scale=scale,
+                guidance_scale=guidance,
+                steps=steps,
+                batch_size=batch_size,
+                call_kwargs=_model_defaults(model),
+                out=out,
+                resume=resume,
+            )
+        except ValueError as e:
+            fail(str(e))
+        if procs.is_main:
+            typer.echo("selected: " + ", ".join(result["selected"]))
+            typer.echo(f"wrote {out}")
+
+
 def _model_defaults(model: str | None) -> dict[str, Any]:
     """Call arguments a model needs beyond the pipeline's defaults: tiny models run at tiny sizes."""
     from attnctl.pipelines import TINY_PREFIX
@@ -133,17 +248,32 @@ def _load(model: str | None) -> Any:
     from attnctl.testbed import model_path
 
     if model is None and not (Path(model_path()) / "model_index.json").exists():
-        typer.echo(
-            "error: the bundled testbed model is not in this installation; pass --model with a hub id, "
-            "a local folder or tiny:<family>",
-            err=True,
+        fail(
+            "the bundled testbed model is not in this installation; pass --model with a hub id, "
+            "a local folder or tiny:<family>"
         )
-        raise typer.Exit(2)
     try:
         return load_pipeline(model)
     except (OSError, ValueError) as e:
-        typer.echo(f"error: cannot load model {model!r}: {e}", err=True)
-        raise typer.Exit(2) from e
+        fail(f"cannot load model {model!r}: {e}")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        fail(f"cannot read prompts file {str(path)!r}: {e.strerror}")
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        fail(f"prompts file {str(path)!r} holds no prompt (one prompt per line)")
+    return texts
+
+
+def fail(message: str) -> NoReturn:
+    """A one-line error and exit status 2, as for a bad option."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def _first_image(result: Any) -> Any:
@@ -162,7 +292,7 @@ _register()
 
 
 def main() -> None:  # pragma: no cover
-    app()
+    app(prog_name="attnctl")
 
 
 if __name__ == "__main__":  # pragma: no cover

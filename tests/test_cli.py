@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -60,3 +61,33 @@ def test_layers_lists_kinds_heads_and_map_sizes():
     assert all("map=-" not in line for line in lines)  # every layer ran and has a size
     result = runner.invoke(app, ["layers", "tiny:flux"])
     assert result.exit_code == 0 and "joint" in result.output
+
+
+def test_generate_prompts_file_names_images_by_prompt_index(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na red cat\na cat and a frog\n")  # blank lines are not prompts
+    base = ["generate", "--model", "tiny:sd", "--steps", "2", "--seed", "5"]
+    batch = tmp_path / "batch"
+    result = runner.invoke(app, [*base, "--prompts", str(prompts), "--maps", "cat", "--out", str(batch)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in batch.iterdir()) == [f"{i}{s}.png" for i in range(3) for s in ("", "_maps")]
+    wrote = [line.removeprefix("wrote ") for line in result.output.splitlines() if line.startswith("wrote")]
+    assert wrote == [str(batch / f"{i}{s}.png") for i in range(3) for s in ("", "_maps")]
+    # image i is the single-prompt run of prompt i with the same seed
+    result = runner.invoke(app, [*base, "a cat and a frog", "--out", str(tmp_path / "single")])
+    assert result.exit_code == 0, result.output
+    single = np.asarray(Image.open(tmp_path / "single" / "image.png"))
+    assert np.array_equal(np.asarray(Image.open(batch / "2.png")), single)
+
+
+def test_generate_prompts_errors_are_one_line(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for args, names in (
+        (["--prompts", str(empty)], "holds no prompt"),
+        (["--prompts", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["a cat", "--prompts", str(empty)], "one PROMPT or --prompts"),
+        ([], "one PROMPT or --prompts"),
+    ):
+        result = runner.invoke(app, ["generate", "--model", "tiny:sd", *args, "--out", str(tmp_path)])
+        assert result.exit_code == 2 and result.output.count("error: ") == 1 and names in result.output, args

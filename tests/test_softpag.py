@@ -203,6 +203,7 @@ def test_json_round_trip_and_validation(tmp_path):
         (dict(heads={"mid_block": [0]}, scope="text"), "scope"),
         (dict(heads={"mid_block": [0]}, batch="never"), "batch"),
         (dict(heads={"mid_block": [0]}, top=2), "top"),
+        (dict(heads=str(result), top=4), "at most the 3 heads"),
     ]
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):

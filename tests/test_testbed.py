@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import attnctl
 from attnctl.testbed import load_pipeline, model_path
-from attnctl.testbed.bench import mean_ci, run_compose, wilson
+from attnctl.testbed.bench import SIZES, format_table, mean_ci, method_controls, run_compose, wilson
 from attnctl.testbed.data import (
     CAPTION_WORDS,
     COLORS,
@@ -20,6 +21,7 @@ from attnctl.testbed.data import (
     generate,
     heldout_combos,
     parse_caption,
+    search_prompts,
 )
 from attnctl.testbed.detector import DETECTOR_EVAL_SEED, evaluate
 from attnctl.testbed.train import TrainConfig, train
@@ -61,6 +63,16 @@ def test_benchmark_prompts_are_held_out_of_training():
         assert prompts and all(combo_key(parse_caption(p)) in held for p in prompts)
     assert len(bench_prompts(1)) == 12
     assert bench_prompts(2) == bench_prompts(2)
+
+
+def test_search_prompts_are_not_benchmark_prompts():
+    bench = {combo_key(parse_caption(p)) for n in SIZES for p in bench_prompts(n)}
+    prompts = search_prompts()
+    keys = [combo_key(parse_caption(p)) for p in prompts]
+    assert not set(keys) & bench and all(len(k) in (2, 3) for k in keys)
+    assert len(set(keys)) == len(keys) == 27 + 18  # every two- and three-object training combination
+    assert set(keys) | {k for k in bench if len(k) > 1} == heldout_combos() | set(keys)
+    assert search_prompts() == prompts
 
 
 def test_detector_accuracy_on_held_out_renders():
@@ -141,6 +153,22 @@ def test_bench_compares_methods_on_the_same_samples(tmp_path):
 def test_bench_rejects_unknown_method():
     with pytest.raises(ValueError, match="method"):
         run_compose("nope", pipe=object())
+    with pytest.raises(ValueError, match="missing.json"):
+        run_compose("none,softpag:missing.json", pipe=object())
+
+
+def test_bench_softpag_on_a_head_search_result(tmp_path):
+    result = tmp_path / "heads.json"
+    selected = [
+        "mid_block.attentions.0.transformer_blocks.0.attn1:1",
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn1:3",
+    ]
+    result.write_text(json.dumps({"selected": selected}))
+    method = f"softpag:{result}"
+    assert method_controls(method)("a red circle") == [attnctl.SoftPAG(str(result), u=1.0, scale=3.0)]
+    report = run_compose(f"none,{method}", 1, 1, steps=4, sizes=(2,), log=None)
+    assert [r["method"] for r in report["records"]] == ["none", method]
+    assert set(report["results"]) == {"none", method} and method in format_table(report)
 
 
 def test_in_box_ratio():

@@ -63,6 +63,8 @@ class SoftPAG(Control):
         if self.top is not None:
             check_number("top", self.top, low=1, integer=True)
             check(isinstance(self.heads, str), "top", self.top, "None unless heads is a result JSON path")
+            n = len(json.loads(Path(self.heads).read_text())["selected"])
+            check(self.top <= n, "top", self.top, f"at most the {n} heads selected in {self.heads}")
 
     def _check_heads(self) -> None:
         allowed = (

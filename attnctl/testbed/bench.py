@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..headhunter.distributed import Processes
 from .data import bench_prompts, parse_caption
 from .detector import detect
 
@@ -47,6 +48,8 @@ SOFTPAG_BLOCKS = ("down_blocks.1", "mid_block", "up_blocks.0")
 
 # Method name -> function from a prompt to the attnctl controls that implement it (paper defaults).
 METHODS: dict[str, Callable[[str], list]] = _methods()
+# "softpag:RESULT": SoftPAG on the heads a head search selected (its result JSON), u = 1, scale 3.
+RESULT_METHOD = "softpag:"
 BENCH_SEED = 424_242
 SIZES = (1, 2, 3)
 RATE_METRICS = ("object_presence", "all_present", "binding", "all_correct")
@@ -72,41 +75,47 @@ def run_compose(
     Metrics: `object_presence` (per prompted object: its shape was detected), `all_present` (per
     image: every prompted shape detected), `binding` (per prompted object: its shape detected in the
     prompted colour), `all_correct` (per image: every object with its colour) and seconds per image.
+    Under `accelerate launch` the samples are shared out among the processes and only the main
+    process writes `json_out` and logs the table; every process returns the whole report.
     """
     methods = [m.strip() for m in method.split(",")] if isinstance(method, str) else list(method)
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"method {m!r} is not one of {sorted(METHODS)}")
+    controls = {m: method_controls(m) for m in methods}
     if n_prompts < 1 or n_seeds < 1:
         raise ValueError(f"n_prompts and n_seeds must be >= 1, got {n_prompts} and {n_seeds}")
     bad = [size for size in sizes if size not in SIZES]
     if bad or not sizes:
         raise ValueError(f"sizes={list(sizes)} is not allowed: a non-empty subset of {list(SIZES)}")
+    procs = Processes()
     if pipe is None:
         from . import load_pipeline
 
-        pipe = load_pipeline(model)
+        pipe = procs.to_device(load_pipeline(model))
     pipe.set_progress_bar_config(disable=True)
 
-    records = []
-    total = len(sizes) * n_prompts * n_seeds * len(methods)
-    for size in sizes:
-        pool = bench_prompts(size)
-        for slot in range(n_prompts):
-            prompt = pool[slot % len(pool)]  # cycled when more prompts are asked than held out
-            for k in range(n_seeds):
-                seed = BENCH_SEED + 10_000 * size + 100 * slot + k
-                for m in methods:
-                    record = _generate_and_score(pipe, m, prompt, seed, steps, guidance_scale)
-                    record["n_objects"] = size
-                    record["method"] = m
-                    records.append(record)
-                    if log:
-                        ok = "ok " if record["all_correct"] else "MISS"
-                        log(
-                            f"[{len(records)}/{total}] {m}: {ok} {prompt!r} seed {seed}: "
-                            f"{record['found']} ({record['seconds']:.2f}s)"
-                        )
+    samples = [
+        (size, prompt, BENCH_SEED + 10_000 * size + 100 * slot + k)
+        for size in sizes
+        for slot, prompt in enumerate(_cycled(bench_prompts(size), n_prompts))
+        for k in range(n_seeds)
+    ]
+    # Under `accelerate launch` each process runs a contiguous share of the samples (every method on
+    # each), and the records come back in sample order: the same report as one process.
+    mine = procs.shard(samples)
+    where = f"process {procs.index}: " if procs.count > 1 else ""
+    own: list[dict] = []
+    for size, prompt, seed in mine:
+        for m in methods:
+            record = _generate_and_score(pipe, controls[m](prompt), prompt, seed, steps, guidance_scale)
+            record["n_objects"] = size
+            record["method"] = m
+            own.append(record)
+            if log:
+                ok = "ok " if record["all_correct"] else "MISS"
+                log(
+                    f"{where}[{len(own)}/{len(mine) * len(methods)}] {m}: {ok} {prompt!r} seed {seed}: "
+                    f"{record['found']} ({record['seconds']:.2f}s)"
+                )
+    records = procs.gather(own)
 
     base = methods[0]
     by_method = {m: [r for r in records if r["method"] == m] for m in methods}
@@ -121,6 +130,7 @@ def run_compose(
             "guidance_scale": guidance_scale,
             "bench_seed": BENCH_SEED,
             "torch_threads": torch.get_num_threads(),
+            "processes": procs.count,
         },
         "results": {m: summarize(rows) for m, rows in by_method.items()},
         "time_ratio": {
@@ -132,12 +142,26 @@ def run_compose(
         },
         "records": records,
     }
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=1))
-    if log:
-        log(format_table(report))
+    if procs.is_main:
+        if json_out:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).write_text(json.dumps(report, indent=1))
+        if log:
+            log(format_table(report))
     return report
+
+
+def method_controls(method: str) -> Callable[[str], list]:
+    """The function from a prompt to the controls of a method: a METHODS name, or softpag:RESULT (a
+    head-search result JSON; every head it selected)."""
+    if method.startswith(RESULT_METHOD) and method != RESULT_METHOD:
+        import attnctl
+
+        control = attnctl.SoftPAG(method[len(RESULT_METHOD) :], u=1.0, scale=3.0)
+        return lambda prompt: [control]
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {sorted(METHODS)} or {RESULT_METHOD}RESULT.json")
+    return METHODS[method]
 
 
 def summarize(records: list[dict]) -> dict:
@@ -185,10 +209,11 @@ def mean_ci(values: list[float]) -> dict:
 def format_table(report: dict) -> str:
     """The summary as a fixed-width text table, one block per method."""
     cfg = report["config"]
+    width = max(11, *(len(m) + 2 for m in report["results"]))  # softpag:RESULT names are long
     lines = [
         f"compose benchmark: prompts/size={cfg['n_prompts']} seeds={cfg['n_seeds']} sizes={cfg['sizes']} "
         f"steps={cfg['steps']} guidance={cfg['guidance_scale']}",
-        f"{'method':<11}{'objects':<8}{'images':>7}  "
+        f"{'method':<{width}}{'objects':<8}{'images':>7}  "
         + "  ".join(f"{m:>22}" for m in (*RATE_METRICS, "s/image", "time ratio")),
     ]
     for method, results in report["results"].items():
@@ -201,7 +226,7 @@ def format_table(report: dict) -> str:
             cells.append(_ci_cell(row["seconds_per_image"]))
             cells.append(_ci_cell(ratio) if name == "overall" else "")
             lines.append(
-                f"{method:<11}{name:<8}{row['n_images']:>7}  " + "  ".join(f"{c:>22}" for c in cells)
+                f"{method:<{width}}{name:<8}{row['n_images']:>7}  " + "  ".join(f"{c:>22}" for c in cells)
             )
     return "\n".join(lines)
 
@@ -212,8 +237,14 @@ def _ci_cell(s: dict) -> str:
     return f"{s['mean']:6.2f} [{lo},{hi}]"
 
 
-def _generate_and_score(pipe, method: str, prompt: str, seed: int, steps: int, guidance_scale: float) -> dict:
-    controls = METHODS[method](prompt)
+def _cycled(pool: list[str], n: int) -> list[str]:
+    """The first `n` prompts of `pool`, cycled when more are asked than it holds."""
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _generate_and_score(
+    pipe, controls: list, prompt: str, seed: int, steps: int, guidance_scale: float
+) -> dict:
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     if controls:
@@ -226,7 +257,13 @@ def _generate_and_score(pipe, method: str, prompt: str, seed: int, steps: int, g
     else:
         image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator)
     seconds = time.perf_counter() - start
-    found = detect(image.images[0])
+    return {"prompt": prompt, "seed": seed, "seconds": seconds, **score_image(image.images[0], prompt)}
+
+
+def score_image(image: Any, prompt: str) -> dict:
+    """What the detector finds of a testbed prompt's objects in an image: per object whether its shape
+    is there (`present`) and in the prompted colour (`bound`); per image `all_present`, `all_correct`."""
+    found = detect(image)
     objects = []
     for color, shape in parse_caption(prompt):
         colors_of_shape = {d.color for d in found if d.shape == shape}
@@ -239,9 +276,6 @@ def _generate_and_score(pipe, method: str, prompt: str, seed: int, steps: int, g
             }
         )
     return {
-        "prompt": prompt,
-        "seed": seed,
-        "seconds": seconds,
         "objects": objects,
         "all_present": all(o["present"] for o in objects),
         "all_correct": all(o["bound"] for o in objects),

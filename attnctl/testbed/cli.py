@@ -67,7 +67,8 @@ def eval_detector(
 def compose(
     method: str = typer.Option(
         "none",
-        help="Method name(s), comma-separated, from attnctl.testbed.bench.METHODS (none, excite, astar, regulation, pag, softpag).",
+        help="Method name(s), comma-separated, from attnctl.testbed.bench.METHODS (none, excite, astar, regulation, pag, softpag), "
+        "or softpag:RESULT.json (SoftPAG on a head search's selected heads, u = 1, scale 3).",
     ),
     sizes: str = typer.Option("1,2,3", help="Object counts to test, comma-separated."),
     prompts: int = typer.Option(12, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."),
@@ -79,9 +80,14 @@ def compose(
     threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
     quiet: bool = typer.Option(False, help="Print only the summary table."),
 ) -> None:
-    """Compositional benchmark: object presence, all present, attribute binding, seconds/image (95% CIs)."""
+    """Compositional benchmark: object presence, all present, attribute binding, seconds/image (95% CIs).
+
+    Under `accelerate launch` the samples are shared out among the processes;
+    the main process writes the report."""
     import torch
 
+    from ..cli import fail
+    from ..headhunter.distributed import processes
     from .bench import format_table, run_compose
 
     if threads:
@@ -90,21 +96,26 @@ def compose(
         counts = tuple(int(x) for x in sizes.split(","))
     except ValueError as e:
         raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (1, 2, 3)") from e
-    report = run_compose(
-        method,
-        prompts,
-        seeds,
-        sizes=counts,
-        model=model,
-        steps=steps,
-        guidance_scale=guidance,
-        json_out=json_out,
-        log=None if quiet else typer.echo,
-    )
-    if quiet:
-        typer.echo(format_table(report))
-    if json_out:
-        typer.echo(f"wrote {json_out}")
+    with processes() as procs:
+        try:
+            report = run_compose(
+                method,
+                prompts,
+                seeds,
+                sizes=counts,
+                model=model,
+                steps=steps,
+                guidance_scale=guidance,
+                json_out=json_out,
+                log=None if quiet else typer.echo,
+            )
+        except ValueError as e:
+            fail(str(e))
+        if procs.is_main:
+            if quiet:
+                typer.echo(format_table(report))
+            if json_out:
+                typer.echo(f"wrote {json_out}")
 
 
 def maps(

@@ -2,7 +2,8 @@
 
 Everything is deterministic by seed. Two- and three-object combinations are split once (by
 `HELDOUT_SEED`) into training combinations and held-out combinations; the training generator never
-renders a held-out combination, and the compositional benchmark only asks for held-out ones.
+renders a held-out combination, and the compositional benchmark only asks for held-out ones. Head
+searches (HeadHunter) ask for training combinations only, so no search prompt is a benchmark prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MIN_SIDE, MAX_SIDE = 9, 14
 MIN_GAP = 2
 HELDOUT_SEED = 20_241_117
 HELDOUT_FRACTION = 0.25
+SEARCH_PROMPT_SEED = HELDOUT_SEED + 100
 CAPTION_WORDS: tuple[str, ...] = ("a", "and", *COLORS, *SHAPES)
 
 
@@ -93,6 +95,23 @@ def bench_prompts(n_objects: int) -> list[str]:
     else:
         prompts = []
         for key in sorted(k for k in heldout_combos() if len(k) == n_objects):
+            order = rng.permutation(len(key))
+            prompts.append(caption_for([key[i] for i in order]))
+    order = rng.permutation(len(prompts))
+    return [prompts[i] for i in order]
+
+
+def search_prompts() -> list[str]:
+    """The fixed, ordered prompts of head searches: every two- and three-object training combination.
+
+    Disjoint from the benchmark by construction: `bench_prompts` asks for every single object and for
+    held-out combinations only, and these are multi-object combinations that are not held out.
+    """
+    rng = np.random.default_rng(SEARCH_PROMPT_SEED)
+    held = heldout_combos()
+    prompts = []
+    for n in (2, 3):
+        for key in sorted(_distinct_combos(n) - held):
             order = rng.permutation(len(key))
             prompts.append(caption_for([key[i] for i in order]))
     order = rng.permutation(len(prompts))
