@@ -18,13 +18,14 @@ def _register() -> None:
     """Commands defined next to what they run: the testbed's, and the benchmarks."""
     from attnctl.kernels.bench import draft
     from attnctl.pipelines.bench import pag
-    from attnctl.testbed.cli import compose, maps, testbed_app
+    from attnctl.testbed.cli import compose, layout, maps, testbed_app
 
     app.add_typer(testbed_app, name="testbed")
     bench_app.command("compose")(compose)
     bench_app.command("maps")(maps)
     bench_app.command("draft")(draft)
     bench_app.command("pag")(pag)
+    bench_app.command("layout")(layout)
 
 
 MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbed model)."
@@ -45,8 +46,14 @@ def generate(
     guidance: float | None = typer.Option(
         None, "--guidance", help="Guidance scale (default: the pipeline's)."
     ),
+    region: list[str] | None = typer.Option(
+        None,
+        "--region",
+        help='A box and its prompt, "x0,y0,x1,y1:sub-prompt" (normalised, 0-1, origin top left); '
+        "repeatable. Writes layout.png: the image and its boxes side by side.",
+    ),
 ) -> None:
-    """Generate an image (and a heatmap grid of --maps words) into --out."""
+    """Generate an image (and a heatmap grid of --maps words, the --region layout) into --out."""
     import torch
 
     import attnctl
@@ -56,6 +63,7 @@ def generate(
         raise typer.BadParameter(
             f"{maps!r} names no word; give comma-separated prompt words", param_hint="--maps"
         )
+    layout = _layout(region) if region else None
     pipe = _load(model)
     kwargs = _model_defaults(model)
     kwargs.update(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pil")
@@ -63,6 +71,7 @@ def generate(
         if value is not None:
             kwargs[name] = value
     controls = [attnctl.AttentionMaps(words)] if words else []
+    controls += [layout] if layout else []
     with attnctl.control(pipe, *controls) as ctl:
         result = pipe(prompt, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +82,31 @@ def generate(
     if words:
         grid = ctl.maps.save_grid(out / "maps.png", image, words)
         typer.echo(f"wrote {grid}")
+    if layout:
+        from attnctl.processors.layout import render_layout
+
+        typer.echo(f"wrote {render_layout(out / 'layout.png', image, layout)}")
+
+
+def _layout(values: list[str]) -> Any:
+    """A Layout from --region values; a bad one ends the command with one line naming it."""
+    import attnctl
+
+    regions = []
+    for value in values:
+        box, sep, prompt = value.partition(":")
+        try:
+            if not sep or not prompt.strip():
+                raise ValueError('expected "x0,y0,x1,y1:sub-prompt"')
+            try:
+                numbers = [float(v) for v in box.split(",")]
+            except ValueError:
+                raise ValueError(f"box {box!r} is not four comma-separated numbers") from None
+            regions.append(attnctl.Region(numbers, prompt.strip()))
+        except ValueError as e:
+            typer.echo(f"error: --region {value!r}: {e}", err=True)
+            raise typer.Exit(2) from None
+    return attnctl.Layout(regions)
 
 
 @app.command()

@@ -502,3 +502,31 @@ def _all_positions(session: Any, prompt: str, word: str) -> list[int]:
         except TokenNotFoundError:
             return found
         occurrence += 1
+
+
+def render_layout(path: str | Path, image: Any, layout: Layout, size: int = 256) -> Path:
+    """Save the image and, beside it, the image with the layout's boxes drawn and labelled."""
+    from PIL import Image, ImageDraw
+
+    from .maps import _to_pil
+
+    base = _to_pil(image).convert("RGB")
+    height = max(1, round(size * base.size[1] / base.size[0]))
+    base = base.resize((size, height))
+    boxed = base.copy()
+    draw = ImageDraw.Draw(boxed)
+    colours = ("red", "blue", "green", "orange", "purple", "black")
+    for i, region in enumerate(layout.regions):
+        x0, y0, x1, y1 = region.box
+        xy = (x0 * size, y0 * height, x1 * size - 1, y1 * height - 1)
+        colour = colours[i % len(colours)]
+        draw.rectangle(xy, outline=colour, width=2)
+        label = region.prompt if region.prompt is not None else Path(region.image).name
+        draw.text((xy[0] + 3, xy[1] + 2), label, fill=colour)
+    sheet = Image.new("RGB", (2 * size, height), "white")
+    sheet.paste(base, (0, 0))
+    sheet.paste(boxed, (size, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
