@@ -112,6 +112,9 @@ def test_region_and_layout_validation():
         attnctl.Layout(_regions(), sub_prompts=False)
     with pytest.raises(ValueError, match="base_prompt_weight="):
         attnctl.Layout(_regions(), base_prompt_weight=1.5)
+    with pytest.raises(ValueError, match="WanPipeline"):
+        with attnctl.control(tiny_pipeline("wan"), attnctl.Layout(_regions())):
+            pass
 
 
 # ---- regional prompts -------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from .layout_math import (
 )
 
 MODES = ("crop_merge", "mask_and_sum")
+IMAGE_FAMILIES = ("sd", "sd3", "flux")  # adapters whose image tokens are one frame
 BASE_OUTSIDE = ("all", "other_regions")
 BOX_RULE = "(x0, y0, x1, y1) normalised to the image, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
 
@@ -177,6 +178,10 @@ class Layout(Control):
         )
 
     def install(self, session: Any) -> None:
+        if session.adapter.name not in IMAGE_FAMILIES:
+            raise ValueError(
+                f"Layout works on image pipelines (SD 1.x/2.x/XL, SD3, FLUX), not {type(session.pipe).__name__}"
+            )
         acting = session.select(self.layers, kinds=("cross", "joint"))
         subjects = [r for r in self.regions if r.image is not None]
         if subjects:
@@ -420,40 +425,41 @@ class _LayoutEdit(AttentionEdit):
         """base_prompt_weight and scale (crop_merge: lerp from the plain attention), or the region
         streams under their masks (mask_and_sum)."""
         w = self.spec.base_prompt_weight
-        lay = self._text_layout(call)
+        crop = self.spec.mode == "crop_merge"
+        words_hidden = self.spec.base_outside == "other_regions"
+        plain_everywhere = w == 0 and all(r.scale == 1 for r in self.prompts)
         rows = list(call.rows.cond) + list(call.rows.perturbed)
-        if not rows:
-            return out
+        if not rows or (crop and plain_everywhere):
+            return out  # the regional output as the kernel gave it
+        lay = self._text_layout(call)
         grid = (call.layout.height, call.layout.width)
         image = torch.arange(lay.image_q.start, lay.image_q.stop)
         idx = torch.tensor(rows, device=out.device)
         q, k, v = (x.index_select(0, idx) for x in (call.query, call.key, call.value))
         kernel = self._kernel(call)
         part = out.index_select(0, idx)
-        if self.spec.mode == "crop_merge":
+        if crop:
             owner = owners([r.box for r in self.prompts], [r.priority for r in self.prompts], *grid)
-            plain_keys = torch.cat(
+            keys = torch.cat(
                 [
                     torch.arange(lay.image_k.start, lay.image_k.stop),
                     torch.arange(lay.base.start, lay.base.stop),
                 ]
             )
-            words_hidden = self.spec.base_outside == "other_regions"
+            keys = keys.to(out.device)
             for o in sorted(set(owner.tolist())):
                 factor = (1 - w) * (self.prompts[o].scale if o >= 0 else 1.0)
                 if factor == 1 or (o < 0 and not words_hidden):
                     continue  # the regional output as it is (outside every box it is the plain one)
                 queries = image[owner == o].to(out.device)
-                plain = kernel(
-                    take(q, queries), take(k, plain_keys.to(out.device)), take(v, plain_keys.to(out.device))
-                )
+                plain = kernel(take(q, queries), take(k, keys), take(v, keys))
                 put(part, queries, torch.lerp(plain, take(part, queries), factor))
         else:
             for j, region in enumerate(self.prompts):
                 factor = (1 - w) * region.scale
-                queries = image[box_cells(region.box, *grid)].to(out.device)
                 if factor == 0:
                     continue
+                queries = image[box_cells(region.box, *grid)].to(out.device)
                 z = kernel(take(q, queries), k[:, :, lay.regions[j]], v[:, :, lay.regions[j]])
                 put(part, queries, take(part, queries) + factor * z)
         return out.index_copy(0, idx, part)
