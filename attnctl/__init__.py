@@ -11,6 +11,7 @@ from .core.layers import LayerSelection
 from .core.session import Session, control
 from .pipelines.guidance import AStar, AttendAndExcite
 from .processors.draft import DraftAttention
+from .processors.layout import Layout, Region
 from .processors.maps import AttentionMaps
 from .processors.regulation import AttentionRegulation, AttentionRegulationProcessor
 from .processors.softpag import PAG, SoftPAG
@@ -24,7 +25,9 @@ __all__ = [
     "Control",
     "DraftAttention",
     "LayerSelection",
+    "Layout",
     "PAG",
+    "Region",
     "Session",
     "SoftPAG",
     "control",

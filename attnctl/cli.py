@@ -18,13 +18,14 @@ def _register() -> None:
     """Commands defined next to what they run: the testbed's, and the benchmarks."""
     from attnctl.kernels.bench import draft
     from attnctl.pipelines.bench import pag
-    from attnctl.testbed.cli import compose, maps, testbed_app
+    from attnctl.testbed.cli import compose, layout, maps, testbed_app
 
     app.add_typer(testbed_app, name="testbed")
     bench_app.command("compose")(compose)
     bench_app.command("maps")(maps)
     bench_app.command("draft")(draft)
     bench_app.command("pag")(pag)
+    bench_app.command("layout")(layout)
 
 
 MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbed model)."
@@ -53,11 +54,17 @@ def generate(
     threads: int | None = typer.Option(
         None, "--threads", help="torch threads (default: torch's own choice)."
     ),
+    region: list[str] | None = typer.Option(
+        None,
+        "--region",
+        help='A box and its prompt, "x0,y0,x1,y1:sub-prompt" (normalised, 0-1, origin top left); '
+        "repeatable. Writes layout.png: the image and its boxes side by side.",
+    ),
 ) -> None:
-    """Generate an image (and a heatmap grid of --maps words) into --out.
+    """Generate an image (and a heatmap grid of --maps words, the --region layout) into --out.
 
     With --prompts, one image per line of the file: <index>.png (and
-    <index>_maps.png). Under `accelerate launch` the prompts are shared out
+    <index>_maps.png, <index>_layout.png). Under `accelerate launch` the prompts are shared out
     among the processes and each image is written once."""
     import torch
 
@@ -74,6 +81,7 @@ def generate(
     if (prompt is None) == (prompts is None):
         fail("give one PROMPT or --prompts FILE (one prompt per line)")
     texts = [prompt] if prompts is None else _read_prompts(prompts)
+    layout = _layout(region) if region else None
     digits = len(str(len(texts) - 1))
     with processes() as procs:
         mine = procs.shard(list(enumerate(texts)))
@@ -89,6 +97,7 @@ def generate(
         for index, text in mine:
             stem = "image" if prompts is None else f"{index:0{digits}d}"
             controls = [attnctl.AttentionMaps(words)] if words else []
+            controls += [layout] if layout else []
             with attnctl.control(pipe, *controls) as ctl:
                 result = pipe(text, generator=torch.Generator().manual_seed(seed), **kwargs)
             image = _first_image(result)
@@ -99,6 +108,31 @@ def generate(
                 maps_name = "maps.png" if prompts is None else f"{stem}_maps.png"
                 grid = ctl.maps.save_grid(out / maps_name, image, words)
                 typer.echo(f"wrote {grid}")
+            if layout:
+                from attnctl.processors.layout import render_layout
+
+                layout_name = "layout.png" if prompts is None else f"{stem}_layout.png"
+                typer.echo(f"wrote {render_layout(out / layout_name, image, layout)}")
+
+
+def _layout(values: list[str]) -> Any:
+    """A Layout from --region values; a bad one ends the command with one line naming it."""
+    import attnctl
+
+    regions = []
+    for value in values:
+        box, sep, prompt = value.partition(":")
+        try:
+            if not sep or not prompt.strip():
+                raise ValueError('expected "x0,y0,x1,y1:sub-prompt"')
+            try:
+                numbers = [float(v) for v in box.split(",")]
+            except ValueError:
+                raise ValueError(f"box {box!r} is not four comma-separated numbers") from None
+            regions.append(attnctl.Region(numbers, prompt.strip()))
+        except ValueError as e:
+            fail(f"--region {value!r}: {e}")
+    return attnctl.Layout(regions)
 
 
 @app.command()

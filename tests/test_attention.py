@@ -126,3 +126,26 @@ def test_noop_mix_composes_with_draft_attention_and_maps():
     # it ran on calls that DraftAttention made sparse: past the first quarter of steps, after block 0
     assert any(step >= 1 and block != "blocks.0" for step, block in noop.calls)
     assert torch.equal(out, base) and torch.equal(out_map, base_map)
+
+
+class _HideLastKeys(AttentionEdit):
+    """Hides the last two keys from query positions 0-2, through a per-block key bias."""
+
+    def key_bias(self, call, rows, queries):
+        bias = torch.zeros(len(rows), 1, 6, 6)
+        bias[:, :, :3, 4:] = float("-inf")
+        return bias[:, :, queries]
+
+
+def test_key_bias_enters_explicit_logits_and_text_probs():
+    call = _call()
+    call.layout = Layout(
+        image_q=slice(0, 6), image_k=slice(0, 0), text_k=slice(0, 6), frames=1, height=2, width=3
+    )
+    call.edits = [_HideLastKeys()]
+    logits = call.logits([1])
+    assert torch.isinf(logits[0, :, :3, 4:]).all() and torch.isfinite(logits[0, :, 3:]).all()
+    probs = call.text_probs([4, 5, 0])
+    assert torch.equal(probs[0, :3, :2], torch.zeros(3, 2))
+    expected = (call.logits([1]).softmax(-1).mean(1))[0][:, [4, 5, 0]]
+    assert torch.allclose(probs[0], expected, atol=1e-6)

@@ -91,3 +91,51 @@ def test_generate_prompts_errors_are_one_line(tmp_path):
     ):
         result = runner.invoke(app, ["generate", "--model", "tiny:sd", *args, "--out", str(tmp_path)])
         assert result.exit_code == 2 and result.output.count("error: ") == 1 and names in result.output, args
+
+
+def test_generate_with_regions_writes_the_layout(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "a cat and a frog",
+            "--model",
+            "tiny:sd",
+            "--steps",
+            "2",
+            "--region",
+            "0,0,0.5,1:a cat",
+            "--region",
+            "0.5,0,1,1:a frog",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "layout.png").size == (2 * 256, 256)
+
+
+def test_bad_regions_give_one_line(tmp_path):
+    for value, expected in (
+        ("0.5,0,0.2,1:a cat", "x0 < x1"),
+        ("0,0,1:a cat", "0 <= x0 < x1 <= 1"),
+        ("0,0,a,1:a cat", "four comma-separated numbers"),
+        ("0,0,1,1", "x0,y0,x1,y1:sub-prompt"),
+    ):
+        result = runner.invoke(
+            app, ["generate", "a cat", "--model", "tiny:sd", "--region", value, "--out", str(tmp_path)]
+        )
+        assert result.exit_code == 2
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and value in lines[0], result.output
+
+
+def test_bench_layout_command(tmp_path):
+    out = tmp_path / "layout.json"
+    result = runner.invoke(
+        app,
+        ["bench", "layout", "--method", "none,crop_merge", "--sizes", "2", "--prompts", "1", "--seeds", "1",
+         "--steps", "2", "--json", str(out), "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "crop_merge" in result.output and out.exists()

@@ -7,7 +7,11 @@ A control contributes to an attention call through an `AttentionEdit`, overridin
 - `kernel(call)`: compute the output with another kernel (DraftAttention);
 - `mix_output(call, out)`: mix the output O with the values V per batch row / head, after the kernel
   and the logit / probability edits, whichever kernel ran (SoftPAG: O' = (1-u)·O + u·V);
-- `observe(call)`: read the attention (maps), e.g. through `call.text_probs(columns)`.
+- `observe(call)`: read the attention (maps), e.g. through `call.text_probs(columns)`;
+- `key_bias(call, rows, queries)`: which keys a block of queries may see, as an additive bias
+  (-inf: hidden), like FlexAttention's mask_mod; it is asked per query block, so no N x N tensor is
+  needed. Explicit logits and `text_probs` include it; an edit that gives one also gives the
+  kernel that honours it (layout masks).
 Explicit probabilities are computed only when an edit changes logits or probabilities; observers
 alone keep the model's own attention kernel and recompute just the text columns they read, in
 query chunks, so no N x N matrix is ever kept.
@@ -57,6 +61,11 @@ class AttentionEdit:
     def observe(self, call: AttentionCall) -> None:
         return None
 
+    def key_bias(self, call: AttentionCall, rows: list[int], queries: slice) -> torch.Tensor | None:
+        """Additive bias over the keys for the query positions `queries` of batch rows `rows`:
+        [len(rows) or 1, 1, n, Sk], 0 where a key is seen and -inf where it is hidden."""
+        return None
+
 
 def overrides(edit: AttentionEdit, method: str) -> bool:
     """Whether `edit` fills in `method` of the protocol (the others stay no-ops and are skipped)."""
@@ -75,6 +84,7 @@ class AttentionCall:
         self.scale = prepared.scale if prepared.scale is not None else 1.0 / math.sqrt(self.query.shape[-1])
         self.kernel_scale = prepared.scale  # passed on as given, so the default path is the model's own
         self.default_kernel = default_kernel
+        self.image_streams = prepared.image_streams  # IP-Adapter streams the family adds after attend()
         self.rows: BatchRows = session.rows  # which batch rows are uncond / cond / perturbed
         self.probs: torch.Tensor | None = None  # set when probabilities were computed explicitly
         self.edits: list[AttentionEdit] = []  # the edits taking part in this call (set by attend)
@@ -86,13 +96,32 @@ class AttentionCall:
         return list(self.rows.cond)
 
     def logits(self, rows: list[int] | None = None) -> torch.Tensor:
-        """Explicit pre-softmax logits [B, H, Sq, Sk] of the given batch rows (default: all), mask included."""
+        """Explicit pre-softmax logits [B, H, Sq, Sk] of the given batch rows (default: all), mask and
+        the edits' key biases included."""
         q, k = (self.query, self.key) if rows is None else (self.query[rows], self.key[rows])
         logits = (q @ k.transpose(-1, -2)) * self.scale
-        if self.mask is None:
-            return logits
-        mask = self.mask if rows is None or self.mask.shape[0] == 1 else self.mask[rows]
-        return logits + _additive(mask, logits.dtype)
+        bias = self.bias(rows, slice(0, q.shape[2]), logits.dtype)
+        return logits if bias is None else logits + bias
+
+    def bias(self, rows: list[int] | None, queries: slice, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive bias over keys for query positions `queries` of `rows` (None: all rows): the
+        call's mask plus every edit's `key_bias`; None when there is neither."""
+        parts = []
+        if self.mask is not None:
+            mask = self.mask if rows is None or self.mask.shape[0] == 1 else self.mask[rows]
+            parts.append(_additive(mask if mask.shape[-2] == 1 else mask[..., queries, :], dtype))
+        all_rows = list(range(self.query.shape[0])) if rows is None else rows
+        for e in self.edits:
+            if overrides(e, "key_bias"):
+                b = e.key_bias(self, all_rows, queries)
+                if b is not None:
+                    parts.append(b.to(dtype))
+        if not parts:
+            return None
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
 
     def text_probs(self, columns: list[int]) -> torch.Tensor:
         """Head-averaged probabilities from image queries to the given text keys, for the conditional
@@ -115,19 +144,15 @@ class AttentionCall:
         else:
             q = self.query[rows][:, :, self.layout.image_q]
             k = self.key[rows].float()
-            mask = None
-            if self.mask is not None:
-                mask = _additive(self.mask if self.mask.shape[0] == 1 else self.mask[rows], torch.float32)
             b, h, n, _ = q.shape
             chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
             parts = []
             for s in range(0, n, chunk):
                 logits = (q[:, :, s : s + chunk].float() @ k.transpose(-1, -2)) * self.scale
-                if mask is not None:
-                    start = self.layout.image_q.start + s
-                    logits = logits + (
-                        mask if mask.shape[-2] == 1 else mask[..., start : start + logits.shape[2], :]
-                    )
+                start = self.layout.image_q.start + s
+                bias = self.bias(rows, slice(start, start + logits.shape[2]), torch.float32)
+                if bias is not None:
+                    logits = logits + bias
                 lse = logits.logsumexp(-1, keepdim=True)
                 parts.append((logits.index_select(-1, cols) - lse).exp().mean(1))
             result = (
@@ -206,6 +231,8 @@ class AttnctlProcessor:
         edits = self.session.edits_for(self.layer)
         if not edits:
             return self.original(attn, hidden_states, *args, **kwargs)
-        prepared = self.adapter.prepare(self.session, self.layer, attn, hidden_states, *args, **kwargs)
+        prepared = self.adapter.prepare(
+            self.session, self.layer, attn, hidden_states, *args, processor=self.original, **kwargs
+        )
         call = AttentionCall(self.session, self.layer, prepared, self.adapter.kernel_for(self))
         return prepared.finish(attend(call, edits))

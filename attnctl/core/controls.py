@@ -48,7 +48,10 @@ class Control:
 
 
 def _plain(value: Any) -> Any:
-    """Tuples become lists so that to_dict() is exactly what JSON gives back."""
+    """Tuples become lists and nested data (e.g. a Layout's Regions) their `to_dict()`, so that
+    to_dict() is exactly what JSON gives back."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and hasattr(value, "to_dict"):
+        return _plain(value.to_dict())
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -49,6 +49,31 @@ class Layout:
 
 
 @dataclasses.dataclass
+class ImageStream:
+    """One IP-Adapter's decoupled image-prompt cross-attention in a layer (Ye et al., "IP-Adapter",
+    arXiv 2308.06721): out += scale * softmax(Q K_ipᵀ/√d) V_ip with K_ip = to_k(states), V_ip = to_v(states)."""
+
+    states: torch.Tensor  # projected image embeddings [B, T, C], or [B, n_images, T, C]
+    to_k: torch.nn.Module
+    to_v: torch.nn.Module
+    scale: float | list[float]  # one per image when a list
+    mask: torch.Tensor | None = None  # diffusers' `ip_adapter_masks` entry [1, n_images, H, W]
+
+    @property
+    def images(self) -> int:
+        return self.states.shape[1] if self.states.dim() == 4 else 1
+
+    def keys_values(self, heads: int, image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K_ip, V_ip [B, H, T, D] of one image (None: every image's tokens together, as diffusers
+        attends to them without masks)."""
+        states = self.states if image is None or self.states.dim() == 3 else self.states[:, image]
+        batch = states.shape[0]
+        key, value = self.to_k(states), self.to_v(states)
+        head_dim = key.shape[-1] // heads
+        return (x.reshape(batch, -1, heads, head_dim).transpose(1, 2) for x in (key, value))
+
+
+@dataclasses.dataclass
 class Prepared:
     """q, k, v of one attention call, shaped [B, H, S, D], and how to finish the module's forward."""
 
@@ -59,6 +84,9 @@ class Prepared:
     finish: Callable[[torch.Tensor], Any]  # attention output [B, H, Sq, D] -> module output
     mask: torch.Tensor | None = None  # additive or boolean mask broadcastable to [B, H, Sq, Sk]
     scale: float | None = None  # None: 1/sqrt(D)
+    # IP-Adapter streams `finish` adds to the attention output, as the replaced processor did; an
+    # edit that adds them its own way (Layout) takes them out of this list.
+    image_streams: list[ImageStream] = dataclasses.field(default_factory=list)
 
 
 class FamilyAdapter:
@@ -99,8 +127,28 @@ class FamilyAdapter:
     ) -> Prepared:
         """Do the replaced processor's work up to the attention kernel; return q, k, v and a finisher.
 
-        Receives exactly the arguments the attention module passed to its processor."""
+        Receives exactly the arguments the attention module passed to its processor, and the
+        replaced processor itself as the keyword `processor` (IP-Adapter weights live there)."""
         raise NotImplementedError
+
+    def append_text(self, kwargs: dict[str, Any], tokens: torch.Tensor) -> dict[str, Any]:
+        """The denoiser call's keyword arguments with `tokens` [B, R, C] (encoded prompts) appended to
+        its text sequence, after the prompt's own tokens (e.g. a Layout's region prompts)."""
+        text = kwargs.get("encoder_hidden_states")
+        if text is None:
+            raise ValueError(
+                f"{type(self).__name__}: the denoiser was called without encoder_hidden_states as a "
+                "keyword argument; attnctl appends region prompts there"
+            )
+        return {**kwargs, "encoder_hidden_states": torch.cat([text, tokens.to(text)], dim=1)}
+
+    def image_prompt_adapters(self, denoiser: torch.nn.Module) -> int:
+        """How many IP-Adapters are loaded into the denoiser (0: none, or not supported)."""
+        return 0
+
+    def with_image_embeds(self, kwargs: dict[str, Any], embeds: torch.Tensor) -> dict[str, Any]:
+        """The denoiser call's keyword arguments with IP-Adapter image embeddings [B, n_images, D]."""
+        raise NotImplementedError(f"attnctl gives IP-Adapter images to UNet pipelines only, not {self.name}")
 
     def kernel_for(self, processor: Any) -> Callable:
         """The attention kernel the model itself would use in this layer: f(q, k, v, mask, scale).

@@ -116,6 +116,15 @@ class FluxAdapter(FamilyAdapter):
     def kernel_for(self, processor: Any) -> Callable:
         return dispatch_kernel(processor)
 
+    def append_text(self, kwargs: dict[str, Any], tokens: torch.Tensor) -> dict[str, Any]:
+        """Also extends `txt_ids`, with zeros: FLUX pipelines give every text token the id (0, 0, 0)."""
+        kwargs = super().append_text(kwargs, tokens)
+        ids = kwargs.get("txt_ids")
+        if ids is not None:
+            extra = ids.new_zeros(*ids.shape[:-2], tokens.shape[1], ids.shape[-1])
+            kwargs["txt_ids"] = torch.cat([ids, extra], dim=-2)
+        return kwargs
+
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer_2, prompt, word, occurrence)
 

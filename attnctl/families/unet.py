@@ -1,7 +1,9 @@
 """Stable Diffusion 1.x / 2.x / XL: `UNet2DConditionModel` with diffusers' `Attention` modules.
 
 attn1 is self-attention over the image tokens, attn2 cross-attention to the CLIP text sequence
-(77 tokens, start-of-text at 0). Image tokens are the feature map flattened row-major.
+(77 tokens, start-of-text at 0). Image tokens are the feature map flattened row-major. With an
+IP-Adapter loaded (`pipe.load_ip_adapter`), attn2's processor is `IPAdapterAttnProcessor2_0`: it
+receives (text, [image-prompt states per adapter]) and adds one decoupled stream per adapter.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, Layout, Prepared, block_of, grid_for
+from .base import FamilyAdapter, ImageStream, Layout, Prepared, block_of, grid_for, sdpa
 
 
 class UNetAdapter(FamilyAdapter):
@@ -50,9 +52,16 @@ class UNetAdapter(FamilyAdapter):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         *args: Any,
+        processor: Any = None,
+        ip_adapter_masks: Any = None,
         **kwargs: Any,
     ) -> Prepared:
-        # Mirrors diffusers' AttnProcessor2_0 up to the SDPA call.
+        # Mirrors diffusers' AttnProcessor2_0 up to the SDPA call (IPAdapterAttnProcessor2_0: the same,
+        # its image-prompt streams added in `finish`).
+        streams = []
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states, ip_states = encoder_hidden_states
+            streams = _image_streams(processor, ip_states, ip_adapter_masks)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -95,9 +104,15 @@ class UNetAdapter(FamilyAdapter):
             width=w,
         )
         dtype = query.dtype
+        prepared = Prepared(
+            query, key, value, layout, lambda out: out, mask=attention_mask, image_streams=streams
+        )
 
         def finish(out: torch.Tensor) -> torch.Tensor:
-            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(dtype)
+            out = out.to(dtype)
+            for stream in prepared.image_streams:
+                out = add_image_stream(out, query, stream, attn.heads)
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
             out = attn.to_out[1](attn.to_out[0](out))
             if input_ndim == 4:
                 out = out.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -105,7 +120,8 @@ class UNetAdapter(FamilyAdapter):
                 out = out + residual
             return out / attn.rescale_output_factor
 
-        return Prepared(query, key, value, layout, finish, mask=attention_mask)
+        prepared.finish = finish
+        return prepared
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer, prompt, word, occurrence)
@@ -114,3 +130,55 @@ class UNetAdapter(FamilyAdapter):
         tok = pipe.tokenizer
         n = len(tok(prompt, truncation=True, max_length=tok.model_max_length)["input_ids"])
         return list(range(1, n - 1)), [0, n - 1]  # CLIP: start-of-text, the words, end-of-text
+
+    def image_prompt_adapters(self, denoiser: torch.nn.Module) -> int:
+        proj = getattr(denoiser, "encoder_hid_proj", None)
+        if getattr(denoiser.config, "encoder_hid_dim_type", None) != "ip_image_proj" or proj is None:
+            return 0
+        return len(proj.image_projection_layers)
+
+    def with_image_embeds(self, kwargs: dict[str, Any], embeds: torch.Tensor) -> dict[str, Any]:
+        """`added_cond_kwargs["image_embeds"]`, where the pipeline puts `ip_adapter_image_embeds`."""
+        added = dict(kwargs.get("added_cond_kwargs") or {})
+        added["image_embeds"] = [embeds]
+        return {**kwargs, "added_cond_kwargs": added}
+
+
+def add_image_stream(out: torch.Tensor, query: torch.Tensor, stream: ImageStream, heads: int) -> torch.Tensor:
+    """out + the stream's decoupled attention, [B, H, Sq, D], exactly as IPAdapterAttnProcessor2_0
+    adds it: scale * softmax(Q K_ipᵀ/√d) V_ip, or with `ip_adapter_masks` per image
+    scale_i * (Z_i * bicubic-downsampled mask_i)."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    scale = stream.scale
+    if all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0:
+        return out
+    if stream.mask is None:
+        key, value = stream.keys_values(heads)
+        return out + scale * sdpa(query, key, value, None, None).to(query.dtype)
+    scales = scale if isinstance(scale, list) else [scale] * stream.mask.shape[1]
+    batch, _, n, _ = query.shape
+    for i in range(stream.mask.shape[1]):
+        key, value = stream.keys_values(heads, image=i)
+        z = sdpa(query, key, value, None, None).to(query.dtype)
+        mask = IPAdapterMaskProcessor.downsample(stream.mask[:, i], batch, n, 1)
+        out = out + scales[i] * (z * mask.to(dtype=query.dtype, device=query.device)[:, None])
+    return out
+
+
+def _image_streams(processor: Any, states: list[torch.Tensor], masks: Any) -> list[ImageStream]:
+    """One stream per loaded IP-Adapter, from the replaced IPAdapterAttnProcessor2_0's weights."""
+    if not hasattr(processor, "to_k_ip"):
+        raise ValueError(
+            f"image-prompt states reached a cross-attention layer whose processor is "
+            f"{type(processor).__name__}, not an IP-Adapter processor; load the adapter with pipe.load_ip_adapter"
+        )
+    if masks is not None and not isinstance(masks, list):
+        masks = list(masks.unsqueeze(1))  # diffusers' older form: one tensor [n_adapters, 1, H, W]
+    masks = masks or [None] * len(states)
+    return [
+        ImageStream(s, to_k, to_v, scale, mask)
+        for s, scale, to_k, to_v, mask in zip(
+            states, processor.scale, processor.to_k_ip, processor.to_v_ip, masks, strict=True
+        )
+    ]

@@ -1,4 +1,4 @@
-"""Typer commands for the testbed: `attnctl testbed train|eval-detector` and `attnctl bench compose`.
+"""Typer commands for the testbed: `attnctl testbed train|eval-detector` and `attnctl bench compose|maps|layout`.
 
 `attnctl.cli` registers `testbed_app` and `compose`; `python -m attnctl.testbed.cli ...` runs them alone.
 """
@@ -156,12 +156,57 @@ def maps(
         typer.echo(f"wrote {json_out}")
 
 
+def layout(
+    method: str = typer.Option(
+        "none,mask_and_sum,crop_merge",
+        help="Method name(s), comma-separated, from attnctl.testbed.placement.METHODS (none, mask_and_sum, "
+        "crop_merge, crop_merge_other_regions, hide_words).",
+    ),
+    sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
+    prompts: int = typer.Option(10, help="Prompts per object count from the fixed held-out lists (cycled)."),
+    seeds: int = typer.Option(10, help="Seeds per prompt; each seed also draws the boxes."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report (summary + records) here."),
+    model: str | None = typer.Option(None, help="Pipeline folder (default: the bundled shapes model)."),
+    steps: int = typer.Option(25, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
+    quiet: bool = typer.Option(False, help="Print only the summary table."),
+) -> None:
+    """Placement benchmark: objects in their boxes (IoU >= 0.5), mIoU, all present, binding, s/image."""
+    import torch
+
+    from .placement import format_placement, run_placement
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        counts = tuple(int(x) for x in sizes.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (2, 3)") from e
+    report = run_placement(
+        method,
+        prompts,
+        seeds,
+        sizes=counts,
+        model=model,
+        steps=steps,
+        guidance_scale=guidance,
+        json_out=json_out,
+        log=None if quiet else typer.echo,
+    )
+    if quiet:
+        typer.echo(format_placement(report))
+    if json_out:
+        typer.echo(f"wrote {json_out}")
+
+
 def _standalone_app() -> typer.Typer:
     app = typer.Typer(no_args_is_help=True)
     app.add_typer(testbed_app, name="testbed")
     bench_app = typer.Typer(no_args_is_help=True)
     bench_app.command("compose")(compose)
     bench_app.command("maps")(maps)
+    bench_app.command("layout")(layout)
     app.add_typer(bench_app, name="bench")
     return app
 

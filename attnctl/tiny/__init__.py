@@ -4,6 +4,7 @@
 from .models import (
     FAMILIES,
     VIDEO_FAMILIES,
+    add_tiny_ip_adapter,
     hunyuan_prompt_template,
     tiny_call_kwargs,
     tiny_pipeline,
@@ -14,6 +15,7 @@ from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_to
 __all__ = [
     "FAMILIES",
     "VIDEO_FAMILIES",
+    "add_tiny_ip_adapter",
     "build_clip_tokenizer",
     "build_llama_tokenizer",
     "build_t5_tokenizer",

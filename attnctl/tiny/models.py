@@ -97,6 +97,58 @@ def video_tokens(family: str, **overrides: Any) -> int:
     return frames * (kwargs["height"] // per_token) * (kwargs["width"] // per_token)
 
 
+def add_tiny_ip_adapter(pipe: Any, seed: int = 0, image_size: int = 32) -> Any:
+    """Load an untrained tiny IP-Adapter into a tiny SD / SDXL pipeline, through diffusers' own
+    `load_ip_adapter`: a CLIP vision encoder with projection and its image processor, the
+    adapter's image projection (4 tokens) and `to_k_ip` / `to_v_ip` in every cross-attention layer.
+    Returns the pipeline; `pipe(prompt, ip_adapter_image=...)` then runs as with a real adapter."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = pipe.unet
+    cross, embed_dim, tokens = unet.config.cross_attention_dim, 32, 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=8,
+                projection_dim=embed_dim,
+            )
+        ).eval()
+        processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
+        g = torch.Generator().manual_seed(seed)
+        image_proj = {
+            "proj.weight": torch.randn(cross * tokens, embed_dim, generator=g) * 0.2,
+            "proj.bias": torch.zeros(cross * tokens),
+            "norm.weight": torch.ones(cross),
+            "norm.bias": torch.zeros(cross),
+        }
+        # diffusers numbers the adapter's layers 1, 3, 5, ... over the cross-attention processors
+        widths = {"mid_block": unet.config.block_out_channels[-1]}
+        layers = {}
+        key_id = 1
+        for name in unet.attn_processors:
+            if name.endswith("attn1.processor"):
+                continue
+            parts = name.split(".")
+            if parts[0] == "mid_block":
+                width = widths["mid_block"]
+            elif parts[0] == "up_blocks":
+                width = list(reversed(unet.config.block_out_channels))[int(parts[1])]
+            else:
+                width = unet.config.block_out_channels[int(parts[1])]
+            for kind in ("to_k_ip", "to_v_ip"):
+                layers[f"{key_id}.{kind}.weight"] = torch.randn(width, cross, generator=g) * cross**-0.5
+            key_id += 2
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    pipe.load_ip_adapter({"image_proj": image_proj, "ip_adapter": layers}, subfolder="", weight_name="")
+    return pipe
+
+
 def hunyuan_prompt_template() -> dict[str, Any]:
     """HunyuanVideo's default prompt template with `crop_start` measured for the tiny Llama tokenizer.
 

@@ -1,0 +1,538 @@
+"""Layout: regional prompts and subject images confined to boxes (AnyMS, Yu et al., "Bottom-up
+Attention Decoupling for Layout-guided and Training-free Multi-subject Customization",
+arXiv 2512.23537; regional prompting as in InstantX's and diffusers' community pipelines).
+
+Region prompts are encoded with the pipeline's own `encode_prompt` and appended to the text sequence
+of every denoiser call; in the layers and steps the layout acts on, image queries inside a region's
+box see the prompt and that region's tokens (one softmax), queries outside every box the prompt
+only, overlaps going to the higher priority. Everywhere else (other layers and steps, the
+unconditional rows) the region tokens are unseen and attention is the model's own. On joint
+attention (SD3, FLUX) the region tokens are also queries: they see their own prompt and the image
+tokens of their box. Subject images go through a loaded IP-Adapter: Z = Z_text + Z_image with
+Z_image = scale_j * softmax(Q K_jᵀ/√d) V_j written into subject j's box only (crop-and-merge).
+`mode="mask_and_sum"` instead adds every stream under its mask: for subjects exactly diffusers'
+`ip_adapter_masks`, for prompts Z_prompt + Σ_j scale_j · mask_j ⊙ Z_j.
+Attention runs per query group on the model's own kernel (`layout_math`): never an N x N mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.attention import AttentionCall, AttentionEdit
+from ..core.controls import Control, check, check_number
+from ..core.denoiser import DenoiserWrapper
+from ..core.session import PerGeneration, in_steps
+from ..core.tokens import TokenNotFoundError
+from ..families.base import LayerInfo
+from .layout_math import (
+    Plan,
+    TextLayout,
+    box_cells,
+    grouped_attention,
+    owners,
+    pixel_masks,
+    plain_plan,
+    put,
+    regional_plan,
+    take,
+)
+
+MODES = ("crop_merge", "mask_and_sum")
+IMAGE_FAMILIES = ("sd", "sd3", "flux")  # adapters whose image tokens are one frame
+BASE_OUTSIDE = ("all", "other_regions")
+BOX_RULE = "(x0, y0, x1, y1) normalised to the image, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+
+
+@dataclasses.dataclass
+class Region:
+    """A box of the image and what belongs there: a sub-prompt, a subject image, or both.
+
+    box: (x0, y0, x1, y1), normalised (0 = left / top, 1 = right / bottom), any aspect ratio.
+    prompt: text for this box, encoded with the pipeline's own text encoder.
+    image: path of a subject image, given to the pipeline's IP-Adapter (UNet pipelines).
+    priority: where boxes overlap, the higher priority owns the overlap (ties: the later region).
+    scale: weight of this region's streams (0: no effect; 1: the method's full effect).
+    """
+
+    box: tuple[float, float, float, float]
+    prompt: str | None = None
+    image: str | None = None
+    priority: int = 0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        box = self.box
+        ok = isinstance(box, (list, tuple)) and len(box) == 4
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        check(ok, "box", box, BOX_RULE)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        for name, good in (("x0 < x1", x0 < x1), ("y0 < y1", y0 < y1)):
+            check(good, "box", box, f"{BOX_RULE} ({name} fails)")
+        inside = all(0 <= v <= 1 for v in (x0, y0, x1, y1))
+        check(inside, "box", box, f"{BOX_RULE} (a coordinate lies outside [0, 1])")
+        self.box = (x0, y0, x1, y1)
+        check(
+            self.prompt is not None or self.image is not None,
+            "prompt",
+            None,
+            "a region needs a prompt, an image, or both",
+        )
+        if self.prompt is not None:
+            check(
+                isinstance(self.prompt, str) and bool(self.prompt.strip()),
+                "prompt",
+                self.prompt,
+                "non-empty text",
+            )
+        if self.image is not None:
+            check(
+                isinstance(self.image, str) and Path(self.image).is_file(),
+                "image",
+                self.image,
+                "the path of an image file",
+            )
+        check_number("priority", self.priority, integer=True)
+        check_number("scale", self.scale, low=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "box": list(self.box)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Region:
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class Layout(Control):
+    """Confine region prompts and subject images to boxes.
+
+    regions: `Region`s (or their dicts).
+    base_prompt_weight: share of the plain prompt-only attention kept where regions act (regional
+        prompting tools' "base ratio"): out = w·plain + (1 - w)·regional; 0 = the regional scheme.
+    layers: layer paths or block indices to act on (None: every text-attending layer, as AnyMS
+        applies it to every cross-attention layer; e.g. every other FLUX block by index).
+    steps: denoising step indices to act on (None: every step).
+    mode: "crop_merge" (a region's tokens replace, by priority) or "mask_and_sum" (each region's
+        stream added under its hard mask; for subjects diffusers' `ip_adapter_masks` exactly).
+    base_outside: what of the prompt a query sees outside a region's box: "all", or
+        "other_regions": the prompt without that region's own words (the words of its prompt found
+        in the prompt and in no other region's prompt). crop_merge only.
+    sub_prompts: whether queries in a box also see its region prompt's own tokens. False (with
+        base_outside="other_regions") confines objects by hiding words of the prompt alone, with
+        no extra tokens: the scheme that worked on the wave-1 testbed, whose conditioning runs
+        through the end-of-text tokens.
+    """
+
+    regions: list[Region] = dataclasses.field(default_factory=list)
+    base_prompt_weight: float = 0.0
+    layers: list[str | int] | None = None
+    steps: list[int] | None = None
+    mode: str = "crop_merge"
+    base_outside: str = "all"
+    sub_prompts: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.regions, (list, tuple)):
+            self.regions = [Region.from_dict(r) if isinstance(r, dict) else r for r in self.regions]
+        super().__post_init__()
+
+    def validate(self) -> None:
+        ok = isinstance(self.regions, list) and bool(self.regions)
+        check(
+            ok and all(isinstance(r, Region) for r in self.regions),
+            "regions",
+            self.regions,
+            "a non-empty list of Region",
+        )
+        check_number("base_prompt_weight", self.base_prompt_weight, low=0, high=1)
+        if self.steps is not None:
+            ok = isinstance(self.steps, (list, tuple)) and len(self.steps) > 0
+            ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps)
+            check(ok, "steps", self.steps, "None or a non-empty list of step indices >= 0")
+        check(self.mode in MODES, "mode", self.mode, f"one of {', '.join(MODES)}")
+        check(
+            self.base_outside in BASE_OUTSIDE,
+            "base_outside",
+            self.base_outside,
+            f"one of {', '.join(BASE_OUTSIDE)}",
+        )
+        check(
+            self.base_outside == "all" or self.mode == "crop_merge",
+            "base_outside",
+            self.base_outside,
+            "'all' with mode='mask_and_sum' (hiding words is part of crop_merge)",
+        )
+        check(isinstance(self.sub_prompts, bool), "sub_prompts", self.sub_prompts, "True or False")
+        check(
+            self.sub_prompts or self.base_outside == "other_regions",
+            "sub_prompts",
+            self.sub_prompts,
+            "True unless base_outside='other_regions' (else region prompts would have no effect)",
+        )
+
+    def install(self, session: Any) -> None:
+        if session.adapter.name not in IMAGE_FAMILIES:
+            raise ValueError(
+                f"Layout works on image pipelines (SD 1.x/2.x/XL, SD3, FLUX), not {type(session.pipe).__name__}"
+            )
+        acting = session.select(self.layers, kinds=("cross", "joint"))
+        subjects = [r for r in self.regions if r.image is not None]
+        if subjects:
+            found = session.adapter.image_prompt_adapters(session.denoisers[0])
+            check(
+                found == 1,
+                "regions",
+                [r.image for r in subjects],
+                f"subject images with exactly one IP-Adapter loaded in the pipeline (found {found}; "
+                "load one with pipe.load_ip_adapter)",
+            )
+        inputs = _RegionInputs(self)
+        session.add_wrapper(inputs)
+        edit = _LayoutEdit(self, inputs, {layer.name for layer in acting})
+        # Region prompts' tokens are in every text-attending layer's keys: the layers the layout
+        # does not act on get the edit too, to keep them unseen there.
+        text_layers = [layer for layer in session.layers if layer.kind in ("cross", "joint")]
+        session.add_edit(text_layers if inputs.appends else acting, edit)
+
+
+class _RegionInputs(DenoiserWrapper):
+    """Appends the region prompts' tokens to the denoiser's text and gives the IP-Adapter the
+    subject images; remembers where the prompt's own tokens end."""
+
+    def __init__(self, spec: Layout):
+        self.prompts = [r for r in spec.regions if r.prompt is not None]
+        self.subjects = [r for r in spec.regions if r.image is not None]
+        self.appends = bool(self.prompts) and spec.sub_prompts  # region prompt tokens in the text
+        self.tokens = PerGeneration(self._encode_prompts)
+        self.images = PerGeneration(self._encode_images)
+        self.base_len = 0  # text tokens of the prompt itself in the current call
+        self.lengths = [0] * len(self.prompts)  # text tokens of each region prompt in the call
+        self._generation = -1  # the generation whose calls these are
+
+    def before(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        adapter = session.adapter
+        first = self._generation != session.generation  # the first denoiser call of a generation
+        self._generation = session.generation
+        if self.subjects:
+            if first:
+                added = kwargs.get("added_cond_kwargs") or {}
+                check(
+                    "image_embeds" not in added,
+                    "ip_adapter_image",
+                    "given",
+                    "None with Layout subjects: their images come from the regions' `image` paths",
+                )
+            negative, positive = self.images.get(session)
+            embeds = torch.stack(
+                [negative if r in session.rows.uncond else positive for r in range(session.batch)]
+            )
+            kwargs = adapter.with_image_embeds(kwargs, embeds)
+        text = kwargs.get("encoder_hidden_states")
+        if not self.appends:
+            self.base_len = 0 if text is None else text.shape[1]
+            return args, kwargs
+        tokens = self.tokens.get(session)
+        if kwargs.get("encoder_attention_mask") is not None:
+            raise ValueError("Layout region prompts cannot be combined with an encoder_attention_mask")
+        if first or text is None or text.shape[1] != self.base_len + tokens.shape[1]:
+            # not yet extended (a nested forward of another control may see extended inputs)
+            self.base_len = 0 if text is None else text.shape[1]
+            kwargs = adapter.append_text(kwargs, tokens.expand(session.batch, -1, -1))
+        return args, kwargs
+
+    def _encode_prompts(self, session: Any) -> torch.Tensor:
+        """[1, R, C]: the region prompts' conditional embeddings, concatenated along the sequence."""
+        pipe = session.pipe
+        # The class's method: the session wraps the instance's to notice new generations.
+        encode = type(pipe).encode_prompt
+        embeds = []
+        for region in self.prompts:
+            kwargs = _encode_kwargs(encode, region.prompt, pipe._execution_device)
+            with torch.no_grad():
+                embeds.append(encode(pipe, **kwargs)[0])
+        self.lengths = [e.shape[1] for e in embeds]
+        return torch.cat(embeds, dim=1)
+
+    def _encode_images(self, session: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subject images' (negative, positive) IP-Adapter embeddings, [n, D] each."""
+        from PIL import Image
+
+        images = [Image.open(r.image).convert("RGB") for r in self.subjects]
+        with torch.no_grad():
+            (embeds,) = session.pipe.prepare_ip_adapter_image_embeds(
+                [images], None, session.pipe._execution_device, 1, True
+            )
+        return embeds[0], embeds[1]
+
+
+def _encode_kwargs(encode: Any, prompt: str, device: torch.device) -> dict[str, Any]:
+    """Arguments for a pipeline's `encode_prompt` that encode one prompt, conditional only."""
+    known = {
+        "prompt": prompt,
+        "device": device,
+        "num_images_per_prompt": 1,
+        "do_classifier_free_guidance": False,
+    }
+    kwargs = {}
+    for name, param in list(inspect.signature(encode).parameters.items())[1:]:
+        if name in known:
+            kwargs[name] = known[name]
+        elif param.default is inspect.Parameter.empty and param.kind is param.POSITIONAL_OR_KEYWORD:
+            kwargs[name] = None  # e.g. SD3's prompt_2 / prompt_3: None means "the same prompt"
+    return kwargs
+
+
+class _LayoutEdit(AttentionEdit):
+    def __init__(self, spec: Layout, inputs: _RegionInputs, acting: set[str]):
+        self.spec, self.inputs, self.acting = spec, inputs, acting
+        self.prompts, self.subjects = inputs.prompts, inputs.subjects
+        self.hidden = PerGeneration(self._hidden_words)
+        self._plans: dict[tuple, Plan] = {}
+        self._generation = -1
+
+    # ---- when ----------------------------------------------------------------------------
+    def active(self, session: Any, layer: LayerInfo) -> bool:
+        return self.inputs.appends or self._acts(session, layer)
+
+    def _acts(self, session: Any, layer: LayerInfo) -> bool:
+        return layer.name in self.acting and in_steps(session.step, session.num_steps, steps=self.spec.steps)
+
+    # ---- region prompts: who sees which keys ------------------------------------------------
+    def key_bias(self, call: AttentionCall, rows: list[int], queries: slice) -> torch.Tensor | None:
+        if not self.prompts:
+            return None
+        plans = self._row_plans(call)
+        dtype, device = call.query.dtype, call.query.device
+        biases = {id(p): p.bias(queries, torch.float32, device) for p in set(plans.values())}
+        return torch.stack([biases[id(plans[r])] for r in rows])[:, None].to(dtype)
+
+    def kernel(self, call: AttentionCall) -> torch.Tensor | None:
+        if not self.prompts:
+            return None  # subjects only: the model's kernel for the text, streams in mix_output
+        if call.mask is not None:
+            raise ValueError(
+                f"Layout region prompts cannot be combined with the attention mask of {call.layer.name}"
+            )
+        plans = self._row_plans(call)
+        q, k, v = call.query, call.key, call.value
+        out = v.new_empty(*q.shape[:3], v.shape[-1])
+        for plan in set(plans.values()):
+            rows = torch.tensor([r for r, p in plans.items() if p is plan], device=q.device)
+            part = grouped_attention(q[rows], k[rows], v[rows], plan, self._kernel(call))
+            out.index_copy_(0, rows, part)
+        return out
+
+    def mix_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        if not self._acts(call.session, call.layer):
+            return out
+        if self.prompts:
+            out = self._mix_prompts(call, out)
+        if self.subjects:
+            out = self._mix_subjects(call, out)
+        return out
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _kernel(self, call: AttentionCall):
+        return lambda q, k, v: call.default_kernel(q, k, v, None, call.kernel_scale)
+
+    def _text_layout(self, call: AttentionCall) -> TextLayout:
+        lay = call.layout
+        base, lengths = self.inputs.base_len, self.inputs.lengths
+        text = lay.text_k
+        if text is None or text.stop - text.start != base + sum(lengths):
+            raise ValueError(
+                f"{call.layer.name}: the text keys do not hold the prompt's {base} and the regions' "
+                f"{sum(lengths)} tokens (the denoiser was called without the layout's inputs?)"
+            )
+        starts = [text.start + base + sum(lengths[:j]) for j in range(len(lengths))]
+        return TextLayout(
+            queries=call.query.shape[2],
+            keys=call.key.shape[2],
+            image_q=lay.image_q,
+            image_k=lay.image_k,
+            base=slice(text.start, text.start + base),
+            regions=[slice(s, s + n) for s, n in zip(starts, lengths, strict=True)],
+        )
+
+    def _row_plans(self, call: AttentionCall) -> dict[int, Plan]:
+        """The plan of each batch row: regional for the conditional (and perturbed) rows where the
+        layout acts, else the plain one."""
+        session = call.session
+        if self._generation != session.generation:
+            self._plans.clear()
+            self._generation = session.generation
+        lay = self._text_layout(call)
+        grid = (call.layout.height, call.layout.width)
+        key = (grid, lay.queries, lay.keys, lay.image_q.start, lay.base.start, lay.base.stop)
+        plain = self._cached((*key, "plain"), lambda: plain_plan(lay))
+        plans = {r: plain for r in range(call.query.shape[0])}
+        if not self._acts(session, call.layer):
+            return plans
+        guided = list(call.rows.cond) + list(call.rows.perturbed)
+        hidden = (
+            self._hidden_for_rows(session, call.rows) if self.spec.base_outside == "other_regions" else {}
+        )
+        for r in guided:
+            words = hidden.get(r)
+            plans[r] = self._cached(
+                (*key, "regional", None if words is None else tuple(map(tuple, words))),
+                lambda words=words: self._regional(lay, grid, words),
+            )
+        return plans
+
+    def _regional(self, lay: TextLayout, grid: tuple[int, int], hidden: list[list[int]] | None) -> Plan:
+        boxes = [r.box for r in self.prompts]
+        owner = owners(boxes, [r.priority for r in self.prompts], *grid)
+        crop = self.spec.mode == "crop_merge"
+        cells = [owner == j if crop else box_cells(b, *grid) for j, b in enumerate(boxes)]
+        return regional_plan(lay, owner, cells, hidden, crop)
+
+    def _cached(self, key: tuple, build: Any) -> Plan:
+        if key not in self._plans:
+            self._plans[key] = build()
+        return self._plans[key]
+
+    def _hidden_for_rows(self, session: Any, rows: Any) -> dict[int, list[list[int]]]:
+        """Per guided row, each region's own words' positions in that row's prompt (perturbed rows
+        are copies of the conditional ones, in their order)."""
+        per_prompt = self.hidden.get(session)
+        prompts = session.prompts()
+        out = {}
+        for guided in (rows.cond, rows.perturbed):
+            out.update({r: per_prompt[prompts[i % len(prompts)]] for i, r in enumerate(guided)})
+        return out
+
+    def _hidden_words(self, session: Any) -> dict[str, list[list[int]]]:
+        """Per distinct prompt: per region, the text positions of its own words (those of its
+        prompt that no other region's prompt has) in the prompt."""
+        words = [set(re.findall(r"[\w'-]+", r.prompt.lower())) for r in self.prompts]
+        own = [w - set().union(*(o for j, o in enumerate(words) if j != i)) for i, w in enumerate(words)]
+        out = {}
+        for prompt in dict.fromkeys(session.prompts()):
+            out[prompt] = [
+                sorted({p for w in mine for p in _all_positions(session, prompt, w)}) for mine in own
+            ]
+        return out
+
+    def _mix_prompts(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """base_prompt_weight and scale (crop_merge: lerp from the plain attention), or the region
+        streams under their masks (mask_and_sum)."""
+        w = self.spec.base_prompt_weight
+        crop = self.spec.mode == "crop_merge"
+        words_hidden = self.spec.base_outside == "other_regions"
+        plain_everywhere = w == 0 and all(r.scale == 1 for r in self.prompts)
+        rows = list(call.rows.cond) + list(call.rows.perturbed)
+        if not rows or (crop and plain_everywhere):
+            return out  # the regional output as the kernel gave it
+        lay = self._text_layout(call)
+        grid = (call.layout.height, call.layout.width)
+        image = torch.arange(lay.image_q.start, lay.image_q.stop)
+        idx = torch.tensor(rows, device=out.device)
+        q, k, v = (x.index_select(0, idx) for x in (call.query, call.key, call.value))
+        kernel = self._kernel(call)
+        part = out.index_select(0, idx)
+        if crop:
+            owner = owners([r.box for r in self.prompts], [r.priority for r in self.prompts], *grid)
+            keys = torch.cat(
+                [
+                    torch.arange(lay.image_k.start, lay.image_k.stop),
+                    torch.arange(lay.base.start, lay.base.stop),
+                ]
+            )
+            keys = keys.to(out.device)
+            for o in sorted(set(owner.tolist())):
+                factor = (1 - w) * (self.prompts[o].scale if o >= 0 else 1.0)
+                if factor == 1 or (o < 0 and not words_hidden):
+                    continue  # the regional output as it is (outside every box it is the plain one)
+                queries = image[owner == o].to(out.device)
+                plain = kernel(take(q, queries), take(k, keys), take(v, keys))
+                put(part, queries, torch.lerp(plain, take(part, queries), factor))
+        else:
+            for j, region in enumerate(self.prompts):
+                factor = (1 - w) * region.scale
+                if factor == 0:
+                    continue
+                queries = image[box_cells(region.box, *grid)].to(out.device)
+                z = kernel(take(q, queries), k[:, :, lay.regions[j]], v[:, :, lay.regions[j]])
+                put(part, queries, take(part, queries) + factor * z)
+        return out.index_copy(0, idx, part)
+
+    def _mix_subjects(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """The IP-Adapter stream, by box: crop-and-merge, or diffusers' own masked sum."""
+        streams = call.image_streams
+        if len(streams) != 1 or streams[0].images != len(self.subjects):
+            raise ValueError(
+                f"{call.layer.name}: Layout subjects need one IP-Adapter stream with {len(self.subjects)} "
+                f"images; this call has {len(streams)} stream(s)"
+            )
+        stream = streams[0]
+        adapter_scale = (
+            stream.scale if isinstance(stream.scale, list) else [stream.scale] * len(self.subjects)
+        )
+        scales = [a * r.scale for a, r in zip(adapter_scale, self.subjects, strict=True)]
+        boxes = [r.box for r in self.subjects]
+        if self.spec.mode == "mask_and_sum":
+            _, h, w = call.session.grid
+            factor = getattr(call.session.pipe, "vae_scale_factor", 8)
+            stream.mask = pixel_masks(boxes, h * factor, w * factor).to(out.device)
+            stream.scale = scales
+            return out  # the family adds it as diffusers does, with these masks
+        streams.remove(stream)  # added here instead, box by box
+        lay = call.layout
+        owner = owners(boxes, [r.priority for r in self.subjects], lay.height, lay.width)
+        image = torch.arange(lay.image_q.start, lay.image_q.stop)
+        out = out.clone()
+        for j in sorted(o for o in set(owner.tolist()) if o >= 0):
+            if scales[j] == 0:
+                continue
+            queries = image[owner == j].to(out.device)
+            key, value = stream.keys_values(call.query.shape[1], image=j)
+            z = self._kernel(call)(take(call.query, queries), key, value)
+            put(out, queries, take(out, queries) + scales[j] * z.to(out.dtype))
+        return out
+
+
+def _all_positions(session: Any, prompt: str, word: str) -> list[int]:
+    """Text positions of every occurrence of `word` in `prompt` (none if it is not there)."""
+    found, occurrence = [], 0
+    while True:
+        try:
+            found += session.adapter.text_positions(session.pipe, prompt, word, occurrence)
+        except TokenNotFoundError:
+            return found
+        occurrence += 1
+
+
+def render_layout(path: str | Path, image: Any, layout: Layout, size: int = 256) -> Path:
+    """Save the image and, beside it, the image with the layout's boxes drawn and labelled."""
+    from PIL import Image, ImageDraw
+
+    from .maps import _to_pil
+
+    base = _to_pil(image).convert("RGB")
+    height = max(1, round(size * base.size[1] / base.size[0]))
+    base = base.resize((size, height))
+    boxed = base.copy()
+    draw = ImageDraw.Draw(boxed)
+    colours = ("red", "blue", "green", "orange", "purple", "black")
+    for i, region in enumerate(layout.regions):
+        x0, y0, x1, y1 = region.box
+        xy = (x0 * size, y0 * height, x1 * size - 1, y1 * height - 1)
+        colour = colours[i % len(colours)]
+        draw.rectangle(xy, outline=colour, width=2)
+        label = region.prompt if region.prompt is not None else Path(region.image).name
+        draw.text((xy[0] + 3, xy[1] + 2), label, fill=colour)
+    sheet = Image.new("RGB", (2 * size, height), "white")
+    sheet.paste(base, (0, 0))
+    sheet.paste(boxed, (size, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

@@ -1,0 +1,140 @@
+"""Layout math: boxes on grids, priority owners, and grouped attention against an explicit masked
+softmax (the tests may build N x N masks; the method never does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnctl.families.base import sdpa
+from attnctl.processors.layout_math import (
+    TextLayout,
+    box_cells,
+    grouped_attention,
+    owners,
+    pixel_masks,
+    plain_plan,
+    regional_plan,
+)
+
+
+def test_box_cells_sample_cell_centres_at_any_grid():
+    cells = box_cells((0.0, 0.0, 0.5, 0.25), 4, 8).view(4, 8)
+    expected = torch.zeros(4, 8, dtype=torch.bool)
+    expected[:1, :4] = True
+    assert torch.equal(cells, expected)
+    # the same box on a finer, non-square grid
+    fine = box_cells((0.0, 0.0, 0.5, 0.25), 8, 6).view(8, 6)
+    assert fine[:2, :3].all() and fine.sum() == 6
+    # a box smaller than one cell keeps the cell under its centre
+    tiny = box_cells((0.30, 0.30, 0.32, 0.32), 4, 4).view(4, 4)
+    assert tiny.sum() == 1 and tiny[1, 1]
+
+
+def test_owners_follow_priority_not_order():
+    left, right = (0.0, 0.0, 0.75, 1.0), (0.25, 0.0, 1.0, 1.0)
+    low_first = owners([left, right], [0, 1], 1, 4)
+    assert low_first.tolist() == [0, 1, 1, 1]  # the overlap (cells 1-2) goes to the higher priority
+    assert owners([left, right], [1, 0], 1, 4).tolist() == [0, 0, 0, 1]
+    assert owners([left, right], [0, 0], 1, 4).tolist() == [0, 1, 1, 1]  # ties: the later box
+    assert owners([(0.0, 0.0, 0.5, 1.0)], [0], 1, 4).tolist() == [0, 0, -1, -1]
+
+
+def test_pixel_masks_are_ip_adapter_mask_entries():
+    masks = pixel_masks([(0.0, 0.0, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)], 8, 8)
+    assert masks.shape == (1, 2, 8, 8)
+    assert masks[0, 0, :, :4].eq(1).all() and masks[0, 0, :, 4:].eq(0).all()
+    assert masks[0, 1].sum() == 16
+
+
+def _layout(joint: bool, n_regions: int = 2) -> TextLayout:
+    """3x4 image tokens, a prompt of 5 tokens, region prompts of 3 tokens each."""
+    n, base, region = 12, 5, 3
+    text = base + n_regions * region
+    if joint:  # FLUX order: text first, then the image
+        starts = [base + j * region for j in range(n_regions)]
+        return TextLayout(
+            queries=text + n,
+            keys=text + n,
+            image_q=slice(text, text + n),
+            image_k=slice(text, text + n),
+            base=slice(0, base),
+            regions=[slice(s, s + region) for s in starts],
+        )
+    return TextLayout(
+        queries=n,
+        keys=text,
+        image_q=slice(0, n),
+        image_k=slice(0, 0),
+        base=slice(0, base),
+        regions=[slice(base + j * region, base + (j + 1) * region) for j in range(n_regions)],
+    )
+
+
+def _reference(q, k, v, plan):
+    bias = plan.bias(slice(0, q.shape[2]), q.dtype, q.device)
+    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias).softmax(-1) @ v
+
+
+def _qkv(lay, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 2, n, 4, generator=g) for n in (lay.queries, lay.keys, lay.keys))
+
+
+BOXES = [(0.0, 0.0, 0.5, 1.0), (0.25, 0.0, 1.0, 0.67)]
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize(
+    "crop_merge, hidden", [(True, None), (True, [[1, 2], [4]]), (False, None)]
+)  # hiding words is part of crop_merge
+def test_grouped_attention_equals_the_masked_softmax(joint, crop_merge, hidden):
+    lay = _layout(joint)
+    owner = owners(BOXES, [0, 1], 3, 4)
+    cells = [owner == j if crop_merge else box_cells(b, 3, 4) for j, b in enumerate(BOXES)]
+    q, k, v = _qkv(lay)
+    for plan in (plain_plan(lay), regional_plan(lay, owner, cells, hidden, crop_merge)):
+        out = grouped_attention(q, k, v, plan, lambda a, b, c: sdpa(a, b, c, None, None))
+        assert torch.allclose(out, _reference(q, k, v, plan), atol=1e-6)
+
+
+def test_regional_visibility():
+    lay = _layout(joint=True)
+    owner = owners(BOXES, [0, 1], 3, 4)
+    plan = regional_plan(lay, owner, [owner == j for j in range(2)], [[1, 2], [4]], True)
+    seen = plan.visible[plan.group_of]  # [Sq, Sk]
+    image = torch.arange(lay.image_q.start, lay.image_q.stop)
+    region = [torch.arange(r.start, r.stop) for r in lay.regions]
+    for cell, o in enumerate(owner.tolist()):
+        row = seen[image[cell]]
+        assert row[image].all()  # every image query sees every image key
+        for j in range(2):
+            assert bool(row[region[j]].all()) == (o == j)  # its own region's tokens only
+            hidden_here = [lay.base.start + p for p in [[1, 2], [4]][j]]
+            assert bool(row[hidden_here].any()) == (o == j)  # a region's words only in its box
+    for j in range(2):
+        text_row = seen[region[j][0]]
+        assert torch.equal(text_row[image], owner == j)  # region tokens see their box
+        assert text_row[region[j]].all() and not text_row[lay.base].any()
+        assert not text_row[region[1 - j]].any()
+    base_row = seen[lay.base.start]
+    assert base_row[image].all() and base_row[lay.base].all() and not base_row[region[0]].any()
+    plain = plain_plan(lay).visible[plain_plan(lay).group_of]
+    assert not plain[image][:, torch.cat(region)].any()  # region tokens unseen by the image
+
+
+def test_outside_every_box_region_keys_change_nothing():
+    lay = _layout(joint=False)
+    owner = owners(BOXES[:1], [0], 3, 4)
+    plan = regional_plan(lay, owner, [owner == 0], None, True)
+    q, k, v = _qkv(lay)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, lay.regions[0]] += 5
+    v2[:, :, lay.regions[0]] -= 3
+    kernel = lambda a, b, c: sdpa(a, b, c, None, None)  # noqa: E731
+    a, b = grouped_attention(q, k, v, plan, kernel), grouped_attention(q, k2, v2, plan, kernel)
+    outside = (owner < 0).nonzero().flatten()
+    assert torch.equal(a[:, :, outside], b[:, :, outside])
+    assert not torch.allclose(
+        a[:, :, (owner == 0).nonzero().flatten()], b[:, :, (owner == 0).nonzero().flatten()]
+    )
