@@ -225,3 +225,19 @@ def test_bench_pag_reports_paired_ratios(tmp_path):
     assert json.loads((tmp_path / "pag.json").read_text())["sd3"]["ratios"] == row["ratios"]
     with pytest.raises(ValueError, match="models"):
         run_pag(("sdxl",))
+
+
+@pytest.mark.parametrize("guide", ["AStar", "AttendAndExcite"])
+def test_composes_with_latent_guidance(guide):
+    """Latent guidance runs its own gradient forward inside the guided call; the perturbed branch
+    stays out of it and is still folded out of the call around it."""
+    pipe = tiny_pipeline("sd")
+    kwargs = {"num_inference_steps": 3}
+    with attnctl.control(pipe, getattr(attnctl, guide)(["cat", "frog"])):
+        guided = _run(pipe, "sd", **kwargs)
+    for order in ("pag_first", "guide_first"):
+        controls = [attnctl.PAG(["mid_block"]), getattr(attnctl, guide)(["cat", "frog"])]
+        with attnctl.control(pipe, *(controls if order == "pag_first" else controls[::-1])) as ctl:
+            both = _run(pipe, "sd", **kwargs)
+        assert both.shape == guided.shape and not torch.allclose(both, guided, atol=1e-4)
+        assert ctl.log[guide]
