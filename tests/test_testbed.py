@@ -186,7 +186,7 @@ def test_bench_maps_reports_every_text_layer(tmp_path):
     from attnctl.testbed.localisation import run_maps
 
     out = tmp_path / "maps.json"
-    report = run_maps(2, 1, sizes=(2,), steps=10, json_out=out, log=None)
+    report = run_maps(4, 1, sizes=(2,), steps=25, json_out=out, log=None)
     saved = json.loads(out.read_text())
     assert report["records"] and saved["summary"] == report["summary"]
     layers = set(report["layer_grids"])
