@@ -10,6 +10,7 @@ from diffusers import EulerDiscreteScheduler
 
 import attnctl
 from attnctl.core.controls import Control
+from attnctl.pipelines import guidance
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"
@@ -130,3 +131,56 @@ def test_controls_round_trip_and_validate():
         attnctl.AStar(["cat", "frog"], mask_threshold=0)
     with pytest.raises(ValueError, match="^guided_fraction="):
         attnctl.AStar(["cat"], guided_fraction=1.5)
+    with pytest.raises(ValueError, match="^softmax_over='all' is not allowed"):
+        attnctl.AttendAndExcite(["cat"], softmax_over="all")
+
+
+def _sd2_like():
+    pipe = tiny_pipeline("sd")
+    pipe.tokenizer.pad_token = "!"  # SD 2.x's OpenCLIP tokenizer pads with "!", SD 1.x's with its end token
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "build, variant, softmax",
+    [
+        (lambda: tiny_pipeline("sd"), "sd1", "context"),
+        (_sd2_like, "sd2", "prompt"),
+        (lambda: tiny_pipeline("sdxl"), "sdxl", "prompt"),
+        (lambda: tiny_pipeline("flux"), "flux", "prompt"),
+    ],
+)
+def test_softmax_over_follows_the_authors_per_model(build, variant, softmax):
+    pipe = build()
+    with attnctl.control(pipe) as ctl:
+        assert ctl.adapter.variant(pipe) == variant
+        assert guidance.resolve_softmax_over("auto", ctl) == softmax
+        assert guidance.resolve_softmax_over("prompt", ctl) == "prompt"
+
+
+def test_bundled_testbed_is_sd1_like():
+    from attnctl.testbed import load_pipeline
+
+    pipe = load_pipeline()
+    with attnctl.control(pipe) as ctl:
+        assert guidance.resolve_softmax_over("auto", ctl) == "context"
+
+
+def test_softmax_over_sets_the_loss_columns(pipe):
+    # 77 text keys: over the full context each pixel's softmax spreads over 75 columns, over the
+    # prompt's own tokens over 5, so the first A&E loss is far higher with the former
+    first = {}
+    for choice in ("auto", "context", "prompt"):
+        control = attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0, softmax_over=choice)
+        with attnctl.control(pipe, control) as ctl:
+            _run(pipe)
+        first[choice] = ctl.log["AttendAndExcite"][0]["loss"]
+    assert first["auto"] == first["context"]
+    assert first["context"] > 0.95 > 0.9 > first["prompt"]
+
+
+def test_softmax_over_context_needs_a_clip_sequence():
+    flux = tiny_pipeline("flux")
+    with pytest.raises(ValueError, match="^softmax_over='context' is not allowed for FluxPipeline"):
+        with attnctl.control(flux, attnctl.AStar(["cat", "frog"], softmax_over="context")):
+            pass

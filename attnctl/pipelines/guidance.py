@@ -31,6 +31,14 @@ from .guidance_math import (
     step_sizes,
 )
 
+# The text columns the softmax of 100 x attention runs over (`softmax_over`).
+SOFTMAX_OVER = ("auto", "context", "prompt")
+# "auto": the authors' choice per model. Their code (`normalize_eot`, on for SD 2.1 only) takes the
+# full context on SD 1.x; every other model gets the prompt's tokens (see resolve_softmax_over).
+AUTO_SOFTMAX = {"sd1": "context"}
+# Models whose text keys are one CLIP sequence with the start token at 0: where "context" is defined.
+CONTEXT_VARIANTS = ("sd1", "sd2", "sdxl")
+
 
 @dataclasses.dataclass
 class AttendAndExcite(Control):
@@ -41,6 +49,12 @@ class AttendAndExcite(Control):
     fraction of the steps (reference: 25 of 50). scale: step size a_i = scale*sqrt(linspace(1, .5)).
     thresholds: iterative refinement {step: T} for a 50-step run (scaled to the run's step count):
     repeat updates while L > 1 - T, at most max_refinement times.
+    softmax_over: the text columns the softmax of 100 x attention runs over: "context" (every text
+    key between the start token and the last key, the end token and padding included: the authors'
+    loss on SD 1.x), "prompt" (the prompt's own tokens: their `normalize_eot`, used on SD 2.1) or
+    "auto" (the authors' choice per model, `resolve_softmax_over`). The default thresholds are the
+    authors', tuned on SD 1.4 with the full context, and kept by them for SD 2.1 with the prompt's
+    tokens: with another choice they ask for another loss level.
     """
 
     tokens: list[str] = dataclasses.field(default_factory=list)
@@ -51,6 +65,7 @@ class AttendAndExcite(Control):
     max_refinement: int = REFINEMENT_MAX_ITERS
     smooth: bool = True
     occurrence: int = 0
+    softmax_over: str = "auto"
 
     def validate(self) -> None:
         check_words("tokens", self.tokens)
@@ -89,7 +104,9 @@ class AStar(Control):
 
     concepts: the subject words. mask_threshold: retention masks keep pixels above this fraction of
     a map's range (not stated in the paper; 0.5 suggested). iterations: latent updates per guided
-    step. Other fields as in AttendAndExcite.
+    step. softmax_over: as in AttendAndExcite; A-STAR reads A&E's normalised maps and has no
+    published code, so "auto" takes the A&E authors' choice per model. Other fields as in
+    AttendAndExcite.
     """
 
     concepts: list[str] = dataclasses.field(default_factory=list)
@@ -100,6 +117,7 @@ class AStar(Control):
     iterations: int = 1
     smooth: bool = True
     occurrence: int = 0
+    softmax_over: str = "auto"
 
     def validate(self) -> None:
         check_words("concepts", self.concepts)
@@ -120,18 +138,44 @@ class AStar(Control):
         return iteration + 1 < self.iterations
 
 
+def resolve_softmax_over(choice: str, session: Any) -> str:
+    """The softmax columns for the session's pipeline, context or prompt: `choice`, or for "auto" the
+    authors' choice.
+
+    Chefer et al.'s code takes the full context on SD 1.4 and the prompt's tokens on SD 2.1
+    (`normalize_eot`); the model comes from the family adapter's `variant` (SD 1.x: a CLIP tokenizer
+    padding with its end-of-text token). SDXL and the other families get the prompt's tokens: the
+    authors published no setting for them, and their text keys past the prompt are not copies of the
+    end token as on SD 1.x (SDXL's second encoder pads with "!" as SD 2's does; T5 with <pad>).
+    """
+    variant = session.adapter.variant(session.pipe)
+    resolved = AUTO_SOFTMAX.get(variant, "prompt") if choice == "auto" else choice
+    if resolved == "context" and variant not in CONTEXT_VARIANTS:
+        raise ValueError(
+            f"softmax_over='context' is not allowed for {type(session.pipe).__name__}: its text keys are "
+            "not one CLIP sequence with a start token; use 'prompt' or 'auto'"
+        )
+    return resolved
+
+
 def _check_common(spec: Any) -> None:
     check_number("guided_fraction", spec.guided_fraction, low=0, high=1)
     check_number("scale", spec.scale, low=0)
     check(isinstance(spec.smooth, bool), "smooth", spec.smooth, "True or False")
     check_number("occurrence", spec.occurrence, integer=True)
+    check(
+        spec.softmax_over in SOFTMAX_OVER,
+        "softmax_over",
+        spec.softmax_over,
+        f"one of {', '.join(SOFTMAX_OVER)}",
+    )
 
 
 def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: Callable) -> None:
     layers = WorkingLayers(session, spec.layers)
     collector = _Collector(layers)
     session.add_edit(layers.candidates, collector)
-    guide = _Guide(spec, words, loss, refine, collector)
+    guide = _Guide(spec, words, resolve_softmax_over(spec.softmax_over, session), loss, refine, collector)
     session.add_wrapper(guide)
     session.generation_hooks.append(guide.reset)
     session.wrap(session.pipe.scheduler, "step", guide.wrap_step)
@@ -166,8 +210,17 @@ class _Collector(AttentionEdit):
 
 
 class _Guide(DenoiserWrapper):
-    def __init__(self, spec: Any, words: list[str], loss: Callable, refine: Callable, collector: _Collector):
-        self.spec, self.words, self.loss, self.refine, self.collector = spec, words, loss, refine, collector
+    def __init__(
+        self,
+        spec: Any,
+        words: list[str],
+        softmax_over: str,
+        loss: Callable,
+        refine: Callable,
+        collector: _Collector,
+    ):
+        self.spec, self.words, self.softmax_over = spec, words, softmax_over
+        self.loss, self.refine, self.collector = loss, refine, collector
         self.columns = PerGeneration(self._columns)
         self.reset(None)
 
@@ -203,10 +256,13 @@ class _Guide(DenoiserWrapper):
         return guided_step
 
     def _columns(self, session: Any) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
-        """All prompt-token columns, and per image its prompt tokens and each word's columns."""
+        """All softmax columns, and per image its softmax columns and each word's columns."""
         real, groups = [], []
         for prompt in session.prompts():
-            real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
+            if self.softmax_over == "context":
+                real.append(list(range(1, session.text_len - 1)))  # the authors' [1:-1]
+            else:
+                real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
             groups.append(
                 [
                     session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)

@@ -48,11 +48,13 @@ def normalize_concept_maps(
     """A&E map normalisation (Chefer et al. 2023, Algorithm 1): ``[h, w, T]`` → ``[K, h, w]`` fp32.
 
     ``attn``: cross-attention probabilities averaged over layers and heads, ``[h, w, T]``.
-    ``text_positions``: the columns of the real prompt tokens (no start/end-of-text, no padding).
+    ``text_positions``: the columns the softmax runs over: the real prompt tokens (no start/end-of-text,
+    no padding), or on SD 1.x the authors' full context (every column between the start token and
+    the last one, end-of-text and padding included).
     ``token_groups``: one list of columns per concept (all sub-tokens of the concept's word),
     each a subset of ``text_positions``; groups must be disjoint.
 
-    Keeps the prompt tokens, multiplies by 100, softmaxes over them, combines each concept's
+    Keeps those columns, multiplies by 100, softmaxes over them, combines each concept's
     sub-token maps with ``subtoken_reduce`` (default ``sum``: the concept's share of each pixel's
     distribution over prompt tokens, still in [0, 1], so a word split into n pieces is not
     diluted as with ``mean`` nor partly ignored as with ``max``), then smooths each map with the
