@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -184,3 +185,55 @@ def test_softmax_over_context_needs_a_clip_sequence():
     with pytest.raises(ValueError, match="^softmax_over='context' is not allowed for FluxPipeline"):
         with attnctl.control(flux, attnctl.AStar(["cat", "frog"], softmax_over="context")):
             pass
+
+
+PROMPTS = ["a cat and a frog", "a red frog and a cat"]
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        # 8 steps, fp64: 1 - T = 0.98375 is met after 7 and 5 updates (9e-5 or more away): 9 and 7 in all
+        attnctl.AttendAndExcite(["cat", "frog"], scale=500.0, thresholds={0: 0.01625}, guided_fraction=0.25),
+        attnctl.AStar(["cat", "frog"], iterations=2, guided_fraction=0.5),
+    ],
+)
+def test_each_image_is_guided_on_its_own(control):
+    # Double precision: in fp32 the pipeline's own batched kernels give ~1e-6 between an image alone
+    # and in a batch, which would hide a coupling of that size; in fp64 that floor is 1e-15.
+    pipe = tiny_pipeline("sd").to(torch.float64)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kwargs = tiny_call_kwargs("sd", num_inference_steps=8)
+    with attnctl.control(pipe, control) as ctl:
+        batch = pipe(PROMPTS, latents=latents, **kwargs).images
+    name = type(control).__name__
+    for i, prompt in enumerate(PROMPTS):
+        with attnctl.control(pipe, control) as alone:
+            image = pipe(prompt, latents=latents[i : i + 1], **kwargs).images[0]
+        assert (image - batch[i]).abs().max() <= 1e-6
+        in_batch = [(e["step"], e["iteration"]) for e in ctl.log[name] if e["image"] == i]
+        assert in_batch == [(e["step"], e["iteration"]) for e in alone.log[name]]
+    if name == "AttendAndExcite":  # the images refine for different lengths: decisions are per image
+        counts = [sum(e["step"] == 0 and e["image"] == i for e in ctl.log[name]) for i in (0, 1)]
+        assert counts == [9, 7]
+
+
+def test_refinement_schedule_follows_the_authors():
+    # Chefer et al.'s code: refinement updates until one is made from a latent whose loss is at most
+    # 1 - T (or max_refinement were made), then the step's regular update
+    run = type("Run", (), {"num_steps": 50, "step": 0})()
+    excite = attnctl.AttendAndExcite(["cat"], thresholds={0: 0.5}, max_refinement=20)
+
+    def updates(losses: list[float], spec: attnctl.AttendAndExcite = excite) -> int:
+        n = 1
+        while spec._more_updates(run, losses[:n]):
+            n += 1
+        return n
+
+    assert updates([0.4]) == 1  # the loss already meets 1 - T: the regular update alone
+    assert updates([0.8, 0.7, 0.45, 0.3, 0.2]) == 4  # z0, z1 and z2 (loss .45) refine, z3 regular
+    assert updates([0.9] * 30) == 21  # 20 refinement updates, then the regular one
+    assert updates([0.9] * 30, dataclasses.replace(excite, max_refinement=2)) == 3
+    assert updates([0.9] * 30, dataclasses.replace(excite, max_refinement=0)) == 1
+    run.step = 1  # no threshold at this step
+    assert updates([0.9] * 30) == 1
