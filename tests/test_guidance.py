@@ -237,3 +237,51 @@ def test_refinement_schedule_follows_the_authors():
     assert updates([0.9] * 30, dataclasses.replace(excite, max_refinement=0)) == 1
     run.step = 1  # no threshold at this step
     assert updates([0.9] * 30) == 1
+
+
+class _Calls:
+    def __init__(self, module):
+        self.count = 0
+        self.handle = module.register_forward_pre_hook(lambda *a: setattr(self, "count", self.count + 1))
+
+
+@pytest.mark.parametrize(
+    "control", [attnctl.AttendAndExcite(["cat", "frog"], max_refinement=2), attnctl.AStar(["cat", "frog"])]
+)
+def test_gradient_forward_ends_at_the_last_map(pipe, control, monkeypatch):
+    # the tiny SD reads its 8x8 maps (down_blocks.1, mid_block, up_blocks.0): the 16x16 up block and
+    # conv_out never run in a gradient forward
+    calls = _Calls(pipe.unet.up_blocks[1]), _Calls(pipe.unet.conv_out)
+    try:
+        plain = _run(pipe)
+        assert calls[0].count == calls[1].count == 4 * 1  # 4 steps, CFG in one batch
+        with attnctl.control(pipe, control) as ctl:
+            early = _run(pipe)
+        assert ctl.log[type(control).__name__] and calls[0].count == calls[1].count == 8
+    finally:
+        for c in calls:
+            c.handle.remove()
+    recorded = guidance._Collector.observe
+
+    def observe_without_exit(self, call):
+        try:
+            recorded(self, call)
+        except guidance._MapsRecorded:
+            pass
+
+    monkeypatch.setattr(guidance._Collector, "observe", observe_without_exit)
+    with attnctl.control(pipe, control) as full:
+        complete = _run(pipe)
+    assert [e["loss"] for e in full.log[type(control).__name__]] == pytest.approx(
+        [e["loss"] for e in ctl.log[type(control).__name__]], abs=1e-6
+    )
+    assert (early - complete).abs().max() <= 1e-5 and (early - plain).abs().max() > 1e-4
+
+
+def test_maps_record_the_denoising_forwards_only(pipe):
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as plain:
+        _run(pipe)
+    guide = attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0)
+    with attnctl.control(pipe, guide, attnctl.AttentionMaps(["cat"])) as guided:
+        _run(pipe)
+    assert guided.log["AttendAndExcite"] and guided.maps._counts == plain.maps._counts

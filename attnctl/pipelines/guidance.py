@@ -8,7 +8,9 @@ the scheduler's `step` (wrapped on the instance) steps from the updated latent t
 
 Each image is guided on its own, as in the authors' per-image loop: its losses, its number of
 updates and its retention masks are its own, so an image comes out the same alone and in any batch
-(the images still updating share one gradient forward).
+(the images still updating share one gradient forward). That forward ends at the last layer whose
+map the loss reads: nothing after it changes the loss, so this early exit is exact, and the rest of
+the denoiser (on SD, the high-resolution up blocks) is neither run nor back-propagated.
 """
 
 from __future__ import annotations
@@ -198,20 +200,31 @@ def _install(session: Any, spec: Any, words: list[str]) -> None:
     session.wrap(session.pipe.scheduler, "step", guide.wrap_step)
 
 
+class _MapsRecorded(Exception):
+    """Raised by a collector once the last map its loss reads is recorded: ends the gradient forward."""
+
+
 class _Collector(AttentionEdit):
-    """Sums head-averaged text maps of the working layers during a guidance forward (differentiable)."""
+    """Sums head-averaged text maps of the working layers during its guide's gradient forward
+    (differentiable), and ends that forward once every one of those layers is recorded."""
 
     def __init__(self, layers: WorkingLayers):
         self.layers = layers
         self.columns: list[int] = []
+        self.recording = False
         self.total: torch.Tensor | None = None
         self.count = 0
+        self.seen: set[str] = set()
 
     def start(self, columns: list[int]) -> None:
-        self.columns, self.total, self.count = columns, None, 0
+        self.columns, self.total, self.count, self.seen = columns, None, 0, set()
+        self.recording = True
+
+    def stop(self) -> None:
+        self.recording = False
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        return session.guiding and self.layers.includes(session, layer)
+        return self.recording and self.layers.includes(session, layer)
 
     def observe(self, call: AttentionCall) -> None:
         layout = call.layout
@@ -224,6 +237,9 @@ class _Collector(AttentionEdit):
             )
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
+        self.seen.add(call.layer.name)
+        if self.seen >= self.layers.names(call.session):
+            raise _MapsRecorded
 
     def mean(self) -> torch.Tensor:
         """The maps averaged over the recorded layers: [images, h, w, columns]."""
@@ -333,7 +349,12 @@ class _Guide(DenoiserWrapper):
         args, kwargs = latent_input(session, *inputs)[1](x)
         with torch.enable_grad():
             self.collector.start(union)
-            module(*args, **kwargs)
+            try:
+                module(*args, **kwargs)
+            except _MapsRecorded:
+                pass  # every map the loss reads is recorded; the rest of the denoiser cannot change it
+            finally:
+                self.collector.stop()
             attn = self.collector.mean()
             losses = []
             for row, i in enumerate(images):
