@@ -11,6 +11,7 @@ from diffusers import EulerDiscreteScheduler
 
 import attnctl
 from attnctl.core.controls import Control
+from attnctl.core.tokens import token_positions
 from attnctl.pipelines import guidance
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
@@ -285,3 +286,60 @@ def test_maps_record_the_denoising_forwards_only(pipe):
     with attnctl.control(pipe, guide, attnctl.AttentionMaps(["cat"])) as guided:
         _run(pipe)
     assert guided.log["AttendAndExcite"] and guided.maps._counts == plain.maps._counts
+
+
+# Refinement that stops on the threshold after different numbers of updates for the two images of
+# PROMPTS, and on the cap at step 4, in a 20-step run (fp32, 32 px). At scale 500 the loss of the
+# untrained tiny model falls about 3e-4 per update at step 0, from 0.985; 1 - T = 0.98392 is met
+# after 5 updates by one image and 6 by the other, each 6e-5 or more from the threshold (7 and 8
+# updates in all).
+REFINING = {"scale": 500.0, "thresholds": {0: 0.01608, 10: 0.5}}
+
+
+def test_excite_matches_diffusers_attend_and_excite():
+    """The same tiny SD, prompts, tokens, latents and settings as diffusers' pipeline (the authors'
+    per-image loop and refinement schedule, the full-context softmax): same updates, same images.
+
+    DDIM: its model-input scaling is 1, so diffusers' unscaled gradient forward is right there (on
+    Euler / LMS it is not, see `_input_scale`)."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    steps = 20
+    ours = tiny_pipeline("sd")
+    theirs = tiny_pipeline("sd")
+    parts = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    reference = StableDiffusionAttendAndExcitePipeline(
+        **{k: getattr(theirs, k) for k in parts},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    assert ours.tokenizer.model_max_length == 77
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = tiny_call_kwargs("sd", num_inference_steps=steps)
+    their_updates = []
+    update = reference._update_latent
+    reference._update_latent = lambda latents, loss, step_size: (
+        their_updates.append(float(loss.detach())) or update(latents, loss, step_size)
+    )
+    expected = reference(
+        PROMPTS,
+        token_indices=[[token_positions(ours.tokenizer, p, w)[0] for w in ("cat", "frog")] for p in PROMPTS],
+        latents=latents,
+        max_iter_to_alter=steps // 2,
+        thresholds={round(k * steps / 50): v for k, v in REFINING["thresholds"].items()},
+        scale_factor=REFINING["scale"],
+        attn_res=(8, 8),
+        **kwargs,
+    ).images
+    control = attnctl.AttendAndExcite(
+        ["cat", "frog"], guided_fraction=0.5, softmax_over="context", **REFINING
+    )
+    with attnctl.control(ours, control) as ctl:
+        images = ours(PROMPTS, latents=latents, **kwargs).images
+    # diffusers guides image after image: order our updates so
+    log = sorted(ctl.log["AttendAndExcite"], key=lambda e: (e["step"], e["image"], e["iteration"]))
+    assert len(log) == len(their_updates)
+    assert max(abs(e["loss"] - v) for e, v in zip(log, their_updates, strict=True)) <= 1e-6
+    assert (images - expected).abs().max() <= 1e-4

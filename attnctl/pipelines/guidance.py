@@ -367,7 +367,12 @@ class _Guide(DenoiserWrapper):
 
 
 def _input_scale(session: Any) -> float:
-    """c in x = c z: the scheduler's model-input scaling at this step (1 for DDIM and flow matching)."""
+    """c in x = c z: the scheduler's model-input scaling at this step (1 for DDIM and flow matching).
+
+    The gradient forward takes x, the input the denoiser gets at this step, so the maps it reads are
+    the step's own. diffusers' A&E pipeline feeds z unscaled there, which on Euler and LMS
+    (c = 1/sqrt(sigma^2 + 1)) shows the UNet a latent it never gets while sampling.
+    """
     scale_input = getattr(session.pipe.scheduler, "scale_model_input", None)
     if scale_input is None or session.timestep is None:
         return 1.0
