@@ -343,3 +343,15 @@ def test_excite_matches_diffusers_attend_and_excite():
     assert len(log) == len(their_updates)
     assert max(abs(e["loss"] - v) for e, v in zip(log, their_updates, strict=True)) <= 1e-6
     assert (images - expected).abs().max() <= 1e-4
+
+
+def test_guidance_composes_with_pag_in_either_order(pipe):
+    # the gradient forward runs inside the pipeline's own call, where PAG has already added its rows
+    guide = attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0)
+    with attnctl.control(pipe, attnctl.PAG(["mid_block"])):
+        pag = _run(pipe)
+    images = []
+    for controls in ([attnctl.PAG(["mid_block"]), guide], [guide, attnctl.PAG(["mid_block"])]):
+        with attnctl.control(pipe, *controls):
+            images.append(_run(pipe))
+    assert (images[0] - images[1]).abs().max() <= 1e-6 and (images[0] - pag).abs().max() > 1e-4

@@ -37,10 +37,12 @@ class PerturbedGuidance(DenoiserWrapper):
         self._nested = False
 
     def before(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self._nested:  # the perturbed rows' own forward (split mode)
+        # the perturbed rows' own forward (split mode), or a latent guidance's gradient forward made
+        # inside the pipeline's call: neither may touch the state of the call around it
+        if self._nested or session.guiding:
             return args, kwargs
         self._scale_now = 0.0
-        if session.guiding or not session.rows.cond:
+        if not session.rows.cond:
             return args, kwargs
         self._scale_now = guidance_scale_at(self.scale, self.adaptive_scale, _scheduler_timestep(session))
         if self._scale_now == 0:
@@ -53,7 +55,7 @@ class PerturbedGuidance(DenoiserWrapper):
         return append_rows((args, kwargs), cond, session.batch)
 
     def after(self, session: Any, module: torch.nn.Module, output: Any) -> Any:
-        if self._nested or self._scale_now == 0:
+        if self._nested or session.guiding or self._scale_now == 0:
             return output
         prediction, put = denoiser_output(output)
         rows = session.rows
