@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,8 @@ from diffusers import EulerDiscreteScheduler
 
 import attnctl
 from attnctl.core.controls import Control
+from attnctl.core.tokens import token_positions
+from attnctl.pipelines import guidance
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"
@@ -130,3 +133,225 @@ def test_controls_round_trip_and_validate():
         attnctl.AStar(["cat", "frog"], mask_threshold=0)
     with pytest.raises(ValueError, match="^guided_fraction="):
         attnctl.AStar(["cat"], guided_fraction=1.5)
+    with pytest.raises(ValueError, match="^softmax_over='all' is not allowed"):
+        attnctl.AttendAndExcite(["cat"], softmax_over="all")
+
+
+def _sd2_like():
+    pipe = tiny_pipeline("sd")
+    pipe.tokenizer.pad_token = "!"  # SD 2.x's OpenCLIP tokenizer pads with "!", SD 1.x's with its end token
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "build, variant, softmax",
+    [
+        (lambda: tiny_pipeline("sd"), "sd1", "context"),
+        (_sd2_like, "sd2", "prompt"),
+        (lambda: tiny_pipeline("sdxl"), "sdxl", "prompt"),
+        (lambda: tiny_pipeline("flux"), "flux", "prompt"),
+    ],
+)
+def test_softmax_over_follows_the_authors_per_model(build, variant, softmax):
+    pipe = build()
+    with attnctl.control(pipe) as ctl:
+        assert ctl.adapter.variant(pipe) == variant
+        assert guidance.resolve_softmax_over("auto", ctl) == softmax
+        assert guidance.resolve_softmax_over("prompt", ctl) == "prompt"
+
+
+def test_bundled_testbed_is_sd1_like():
+    from attnctl.testbed import load_pipeline
+
+    pipe = load_pipeline()
+    with attnctl.control(pipe) as ctl:
+        assert guidance.resolve_softmax_over("auto", ctl) == "context"
+
+
+def test_softmax_over_sets_the_loss_columns(pipe):
+    # 77 text keys: over the full context each pixel's softmax spreads over 75 columns, over the
+    # prompt's own tokens over 5, so the first A&E loss is far higher with the former
+    first = {}
+    for choice in ("auto", "context", "prompt"):
+        control = attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0, softmax_over=choice)
+        with attnctl.control(pipe, control) as ctl:
+            _run(pipe)
+        first[choice] = ctl.log["AttendAndExcite"][0]["loss"]
+    assert first["auto"] == first["context"]
+    assert first["context"] > 0.95 > 0.9 > first["prompt"]
+
+
+def test_softmax_over_context_needs_a_clip_sequence():
+    flux = tiny_pipeline("flux")
+    with pytest.raises(ValueError, match="^softmax_over='context' is not allowed for FluxPipeline"):
+        with attnctl.control(flux, attnctl.AStar(["cat", "frog"], softmax_over="context")):
+            pass
+
+
+PROMPTS = ["a cat and a frog", "a red frog and a cat"]
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        # 8 steps, fp64: 1 - T = 0.98375 is met after 7 and 5 updates (9e-5 or more away): 9 and 7 in all
+        attnctl.AttendAndExcite(["cat", "frog"], scale=500.0, thresholds={0: 0.01625}, guided_fraction=0.25),
+        attnctl.AStar(["cat", "frog"], iterations=2, guided_fraction=0.5),
+    ],
+)
+def test_each_image_is_guided_on_its_own(control):
+    # Double precision: in fp32 the pipeline's own batched kernels give ~1e-6 between an image alone
+    # and in a batch, which would hide a coupling of that size; in fp64 that floor is 1e-15.
+    pipe = tiny_pipeline("sd").to(torch.float64)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kwargs = tiny_call_kwargs("sd", num_inference_steps=8)
+    with attnctl.control(pipe, control) as ctl:
+        batch = pipe(PROMPTS, latents=latents, **kwargs).images
+    name = type(control).__name__
+    for i, prompt in enumerate(PROMPTS):
+        with attnctl.control(pipe, control) as alone:
+            image = pipe(prompt, latents=latents[i : i + 1], **kwargs).images[0]
+        assert (image - batch[i]).abs().max() <= 1e-6
+        in_batch = [(e["step"], e["iteration"]) for e in ctl.log[name] if e["image"] == i]
+        assert in_batch == [(e["step"], e["iteration"]) for e in alone.log[name]]
+    if name == "AttendAndExcite":  # the images refine for different lengths: decisions are per image
+        counts = [sum(e["step"] == 0 and e["image"] == i for e in ctl.log[name]) for i in (0, 1)]
+        assert counts == [9, 7]
+
+
+def test_refinement_schedule_follows_the_authors():
+    # Chefer et al.'s code: refinement updates until one is made from a latent whose loss is at most
+    # 1 - T (or max_refinement were made), then the step's regular update
+    run = type("Run", (), {"num_steps": 50, "step": 0})()
+    excite = attnctl.AttendAndExcite(["cat"], thresholds={0: 0.5}, max_refinement=20)
+
+    def updates(losses: list[float], spec: attnctl.AttendAndExcite = excite) -> int:
+        n = 1
+        while spec._more_updates(run, losses[:n]):
+            n += 1
+        return n
+
+    assert updates([0.4]) == 1  # the loss already meets 1 - T: the regular update alone
+    assert updates([0.8, 0.7, 0.45, 0.3, 0.2]) == 4  # z0, z1 and z2 (loss .45) refine, z3 regular
+    assert updates([0.9] * 30) == 21  # 20 refinement updates, then the regular one
+    assert updates([0.9] * 30, dataclasses.replace(excite, max_refinement=2)) == 3
+    assert updates([0.9] * 30, dataclasses.replace(excite, max_refinement=0)) == 1
+    run.step = 1  # no threshold at this step
+    assert updates([0.9] * 30) == 1
+
+
+class _Calls:
+    def __init__(self, module):
+        self.count = 0
+        self.handle = module.register_forward_pre_hook(lambda *a: setattr(self, "count", self.count + 1))
+
+
+@pytest.mark.parametrize(
+    "control", [attnctl.AttendAndExcite(["cat", "frog"], max_refinement=2), attnctl.AStar(["cat", "frog"])]
+)
+def test_gradient_forward_ends_at_the_last_map(pipe, control, monkeypatch):
+    # the tiny SD reads its 8x8 maps (down_blocks.1, mid_block, up_blocks.0): the 16x16 up block and
+    # conv_out never run in a gradient forward
+    calls = _Calls(pipe.unet.up_blocks[1]), _Calls(pipe.unet.conv_out)
+    try:
+        plain = _run(pipe)
+        assert calls[0].count == calls[1].count == 4 * 1  # 4 steps, CFG in one batch
+        with attnctl.control(pipe, control) as ctl:
+            early = _run(pipe)
+        assert ctl.log[type(control).__name__] and calls[0].count == calls[1].count == 8
+    finally:
+        for c in calls:
+            c.handle.remove()
+    recorded = guidance._Collector.observe
+
+    def observe_without_exit(self, call):
+        try:
+            recorded(self, call)
+        except guidance._MapsRecorded:
+            pass
+
+    monkeypatch.setattr(guidance._Collector, "observe", observe_without_exit)
+    with attnctl.control(pipe, control) as full:
+        complete = _run(pipe)
+    assert [e["loss"] for e in full.log[type(control).__name__]] == pytest.approx(
+        [e["loss"] for e in ctl.log[type(control).__name__]], abs=1e-6
+    )
+    assert (early - complete).abs().max() <= 1e-5 and (early - plain).abs().max() > 1e-4
+
+
+def test_maps_record_the_denoising_forwards_only(pipe):
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as plain:
+        _run(pipe)
+    guide = attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0)
+    with attnctl.control(pipe, guide, attnctl.AttentionMaps(["cat"])) as guided:
+        _run(pipe)
+    assert guided.log["AttendAndExcite"] and guided.maps._counts == plain.maps._counts
+
+
+# Refinement that stops on the threshold after different numbers of updates for the two images of
+# PROMPTS, and on the cap at step 4, in a 20-step run (fp32, 32 px). At scale 500 the loss of the
+# untrained tiny model falls about 3e-4 per update at step 0, from 0.985; 1 - T = 0.98392 is met
+# after 5 updates by one image and 6 by the other, each 6e-5 or more from the threshold (7 and 8
+# updates in all).
+REFINING = {"scale": 500.0, "thresholds": {0: 0.01608, 10: 0.5}}
+
+
+def test_excite_matches_diffusers_attend_and_excite():
+    """The same tiny SD, prompts, tokens, latents and settings as diffusers' pipeline (the authors'
+    per-image loop and refinement schedule, the full-context softmax): same updates, same images.
+
+    DDIM: its model-input scaling is 1, so diffusers' unscaled gradient forward is right there (on
+    Euler / LMS it is not, see `_input_scale`)."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    steps = 20
+    ours = tiny_pipeline("sd")
+    theirs = tiny_pipeline("sd")
+    parts = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    reference = StableDiffusionAttendAndExcitePipeline(
+        **{k: getattr(theirs, k) for k in parts},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    assert ours.tokenizer.model_max_length == 77
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = tiny_call_kwargs("sd", num_inference_steps=steps)
+    their_updates = []
+    update = reference._update_latent
+    reference._update_latent = lambda latents, loss, step_size: (
+        their_updates.append(float(loss.detach())) or update(latents, loss, step_size)
+    )
+    expected = reference(
+        PROMPTS,
+        token_indices=[[token_positions(ours.tokenizer, p, w)[0] for w in ("cat", "frog")] for p in PROMPTS],
+        latents=latents,
+        max_iter_to_alter=steps // 2,
+        thresholds={round(k * steps / 50): v for k, v in REFINING["thresholds"].items()},
+        scale_factor=REFINING["scale"],
+        attn_res=(8, 8),
+        **kwargs,
+    ).images
+    control = attnctl.AttendAndExcite(
+        ["cat", "frog"], guided_fraction=0.5, softmax_over="context", **REFINING
+    )
+    with attnctl.control(ours, control) as ctl:
+        images = ours(PROMPTS, latents=latents, **kwargs).images
+    # diffusers guides image after image: order our updates so
+    log = sorted(ctl.log["AttendAndExcite"], key=lambda e: (e["step"], e["image"], e["iteration"]))
+    assert len(log) == len(their_updates)
+    assert max(abs(e["loss"] - v) for e, v in zip(log, their_updates, strict=True)) <= 1e-6
+    assert (images - expected).abs().max() <= 1e-4
+
+
+def test_guidance_composes_with_pag_in_either_order(pipe):
+    # the gradient forward runs inside the pipeline's own call, where PAG has already added its rows
+    guide = attnctl.AttendAndExcite(["cat", "frog"], max_refinement=0)
+    with attnctl.control(pipe, attnctl.PAG(["mid_block"])):
+        pag = _run(pipe)
+    images = []
+    for controls in ([attnctl.PAG(["mid_block"]), guide], [guide, attnctl.PAG(["mid_block"])]):
+        with attnctl.control(pipe, *controls):
+            images.append(_run(pipe))
+    assert (images[0] - images[1]).abs().max() <= 1e-6 and (images[0] - pag).abs().max() > 1e-4

@@ -137,9 +137,13 @@ class WorkingLayers:
         self._by_grid: dict[tuple[int, int], set[str]] = {}
 
     def includes(self, session: Any, layer: LayerInfo) -> bool:
+        return layer.name in self.names(session)
+
+    def names(self, session: Any) -> set[str]:
+        """The names of the layers acted on at the current call's token grid."""
         if self._fixed is not None:
-            return layer.name in self._fixed
+            return self._fixed
         grid = session.grid[1:]
         if grid not in self._by_grid:
             self._by_grid[grid] = {x.name for x in working_layers(session.layers, *grid)}
-        return layer.name in self._by_grid[grid]
+        return self._by_grid[grid]

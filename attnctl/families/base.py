@@ -165,6 +165,11 @@ class FamilyAdapter:
         text-key sequence; padding is in neither."""
         raise NotImplementedError(f"{type(self).__name__} does not give prompt spans yet")
 
+    def variant(self, pipe: Any) -> str:
+        """Which model of the family the pipeline holds, where published settings differ between them
+        (e.g. "sd1", "sd2", "sdxl"); default: the family name."""
+        return self.name
+
 
 def block_of(name: str) -> str:
     """The block a module belongs to: the first two path parts ("up_blocks.1", "transformer_blocks.3")."""

@@ -143,6 +143,17 @@ class UNetAdapter(FamilyAdapter):
         added["image_embeds"] = [embeds]
         return {**kwargs, "added_cond_kwargs": added}
 
+    def variant(self, pipe: Any) -> str:
+        """SDXL with a second tokenizer, else SD 1.x or 2.x by how the CLIP tokenizer pads: SD 1.x's
+        (OpenAI CLIP's) pads with its end-of-text token, SD 2.x's (OpenCLIP's) with "!".
+
+        The padding tells the two apart in every checkpoint, tiny or real; the text encoder's width
+        (768 against 1024) would not tell a small model's."""
+        if getattr(pipe, "tokenizer_2", None) is not None:
+            return "sdxl"
+        tok = pipe.tokenizer
+        return "sd1" if tok.pad_token_id == tok.eos_token_id else "sd2"
+
 
 def add_image_stream(out: torch.Tensor, query: torch.Tensor, stream: ImageStream, heads: int) -> torch.Tensor:
     """out + the stream's decoupled attention, [B, H, Sq, D], exactly as IPAdapterAttnProcessor2_0

@@ -5,6 +5,12 @@ maps of the concept words, a loss is taken on them and the latent moves: z_t <- 
 The step then denoises the updated latent. No denoising loop is copied: a denoiser wrapper makes the
 update at the step's first forward and feeds the updated latent to every forward of that step, and
 the scheduler's `step` (wrapped on the instance) steps from the updated latent too.
+
+Each image is guided on its own, as in the authors' per-image loop: its losses, its number of
+updates and its retention masks are its own, so an image comes out the same alone and in any batch
+(the images still updating share one gradient forward). That forward ends at the last layer whose
+map the loss reads: nothing after it changes the loss, so this early exit is exact, and the rest of
+the denoiser (on SD, the high-resolution up blocks) is neither run nor back-propagated.
 """
 
 from __future__ import annotations
@@ -31,16 +37,32 @@ from .guidance_math import (
     step_sizes,
 )
 
+# The text columns the softmax of 100 x attention runs over (`softmax_over`).
+SOFTMAX_OVER = ("auto", "context", "prompt")
+# "auto": the authors' choice per model. Their code (`normalize_eot`, on for SD 2.1 only) takes the
+# full context on SD 1.x; every other model gets the prompt's tokens (see resolve_softmax_over).
+AUTO_SOFTMAX = {"sd1": "context"}
+# Models whose text keys are one CLIP sequence with the start token at 0: where "context" is defined.
+CONTEXT_VARIANTS = ("sd1", "sd2", "sdxl")
+
 
 @dataclasses.dataclass
 class AttendAndExcite(Control):
     """Attend-and-Excite: push each token's strongest map pixel up, L = max_k (1 - max A_k).
 
     tokens: the subject words. layers: None = `working_layers`, the cross-attention level at
-    latent/4, else the lowest above it (16x16 on SD at 512 px, 32x32 on SDXL at 1024 px). guided_fraction: guide the first
-    fraction of the steps (reference: 25 of 50). scale: step size a_i = scale*sqrt(linspace(1, .5)).
+    latent/4, else the lowest above it (16x16 on SD at 512 px, 32x32 on SDXL at 1024 px).
+    guided_fraction: guide the first fraction of the steps (reference: 25 of 50).
+    scale: step size a_i = scale*sqrt(linspace(1, .5)).
     thresholds: iterative refinement {step: T} for a 50-step run (scaled to the run's step count):
-    repeat updates while L > 1 - T, at most max_refinement times.
+    at these steps the latent is refined towards L <= 1 - T before the regular update (`_more_updates`).
+    max_refinement: refinement updates per step at most (0: no refinement).
+    softmax_over: the text columns the softmax of 100 x attention runs over: "context" (every text
+    key between the start token and the last key, the end token and padding included: the authors'
+    loss on SD 1.x), "prompt" (the prompt's own tokens: their `normalize_eot`, used on SD 2.1) or
+    "auto" (the authors' choice per model, `resolve_softmax_over`). The default thresholds are the
+    authors', tuned on SD 1.4 with the full context, and kept by them for SD 2.1 with the prompt's
+    tokens: with another choice they ask for another loss level.
     """
 
     tokens: list[str] = dataclasses.field(default_factory=list)
@@ -51,6 +73,7 @@ class AttendAndExcite(Control):
     max_refinement: int = REFINEMENT_MAX_ITERS
     smooth: bool = True
     occurrence: int = 0
+    softmax_over: str = "auto"
 
     def validate(self) -> None:
         check_words("tokens", self.tokens)
@@ -71,16 +94,27 @@ class AttendAndExcite(Control):
         super().__post_init__()
 
     def install(self, session: Any) -> None:
-        _install(session, self, self.tokens, self._loss, self._refine)
+        _install(session, self, self.tokens)
 
     def _loss(self, maps: torch.Tensor, state: dict) -> torch.Tensor:
         return excite_loss(maps)
 
-    def _refine(self, session: Any, loss: float, iteration: int) -> bool:
+    def _more_updates(self, session: Any, losses: list[float]) -> bool:
+        """Whether an image takes another update at this step, given its losses so far (one per update).
+
+        Iterative refinement (Chefer et al. 2023, Algorithm 1) as the authors' code schedules it
+        (`_perform_iterative_refinement_step`, kept in diffusers): at a refinement step whose first
+        loss is above 1 - T, refinement updates repeat until one is made from a latent whose loss is
+        at most 1 - T, or max_refinement were made; then the step's regular update follows, from a
+        fresh forward. Other guided steps make the regular update alone.
+        """
         scale = max(1, session.num_steps) / 50  # the thresholds are given for a 50-step run
-        thresholds = {round(k * scale): v for k, v in self.thresholds.items()}
-        t = thresholds.get(session.step)
-        return t is not None and iteration < self.max_refinement and loss > 1.0 - t
+        threshold = {round(k * scale): v for k, v in self.thresholds.items()}.get(session.step)
+        if threshold is None or self.max_refinement == 0 or losses[0] <= 1.0 - threshold:
+            return False
+        met = next((k for k, loss in enumerate(losses) if loss <= 1.0 - threshold), None)
+        refinements = self.max_refinement if met is None else min(self.max_refinement, met + 1)
+        return len(losses) <= refinements  # the refinement updates, then the regular one
 
 
 @dataclasses.dataclass
@@ -89,7 +123,9 @@ class AStar(Control):
 
     concepts: the subject words. mask_threshold: retention masks keep pixels above this fraction of
     a map's range (not stated in the paper; 0.5 suggested). iterations: latent updates per guided
-    step. Other fields as in AttendAndExcite.
+    step. softmax_over: as in AttendAndExcite; A-STAR reads A&E's normalised maps and has no
+    published code, so "auto" takes the A&E authors' choice per model. Other fields as in
+    AttendAndExcite.
     """
 
     concepts: list[str] = dataclasses.field(default_factory=list)
@@ -100,6 +136,7 @@ class AStar(Control):
     iterations: int = 1
     smooth: bool = True
     occurrence: int = 0
+    softmax_over: str = "auto"
 
     def validate(self) -> None:
         check_words("concepts", self.concepts)
@@ -108,7 +145,7 @@ class AStar(Control):
         check_number("iterations", self.iterations, low=1, integer=True)
 
     def install(self, session: Any) -> None:
-        _install(session, self, self.concepts, self._loss, self._refine)
+        _install(session, self, self.concepts)
 
     def _loss(self, maps: torch.Tensor, state: dict) -> torch.Tensor:
         # retention reads the masks of the previous guided step; refresh them with these maps
@@ -116,8 +153,28 @@ class AStar(Control):
         state["next_masks"] = binarize(maps.detach(), self.mask_threshold)
         return loss
 
-    def _refine(self, session: Any, loss: float, iteration: int) -> bool:
-        return iteration + 1 < self.iterations
+    def _more_updates(self, session: Any, losses: list[float]) -> bool:
+        return len(losses) < self.iterations
+
+
+def resolve_softmax_over(choice: str, session: Any) -> str:
+    """The softmax columns for the session's pipeline, context or prompt: `choice`, or for "auto" the
+    authors' choice.
+
+    Chefer et al.'s code takes the full context on SD 1.4 and the prompt's tokens on SD 2.1
+    (`normalize_eot`); the model comes from the family adapter's `variant` (SD 1.x: a CLIP tokenizer
+    padding with its end-of-text token). SDXL and the other families get the prompt's tokens: the
+    authors published no setting for them, and their text keys past the prompt are not copies of the
+    end token as on SD 1.x (SDXL's second encoder pads with "!" as SD 2's does; T5 with <pad>).
+    """
+    variant = session.adapter.variant(session.pipe)
+    resolved = AUTO_SOFTMAX.get(variant, "prompt") if choice == "auto" else choice
+    if resolved == "context" and variant not in CONTEXT_VARIANTS:
+        raise ValueError(
+            f"softmax_over='context' is not allowed for {type(session.pipe).__name__}: its text keys are "
+            "not one CLIP sequence with a start token; use 'prompt' or 'auto'"
+        )
+    return resolved
 
 
 def _check_common(spec: Any) -> None:
@@ -125,32 +182,49 @@ def _check_common(spec: Any) -> None:
     check_number("scale", spec.scale, low=0)
     check(isinstance(spec.smooth, bool), "smooth", spec.smooth, "True or False")
     check_number("occurrence", spec.occurrence, integer=True)
+    check(
+        spec.softmax_over in SOFTMAX_OVER,
+        "softmax_over",
+        spec.softmax_over,
+        f"one of {', '.join(SOFTMAX_OVER)}",
+    )
 
 
-def _install(session: Any, spec: Any, words: list[str], loss: Callable, refine: Callable) -> None:
+def _install(session: Any, spec: Any, words: list[str]) -> None:
     layers = WorkingLayers(session, spec.layers)
     collector = _Collector(layers)
     session.add_edit(layers.candidates, collector)
-    guide = _Guide(spec, words, loss, refine, collector)
+    guide = _Guide(spec, words, resolve_softmax_over(spec.softmax_over, session), collector)
     session.add_wrapper(guide)
     session.generation_hooks.append(guide.reset)
     session.wrap(session.pipe.scheduler, "step", guide.wrap_step)
 
 
+class _MapsRecorded(Exception):
+    """Raised by a collector once the last map its loss reads is recorded: ends the gradient forward."""
+
+
 class _Collector(AttentionEdit):
-    """Sums head-averaged text maps of the working layers during a guidance forward (differentiable)."""
+    """Sums head-averaged text maps of the working layers during its guide's gradient forward
+    (differentiable), and ends that forward once every one of those layers is recorded."""
 
     def __init__(self, layers: WorkingLayers):
         self.layers = layers
         self.columns: list[int] = []
+        self.recording = False
         self.total: torch.Tensor | None = None
         self.count = 0
+        self.seen: set[str] = set()
 
     def start(self, columns: list[int]) -> None:
-        self.columns, self.total, self.count = columns, None, 0
+        self.columns, self.total, self.count, self.seen = columns, None, 0, set()
+        self.recording = True
+
+    def stop(self) -> None:
+        self.recording = False
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        return session.guiding and self.layers.includes(session, layer)
+        return self.recording and self.layers.includes(session, layer)
 
     def observe(self, call: AttentionCall) -> None:
         layout = call.layout
@@ -163,11 +237,22 @@ class _Collector(AttentionEdit):
             )
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
+        self.seen.add(call.layer.name)
+        if self.seen >= self.layers.names(call.session):
+            raise _MapsRecorded
+
+    def mean(self) -> torch.Tensor:
+        """The maps averaged over the recorded layers: [images, h, w, columns]."""
+        if self.total is None:
+            raise RuntimeError("latent guidance recorded no attention map: no working layer ran")
+        return self.total / self.count
 
 
 class _Guide(DenoiserWrapper):
-    def __init__(self, spec: Any, words: list[str], loss: Callable, refine: Callable, collector: _Collector):
-        self.spec, self.words, self.loss, self.refine, self.collector = spec, words, loss, refine, collector
+    """Makes each guided step's latent update and feeds the updated latent to the step."""
+
+    def __init__(self, spec: Any, words: list[str], softmax_over: str, collector: _Collector):
+        self.spec, self.words, self.softmax_over, self.collector = spec, words, softmax_over, collector
         self.columns = PerGeneration(self._columns)
         self.reset(None)
 
@@ -202,71 +287,92 @@ class _Guide(DenoiserWrapper):
 
         return guided_step
 
-    def _columns(self, session: Any) -> tuple[list[int], list[list[int]], list[list[list[int]]]]:
-        """All prompt-token columns, and per image its prompt tokens and each word's columns."""
-        real, groups = [], []
+    def _columns(self, session: Any) -> tuple[list[int], list[tuple[list[int], list[list[int]]]]]:
+        """The text columns the maps need, and per image the indices among them of its softmax
+        columns and of each word's sub-tokens."""
+        images = []
         for prompt in session.prompts():
-            real.append(session.adapter.prompt_span(session.pipe, prompt)[0])
-            groups.append(
-                [
-                    session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)
-                    for w in self.words
-                ]
-            )
-        return sorted({c for r in real for c in r}), real, groups
+            if self.softmax_over == "context":
+                softmax = list(range(1, session.text_len - 1))  # the authors' [1:-1]
+            else:
+                softmax = session.adapter.prompt_span(session.pipe, prompt)[0]
+            words = [
+                session.adapter.text_positions(session.pipe, prompt, w, self.spec.occurrence)
+                for w in self.words
+            ]
+            images.append((softmax, words))
+        union = sorted({c for softmax, _ in images for c in softmax})
+        index = {c: i for i, c in enumerate(union)}
+        return union, [([index[c] for c in s], [[index[c] for c in w] for w in ws]) for s, ws in images]
 
     def _update(self, session: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        rows = list(session.cond_rows)
-        batch = session.batch
+        """This step's update of z, one row per conditional image. Each image's own losses decide its
+        updates; the images still updating share one gradient forward."""
+        rows = session.cond_rows
         latent, _ = latent_input(session, args, kwargs)
-        sub_args, sub_kwargs = take_rows((args, kwargs), rows, batch)
+        inputs = take_rows((args, kwargs), rows, session.batch)
         x0 = latent[rows].detach()
         x = x0.clone()
         scale = _input_scale(session)
         alpha = step_sizes(max(1, session.num_steps), self.spec.scale)[session.step]
-        union, real, groups = self.columns.get(session)
         if len(self.states) != len(rows):
             self.states = [{} for _ in rows]
+        losses: list[list[float]] = [[] for _ in rows]
+        active = list(range(len(rows)))
+        log = session.log.setdefault(type(self.spec).__name__, [])
         saved = (session.batch, session.rows, session.guiding, session.branch)
         session.guiding, session.branch = True, "cond"
         try:
-            iteration = 0
-            while True:
-                x.requires_grad_(True)
-                self.collector.start(union)
-                _, put = latent_input(session, sub_args, sub_kwargs)
-                with torch.enable_grad():
-                    module(*put(x)[0], **put(x)[1])
-                    if self.collector.total is None:
-                        raise RuntimeError("latent guidance recorded no attention map: no working layer ran")
-                    attn = self.collector.total / self.collector.count  # [images, h, w, C]
-                    losses = []
-                    for i in range(len(rows)):
-                        full = attn.new_zeros(*attn.shape[1:3], union[-1] + 1)
-                        full[..., union] = attn[i]
-                        maps = normalize_concept_maps(full, groups[i], real[i], smooth=self.spec.smooth)
-                        losses.append(self.loss(maps, self.states[i]))
-                    loss = torch.stack(losses).sum()
-                    (grad,) = torch.autograd.grad(loss, x)
-                # z <- z - a grad_z L with x = c z (the scaled model input): x <- x - a c^2 grad_x L
-                x = (x - alpha * scale**2 * grad.float()).to(x0.dtype).detach()
-                worst = max(float(v) for v in losses)
-                session.log.setdefault(type(self.spec).__name__, []).append(
-                    {"step": session.step, "iteration": iteration, "loss": worst}
+            while active:
+                values, grad = self._gradient(
+                    session, module, take_rows(inputs, active, len(rows)), x[active], active
                 )
-                if not self.refine(session, worst, iteration):
-                    break
-                iteration += 1
+                # z <- z - a grad_z L with x = c z (the scaled model input): x <- x - a c^2 grad_x L
+                x[active] = (x[active] - alpha * scale**2 * grad.float()).to(x0.dtype)
+                for i, value in zip(active, values, strict=True):
+                    log.append({"step": session.step, "image": i, "iteration": len(losses[i]), "loss": value})
+                    losses[i].append(value)
+                active = [i for i in active if self.spec._more_updates(session, losses[i])]
         finally:
             session.batch, session.rows, session.guiding, session.branch = saved
         for state in self.states:
             if "next_masks" in state:
                 state["masks"] = state.pop("next_masks")
-        return (x - x0) / scale  # the update of z, one row per conditional image
+        return (x - x0) / scale
+
+    def _gradient(
+        self, session: Any, module: torch.nn.Module, inputs: tuple, x: torch.Tensor, images: list[int]
+    ) -> tuple[list[float], torch.Tensor]:
+        """The loss of each of `images` at latent input x (one row each), and its gradient w.r.t. x."""
+        union, columns = self.columns.get(session)
+        x = x.detach().requires_grad_(True)
+        args, kwargs = latent_input(session, *inputs)[1](x)
+        with torch.enable_grad():
+            self.collector.start(union)
+            try:
+                module(*args, **kwargs)
+            except _MapsRecorded:
+                pass  # every map the loss reads is recorded; the rest of the denoiser cannot change it
+            finally:
+                self.collector.stop()
+            attn = self.collector.mean()
+            losses = []
+            for row, i in enumerate(images):
+                softmax, groups = columns[i]
+                maps = normalize_concept_maps(attn[row], groups, softmax, smooth=self.spec.smooth)
+                losses.append(self.spec._loss(maps, self.states[i]))
+            # each loss depends on its own row of x only, so the gradient of the sum is each one's own
+            (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
+        return [float(v) for v in losses], grad
 
 
 def _input_scale(session: Any) -> float:
-    """c in x = c z: the scheduler's model-input scaling at this step (1 for DDIM and flow matching)."""
+    """c in x = c z: the scheduler's model-input scaling at this step (1 for DDIM and flow matching).
+
+    The gradient forward takes x, the input the denoiser gets at this step, so the maps it reads are
+    the step's own. diffusers' A&E pipeline feeds z unscaled there, which on Euler and LMS
+    (c = 1/sqrt(sigma^2 + 1)) shows the UNet a latent it never gets while sampling.
+    """
     scale_input = getattr(session.pipe.scheduler, "scale_model_input", None)
     if scale_input is None or session.timestep is None:
         return 1.0

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# A&E iterative refinement: at these step indices, repeat gradient steps while the A&E loss is
-# above 1 − threshold, at most REFINEMENT_MAX_ITERS times (Chefer et al. 2023, Algorithm 1).
+# A&E iterative refinement (Chefer et al. 2023, Algorithm 1): at these step indices, while the A&E
+# loss is above 1 − threshold, refine the latent with up to REFINEMENT_MAX_ITERS extra gradient steps
+# before the step's regular one (the authors' schedule: `AttendAndExcite._more_updates`).
 REFINEMENT_THRESHOLDS: dict[int, float] = {0: 0.05, 10: 0.5, 20: 0.8}
 REFINEMENT_MAX_ITERS = 20
 # A&E: the softmax over prompt tokens runs on maps multiplied by this temperature.
@@ -48,11 +49,13 @@ def normalize_concept_maps(
     """A&E map normalisation (Chefer et al. 2023, Algorithm 1): ``[h, w, T]`` → ``[K, h, w]`` fp32.
 
     ``attn``: cross-attention probabilities averaged over layers and heads, ``[h, w, T]``.
-    ``text_positions``: the columns of the real prompt tokens (no start/end-of-text, no padding).
+    ``text_positions``: the columns the softmax runs over: the real prompt tokens (no start/end-of-text,
+    no padding), or on SD 1.x the authors' full context (every column between the start token and
+    the last one, end-of-text and padding included).
     ``token_groups``: one list of columns per concept (all sub-tokens of the concept's word),
     each a subset of ``text_positions``; groups must be disjoint.
 
-    Keeps the prompt tokens, multiplies by 100, softmaxes over them, combines each concept's
+    Keeps those columns, multiplies by 100, softmaxes over them, combines each concept's
     sub-token maps with ``subtoken_reduce`` (default ``sum``: the concept's share of each pixel's
     distribution over prompt tokens, still in [0, 1], so a word split into n pieces is not
     diluted as with ``mean`` nor partly ignored as with ``max``), then smooths each map with the
@@ -181,8 +184,8 @@ def step_sizes(num_steps: int, scale: float = 20.0) -> list[float]:
 def refinement_threshold(step: int, thresholds: dict[int, float] | None = None) -> float | None:
     """A&E iterative refinement: the threshold T at this step index, or None when none applies.
 
-    At such a step the caller repeats gradient steps while ``excite_loss > 1 − T`` (at most
-    :data:`REFINEMENT_MAX_ITERS`). T is stated for the A&E loss; the A-STAR loss has other
+    At such a step the caller refines while ``excite_loss > 1 − T`` (at most
+    :data:`REFINEMENT_MAX_ITERS` extra updates). T is stated for the A&E loss; the A-STAR loss has other
     bounds (each retention term ≥ ½), so it needs its own stopping rule.
     """
     return (REFINEMENT_THRESHOLDS if thresholds is None else thresholds).get(step)

@@ -62,7 +62,9 @@ class _Recorder(AttentionEdit):
         self.positions = PerGeneration(self._positions)
 
     def active(self, session: Any, layer: Any) -> bool:
-        return bool(session.cond_rows) and in_steps(session.step, session.num_steps, steps=self.spec.steps)
+        # the maps are those the denoising forwards attend with, not a latent guidance's own forwards
+        recording = bool(session.cond_rows) and not session.guiding
+        return recording and in_steps(session.step, session.num_steps, steps=self.spec.steps)
 
     def _positions(self, session: Any) -> dict[str, list[list[int]]]:
         """Per word, its text positions in each conditional row."""
