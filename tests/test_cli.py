@@ -139,3 +139,13 @@ def test_bench_layout_command(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "crop_merge" in result.output and out.exists()
+
+
+def test_bench_bad_values_end_with_one_line():
+    for args, message in (
+        (["bench", "maps", "--sizes", "1"], "sizes=[1]"),
+        (["bench", "layout", "--sizes", "1"], "sizes=[1]"),
+        (["bench", "pag", "--models", "sdxl"], "models=['sdxl']"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -130,6 +130,8 @@ def pag(
             tuple(m.strip() for m in models.split(",") if m.strip()), samples, batch, json_out, typer.echo
         )
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+        from ..cli import fail
+
+        fail(str(e))
     if json_out:
         typer.echo(f"wrote {json_out}")

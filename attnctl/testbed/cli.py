@@ -140,16 +140,21 @@ def maps(
         counts = tuple(int(x) for x in sizes.split(","))
     except ValueError as e:
         raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (2, 3)") from e
-    report = run_maps(
-        prompts,
-        seeds,
-        sizes=counts,
-        model=model,
-        steps=steps,
-        guidance_scale=guidance,
-        json_out=json_out,
-        log=None if quiet else typer.echo,
-    )
+    from ..cli import fail
+
+    try:
+        report = run_maps(
+            prompts,
+            seeds,
+            sizes=counts,
+            model=model,
+            steps=steps,
+            guidance_scale=guidance,
+            json_out=json_out,
+            log=None if quiet else typer.echo,
+        )
+    except ValueError as e:
+        fail(str(e))
     if quiet:
         typer.echo(format_maps(report))
     if json_out:
@@ -183,17 +188,22 @@ def layout(
         counts = tuple(int(x) for x in sizes.split(","))
     except ValueError as e:
         raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (2, 3)") from e
-    report = run_placement(
-        method,
-        prompts,
-        seeds,
-        sizes=counts,
-        model=model,
-        steps=steps,
-        guidance_scale=guidance,
-        json_out=json_out,
-        log=None if quiet else typer.echo,
-    )
+    from ..cli import fail
+
+    try:
+        report = run_placement(
+            method,
+            prompts,
+            seeds,
+            sizes=counts,
+            model=model,
+            steps=steps,
+            guidance_scale=guidance,
+            json_out=json_out,
+            log=None if quiet else typer.echo,
+        )
+    except ValueError as e:
+        fail(str(e))
     if quiet:
         typer.echo(format_placement(report))
     if json_out:
