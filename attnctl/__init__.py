@@ -3,12 +3,16 @@
 with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
     image = pipe("a cat and a frog").images[0]
 ctl.maps["cat"]  # [h, w]
+
+result = attnctl.generate(pipe, "a cat and a frog", [attnctl.AttentionMaps(["cat"])], seed=0)
+result.image, result.maps["cat"], result.heatmaps()
 """
 
 from . import headhunter
 from .core.controls import Control
 from .core.layers import LayerSelection
 from .core.session import Session, control
+from .pipelines.generate import Generation, generate
 from .pipelines.guidance import AStar, AttendAndExcite
 from .processors.draft import DraftAttention
 from .processors.layout import Layout, Region
@@ -24,6 +28,7 @@ __all__ = [
     "AttentionRegulationProcessor",
     "Control",
     "DraftAttention",
+    "Generation",
     "LayerSelection",
     "Layout",
     "PAG",
@@ -31,6 +36,7 @@ __all__ = [
     "Session",
     "SoftPAG",
     "control",
+    "generate",
     "headhunter",
 ]
 __version__ = "0.1.0"

@@ -14,9 +14,130 @@ from typing import Any, ClassVar
 _REGISTRY: dict[str, type[Control]] = {}
 
 
+KINDS = ("number", "integer", "bool", "choice", "text", "words", "layers", "steps", "regions", "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """What a control's field accepts, read by validation, the CLI and the web demo alike.
+
+    kind: "number", "integer", "bool", "choice" (one of `choices`), "text", "words" (prompt words
+    or phrases), "layers" (layer paths or block indices), "steps" (denoising step indices) or
+    "data" (structured JSON the control validates itself, e.g. SoftPAG's heads).
+    low/high: bounds of numbers (open with low_open/high_open). optional: None is allowed.
+    """
+
+    name: str
+    kind: str
+    help: str
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    optional: bool = False
+
+    def allowed(self) -> str:
+        """The rule, in the words of the error a bad value gets."""
+        if self.kind in ("number", "integer"):
+            lo = "-inf" if self.low is None else _num(self.low)
+            hi = "inf" if self.high is None else _num(self.high)
+            rule = f"{'an integer' if self.kind == 'integer' else 'a number'} in "
+            rule += f"{'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        else:
+            rule = {
+                "bool": "True or False",
+                "choice": f"one of {', '.join(self.choices or ())}",
+                "text": "non-empty text",
+                "words": "a non-empty list of non-empty prompt words (or phrases)",
+                "layers": "a non-empty list of layer paths (strings) or block indices (integers >= 0)",
+                "steps": "a non-empty list of denoising step indices (integers >= 0)",
+                "regions": "a non-empty list of Region (box, prompt, image, priority, scale)",
+                "data": "see the control's documentation",
+            }[self.kind]
+        return f"None or {rule}" if self.optional else rule
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind in ("number", "integer"):
+            types: tuple[type, ...] = (int,) if self.kind == "integer" else (int, float)
+            if not isinstance(value, types) or isinstance(value, bool) or value != value:
+                return False
+            if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+                return False
+            return self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "choice":
+            return value in (self.choices or ())
+        if self.kind == "text":
+            return isinstance(value, str) and bool(value.strip())
+        if self.kind == "data":
+            return True
+        if not isinstance(value, (list, tuple)) or not value:
+            return False
+        if self.kind == "regions":
+            return True  # the Layout checks each Region
+        if self.kind == "words":
+            return all(isinstance(w, str) and w.strip() for w in value)
+        if self.kind == "layers":
+            return all((isinstance(x, str) and x.strip()) or (_is_int(x) and x >= 0) for x in value)
+        return all(_is_int(x) and x >= 0 for x in value)  # steps
+
+
+def param(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    kind: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+    optional: bool = False,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A control's field with its rule and help: `x: float = param(0.5, help=..., low=0, high=1)`.
+
+    The kind is taken from the default when not given (bool, int, float; `choices`: "choice").
+    Lists and dicts take `default_factory`."""
+    if kind is None:
+        value = default_factory() if default is dataclasses.MISSING else default
+        kind = (
+            "choice"
+            if choices is not None
+            else "bool"
+            if isinstance(value, bool)
+            else "integer"
+            if isinstance(value, int)
+            else "number"
+            if isinstance(value, float)
+            else "data"
+        )
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not allowed: one of {', '.join(KINDS)}")
+    spec = {
+        "kind": kind,
+        "help": help,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "choices": None if choices is None else tuple(choices),
+        "optional": optional,
+    }
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"attnctl": spec})
+
+
 @dataclasses.dataclass
 class Control:
-    """Base class of every control. Subclasses are dataclasses and register by class name."""
+    """Base class of every control. Subclasses are dataclasses and register by class name.
+
+    Fields declared with `param(...)` are checked at construction by their rule; `validate()` adds
+    what a rule cannot say (e.g. a field that depends on another)."""
 
     kind: ClassVar[str] = ""
 
@@ -26,10 +147,25 @@ class Control:
         _REGISTRY[cls.kind] = cls
 
     def __post_init__(self) -> None:
+        for spec in self.fields():
+            value = getattr(self, spec.name)
+            check(spec.accepts(value), spec.name, value, spec.allowed())
         self.validate()
 
+    @classmethod
+    def fields(cls) -> list[FieldSpec]:
+        """Every field with its rule, help and default, in declaration order."""
+        out = []
+        for f in dataclasses.fields(cls):
+            meta = f.metadata.get("attnctl")
+            if meta is None:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            out.append(FieldSpec(name=f.name, default=_plain(default), **meta))
+        return out
+
     def validate(self) -> None:
-        """Raise ValueError for bad field values (override; call `check`)."""
+        """Raise ValueError for what the fields' rules do not cover (override; call `check`)."""
 
     def install(self, session: Any) -> None:  # pragma: no cover - every control overrides this
         raise NotImplementedError(f"{type(self).__name__} does not implement install()")
@@ -40,11 +176,37 @@ class Control:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Control:
+        """The control a `to_dict()` describes; an unknown kind or field is an error listing the
+        allowed ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a control is a dict with a 'kind', got {data!r}")
         data = dict(data)
         kind = data.pop("kind", None)
         if kind not in _REGISTRY:
             raise ValueError(f"unknown control kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}")
-        return _REGISTRY[kind](**data)
+        cls = _REGISTRY[kind]
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ValueError(
+                f"{kind} has no field {', '.join(map(repr, unknown))}; its fields: {', '.join(names)}"
+            )
+        return cls(**data)
+
+    @staticmethod
+    def list_from_json(text: str) -> list[Control]:
+        """Controls from JSON text: a list of control dicts (or one dict), as `to_dict()` writes
+        them. Bad JSON or a bad control is a ValueError naming what is wrong."""
+        import json
+
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"controls are not valid JSON: {e}") from None
+        data = [data] if isinstance(data, dict) else data
+        if not isinstance(data, list):
+            raise ValueError(f"controls must be a JSON list of control dicts, got {type(data).__name__}")
+        return [Control.from_dict(d) for d in data]
 
 
 def _plain(value: Any) -> Any:
@@ -57,6 +219,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -230,9 +231,29 @@ class Session:
         if t != self.timestep:
             self.step += 1
             self.timestep = t
+            if self.step == 0:
+                self._check_steps()
         self._read_batch(module, adapter, args, kwargs)
         branch = self.branch or context
         self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch))
+
+    def _check_steps(self) -> None:
+        """Step lists beyond the run: a warning for the steps that never come, an error when none
+        of a list's steps comes (the control would do nothing)."""
+        n = self.num_steps
+        if n <= 0:
+            return
+        for c in self.controls:
+            for spec in c.fields():
+                steps = getattr(c, spec.name)
+                if spec.kind != "steps" or steps is None:
+                    continue
+                beyond = [s for s in steps if s >= n]
+                where = f"{c.kind}.{spec.name}={list(steps)}"
+                if len(beyond) == len(steps):
+                    raise ValueError(f"{where}: no step of this {n}-step run (steps 0 to {n - 1})")
+                if beyond:
+                    warnings.warn(f"{where}: steps {beyond} lie beyond this {n}-step run", stacklevel=2)
 
     def _read_batch(
         self,
@@ -269,7 +290,7 @@ class Session:
 
     @property
     def num_steps(self) -> int:
-        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         return 0 if timesteps is None else len(timesteps)
 
     def prompts(self) -> list[str]:

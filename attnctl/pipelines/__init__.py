@@ -39,6 +39,19 @@ def load_pipeline(
     return pipe
 
 
+def call_defaults(model: str | Path | None) -> dict[str, Any]:
+    """Call arguments a model needs beyond its pipeline's defaults: tiny models run at tiny sizes
+    (`tiny_call_kwargs`, without the step count and output type); other models need none."""
+    if model is None or not str(model).startswith(TINY_PREFIX):
+        return {}
+    from ..tiny import tiny_call_kwargs
+
+    kwargs = tiny_call_kwargs(str(model)[len(TINY_PREFIX) :])
+    for name in ("num_inference_steps", "output_type"):
+        kwargs.pop(name, None)
+    return kwargs
+
+
 class ControlledPipelineMixin:
     """Adds `controls=[...]` to a pipeline's `__call__`; the session of the last call is `attnctl_session`.
 

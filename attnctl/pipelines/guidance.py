@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall, AttentionEdit
-from ..core.controls import Control, check, check_number, check_words
+from ..core.controls import Control, check, param
 from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
 from ..core.layers import WorkingLayers
 from ..core.session import PerGeneration, in_steps
@@ -46,6 +46,42 @@ AUTO_SOFTMAX = {"sd1": "context"}
 CONTEXT_VARIANTS = ("sd1", "sd2", "sdxl")
 
 
+# The fields Attend-and-Excite and A-STAR share (one definition, one help text).
+def _layers() -> Any:
+    return param(
+        None,
+        kind="layers",
+        optional=True,
+        help="Layer paths or block indices (None: the cross-attention level at latent/4, else the "
+        "lowest above it: 16x16 on SD at 512 px, 32x32 on SDXL at 1024 px).",
+    )
+
+
+def _guided_fraction() -> Any:
+    return param(0.5, low=0, high=1, help="Guide the first fraction of the steps (reference: 25 of 50).")
+
+
+def _scale() -> Any:
+    return param(20.0, low=0, help="Step size: a_i = scale * sqrt(linspace(1, 0.5)) over the guided steps.")
+
+
+def _smooth() -> Any:
+    return param(True, help="Gaussian-smooth the maps before the loss (3x3, sigma 0.5).")
+
+
+def _occurrence() -> Any:
+    return param(0, help="Which occurrence of a repeated word (0: the first, -1: the last).")
+
+
+def _softmax_over() -> Any:
+    return param(
+        "auto",
+        choices=SOFTMAX_OVER,
+        help="Text columns of the loss's softmax: context (start token to the last key, SD 1.x), "
+        "prompt (the prompt's tokens, SD 2.1), auto (the authors' choice per model).",
+    )
+
+
 @dataclasses.dataclass
 class AttendAndExcite(Control):
     """Attend-and-Excite: push each token's strongest map pixel up, L = max_k (1 - max A_k).
@@ -65,25 +101,28 @@ class AttendAndExcite(Control):
     tokens: with another choice they ask for another loss level.
     """
 
-    tokens: list[str] = dataclasses.field(default_factory=list)
-    layers: list[str | int] | None = None
-    guided_fraction: float = 0.5
-    scale: float = 20.0
-    thresholds: dict[int, float] = dataclasses.field(default_factory=lambda: dict(REFINEMENT_THRESHOLDS))
-    max_refinement: int = REFINEMENT_MAX_ITERS
-    smooth: bool = True
-    occurrence: int = 0
-    softmax_over: str = "auto"
+    tokens: list[str] = param(kind="words", default_factory=list, help="The subject words of the prompt.")
+    layers: list[str | int] | None = _layers()
+    guided_fraction: float = _guided_fraction()
+    scale: float = _scale()
+    thresholds: dict[int, float] = param(
+        kind="data",
+        default_factory=lambda: dict(REFINEMENT_THRESHOLDS),
+        help="Refinement {step of a 50-step run: T}: refine towards L <= 1 - T there (scaled to the run).",
+    )
+    max_refinement: int = param(
+        REFINEMENT_MAX_ITERS, low=0, help="Refinement updates per step at most (0: none)."
+    )
+    smooth: bool = _smooth()
+    occurrence: int = _occurrence()
+    softmax_over: str = _softmax_over()
 
     def validate(self) -> None:
-        check_words("tokens", self.tokens)
-        _check_common(self)
         ok = isinstance(self.thresholds, dict) and all(
             isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and 0 <= v <= 1
             for k, v in self.thresholds.items()
         )
         check(ok, "thresholds", self.thresholds, "a dict {step index >= 0: threshold in [0, 1]}")
-        check_number("max_refinement", self.max_refinement, low=0, integer=True)
 
     def __post_init__(self) -> None:
         # JSON turns int keys into strings; take them back
@@ -128,21 +167,21 @@ class AStar(Control):
     AttendAndExcite.
     """
 
-    concepts: list[str] = dataclasses.field(default_factory=list)
-    layers: list[str | int] | None = None
-    guided_fraction: float = 0.5
-    scale: float = 20.0
-    mask_threshold: float = 0.5
-    iterations: int = 1
-    smooth: bool = True
-    occurrence: int = 0
-    softmax_over: str = "auto"
-
-    def validate(self) -> None:
-        check_words("concepts", self.concepts)
-        _check_common(self)
-        check_number("mask_threshold", self.mask_threshold, low=0, high=1, low_open=True)
-        check_number("iterations", self.iterations, low=1, integer=True)
+    concepts: list[str] = param(kind="words", default_factory=list, help="The subject words of the prompt.")
+    layers: list[str | int] | None = _layers()
+    guided_fraction: float = _guided_fraction()
+    scale: float = _scale()
+    mask_threshold: float = param(
+        0.5,
+        low=0,
+        high=1,
+        low_open=True,
+        help="Retention masks keep pixels above this fraction of a map's range.",
+    )
+    iterations: int = param(1, low=1, help="Latent updates per guided step.")
+    smooth: bool = _smooth()
+    occurrence: int = _occurrence()
+    softmax_over: str = _softmax_over()
 
     def install(self, session: Any) -> None:
         _install(session, self, self.concepts)
@@ -175,19 +214,6 @@ def resolve_softmax_over(choice: str, session: Any) -> str:
             "not one CLIP sequence with a start token; use 'prompt' or 'auto'"
         )
     return resolved
-
-
-def _check_common(spec: Any) -> None:
-    check_number("guided_fraction", spec.guided_fraction, low=0, high=1)
-    check_number("scale", spec.scale, low=0)
-    check(isinstance(spec.smooth, bool), "smooth", spec.smooth, "True or False")
-    check_number("occurrence", spec.occurrence, integer=True)
-    check(
-        spec.softmax_over in SOFTMAX_OVER,
-        "softmax_over",
-        spec.softmax_over,
-        f"one of {', '.join(SOFTMAX_OVER)}",
-    )
 
 
 def _install(session: Any, spec: Any, words: list[str]) -> None:

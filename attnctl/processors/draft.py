@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall, AttentionEdit
-from ..core.controls import Control, check, check_number
+from ..core.controls import Control, check, param
 from ..core.session import in_steps
 from ..families.base import LayerInfo, sdpa
 from ..kernels import BACKENDS, draft_attention
@@ -32,27 +32,44 @@ class DraftAttention(Control):
     layers: restrict to these layer paths/block indices (None: every video self/joint layer).
     """
 
-    sparsity: float = 0.9
-    pool: tuple[int, int] = (8, 16)
-    dense_steps: float = 0.25
-    dense_blocks: tuple[int, ...] = (0,)
-    backend: str = "auto"
-    layers: list[str | int] | None = None
+    sparsity: float = param(
+        0.9, low=0, high=1, high_open=True, help="Fraction of blocks skipped per head (0: dense)."
+    )
+    pool: tuple[int, int] = param(
+        kind="data",
+        default=(8, 16),
+        help="(rows, columns) of one draft region; a block is one region of one frame.",
+    )
+    dense_steps: float = param(
+        0.25, low=0, high=1, help="The first fraction of the steps stays dense (paper: 0.25)."
+    )
+    dense_blocks: tuple[int, ...] = param(
+        kind="data",
+        default=(0,),
+        help="Transformer blocks (indices in model order) that stay dense (paper: the first).",
+    )
+    backend: str = param(
+        "auto",
+        choices=BACKENDS,
+        help="Kernel: auto (the fastest that works here), flex, flex_eager, gather or dense.",
+    )
+    layers: list[str | int] | None = param(
+        None,
+        kind="layers",
+        optional=True,
+        help="Layer paths or block indices (None: every video self/joint layer).",
+    )
 
     def validate(self) -> None:
-        check_number("sparsity", self.sparsity, low=0, high=1)
-        check(self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1): some blocks must be kept")
         ok = isinstance(self.pool, (list, tuple)) and len(self.pool) == 2
         ok = ok and all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in self.pool)
         check(ok, "pool", self.pool, "two integers >= 1: (rows, columns) of a draft region")
         self.pool = tuple(self.pool)
-        check_number("dense_steps", self.dense_steps, low=0, high=1)
         ok = isinstance(self.dense_blocks, (list, tuple)) and all(
             isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.dense_blocks
         )
         check(ok, "dense_blocks", self.dense_blocks, "a list of block indices >= 0 (may be empty)")
         self.dense_blocks = tuple(self.dense_blocks)
-        check(self.backend in BACKENDS, "backend", self.backend, f"one of {', '.join(BACKENDS)}")
 
     def install(self, session: Any) -> None:
         video = [layer for layer in session.layers if layer.kind in ("self", "joint")]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall, AttentionEdit
-from ..core.controls import Control, check, check_number
+from ..core.controls import Control, check, check_number, param
 from ..core.denoiser import DenoiserWrapper
 from ..core.session import PerGeneration, in_steps
 from ..core.tokens import TokenNotFoundError
@@ -130,13 +130,35 @@ class Layout(Control):
         through the end-of-text tokens.
     """
 
-    regions: list[Region] = dataclasses.field(default_factory=list)
-    base_prompt_weight: float = 0.0
-    layers: list[str | int] | None = None
-    steps: list[int] | None = None
-    mode: str = "crop_merge"
-    base_outside: str = "all"
-    sub_prompts: bool = True
+    regions: list[Region] = param(
+        kind="regions", default_factory=list, help="Boxes with a sub-prompt and/or a subject image."
+    )
+    base_prompt_weight: float = param(
+        0.0,
+        low=0,
+        high=1,
+        help="Share of plain prompt-only attention kept where regions act (0: regional only).",
+    )
+    layers: list[str | int] | None = param(
+        None,
+        kind="layers",
+        optional=True,
+        help="Layer paths or block indices (None: every text-attending layer).",
+    )
+    steps: list[int] | None = param(
+        None, kind="steps", optional=True, help="Denoising step indices to act on (None: every step)."
+    )
+    mode: str = param(
+        "crop_merge",
+        choices=MODES,
+        help="crop_merge (a region's tokens replace, by priority) or mask_and_sum.",
+    )
+    base_outside: str = param(
+        "all",
+        choices=BASE_OUTSIDE,
+        help="What of the prompt a query sees outside a region's box: all, or other_regions (crop_merge).",
+    )
+    sub_prompts: bool = param(True, help="Queries in a box also see its region prompt's own tokens.")
 
     def __post_init__(self) -> None:
         if isinstance(self.regions, (list, tuple)):
@@ -144,24 +166,11 @@ class Layout(Control):
         super().__post_init__()
 
     def validate(self) -> None:
-        ok = isinstance(self.regions, list) and bool(self.regions)
         check(
-            ok and all(isinstance(r, Region) for r in self.regions),
+            all(isinstance(r, Region) for r in self.regions),
             "regions",
             self.regions,
             "a non-empty list of Region",
-        )
-        check_number("base_prompt_weight", self.base_prompt_weight, low=0, high=1)
-        if self.steps is not None:
-            ok = isinstance(self.steps, (list, tuple)) and len(self.steps) > 0
-            ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps)
-            check(ok, "steps", self.steps, "None or a non-empty list of step indices >= 0")
-        check(self.mode in MODES, "mode", self.mode, f"one of {', '.join(MODES)}")
-        check(
-            self.base_outside in BASE_OUTSIDE,
-            "base_outside",
-            self.base_outside,
-            f"one of {', '.join(BASE_OUTSIDE)}",
         )
         check(
             self.base_outside == "all" or self.mode == "crop_merge",
@@ -169,7 +178,6 @@ class Layout(Control):
             self.base_outside,
             "'all' with mode='mask_and_sum' (hiding words is part of crop_merge)",
         )
-        check(isinstance(self.sub_prompts, bool), "sub_prompts", self.sub_prompts, "True or False")
         check(
             self.sub_prompts or self.base_outside == "other_regions",
             "sub_prompts",
@@ -281,10 +289,10 @@ def _encode_kwargs(encode: Any, prompt: str, device: torch.device) -> dict[str, 
         "do_classifier_free_guidance": False,
     }
     kwargs = {}
-    for name, param in list(inspect.signature(encode).parameters.items())[1:]:
+    for name, arg in list(inspect.signature(encode).parameters.items())[1:]:
         if name in known:
             kwargs[name] = known[name]
-        elif param.default is inspect.Parameter.empty and param.kind is param.POSITIONAL_OR_KEYWORD:
+        elif arg.default is inspect.Parameter.empty and arg.kind is arg.POSITIONAL_OR_KEYWORD:
             kwargs[name] = None  # e.g. SD3's prompt_2 / prompt_3: None means "the same prompt"
     return kwargs
 
@@ -511,7 +519,14 @@ def _all_positions(session: Any, prompt: str, word: str) -> list[int]:
 
 
 def render_layout(path: str | Path, image: Any, layout: Layout, size: int = 256) -> Path:
-    """Save the image and, beside it, the image with the layout's boxes drawn and labelled."""
+    """Save `layout_image(image, layout)` as a PNG."""
+    from .maps import _save
+
+    return _save(layout_image(image, layout, size), path)
+
+
+def layout_image(image: Any, layout: Layout, size: int = 256) -> Any:
+    """The image and, beside it, the image with the layout's boxes drawn and labelled (PIL)."""
     from PIL import Image, ImageDraw
 
     from .maps import _to_pil
@@ -532,7 +547,4 @@ def render_layout(path: str | Path, image: Any, layout: Layout, size: int = 256)
     sheet = Image.new("RGB", (2 * size, height), "white")
     sheet.paste(base, (0, 0))
     sheet.paste(boxed, (size, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    return sheet

@@ -16,32 +16,27 @@ import torch
 import torch.nn.functional as F
 
 from ..core.attention import AttentionCall, AttentionEdit
-from ..core.controls import Control, check, check_number, check_words
+from ..core.controls import Control, check, param
 from ..core.session import PerGeneration, in_steps
 
 
 @dataclasses.dataclass
 class AttentionMaps(Control):
-    """Record per-word cross-attention maps (joint models: image queries → text keys).
+    """Record per-word cross-attention maps (joint models: image queries → text keys)."""
 
-    tokens: words or phrases of the prompt to record (None: every word of the prompt).
-    layers: layer paths or block indices (None: every layer that attends to text).
-    steps: denoising step indices to record (None: every step).
-    occurrence: which occurrence of a repeated word (0 = first, -1 = last).
-    """
-
-    tokens: list[str] | None = None
-    layers: list[str | int] | None = None
-    steps: list[int] | None = None
-    occurrence: int = 0
-
-    def validate(self) -> None:
-        check_words("tokens", self.tokens, allow_none=True)
-        if self.steps is not None:
-            ok = isinstance(self.steps, (list, tuple)) and len(self.steps) > 0
-            ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps)
-            check(ok, "steps", self.steps, "None or a non-empty list of step indices >= 0")
-        check_number("occurrence", self.occurrence, integer=True)
+    tokens: list[str] | None = param(
+        None, kind="words", optional=True, help="Words or phrases of the prompt to record (None: every word)."
+    )
+    layers: list[str | int] | None = param(
+        None,
+        kind="layers",
+        optional=True,
+        help="Layer paths or block indices (None: every layer attending to text).",
+    )
+    steps: list[int] | None = param(
+        None, kind="steps", optional=True, help="Denoising step indices to record (None: every step)."
+    )
+    occurrence: int = param(0, help="Which occurrence of a repeated word (0: the first, -1: the last).")
 
     def install(self, session: Any) -> None:
         layers = session.select(self.layers, kinds=("cross", "joint"))
@@ -133,9 +128,13 @@ class MapStore:
             raise KeyError(f"no map recorded for {word!r}; recorded words: {self.words()}")
         return word
 
+    def grid(self, image: Any = None, words: list[str] | None = None) -> Any:
+        """A PIL image: the image (if given) followed by one heatmap per word over it."""
+        return grid_image({w: self.at(w) for w in (words or self.words())}, image)
+
     def save_grid(self, path: str | Path, image: Any = None, words: list[str] | None = None) -> Path:
-        """Write a PNG grid: the image (if given) followed by one heatmap per word over it."""
-        return render_grid(path, {w: self.at(w) for w in (words or self.words())}, image)
+        """Write `grid(image, words)` as a PNG."""
+        return _save(self.grid(image, words), path)
 
 
 def _squeeze(m: torch.Tensor) -> torch.Tensor:
@@ -155,8 +154,8 @@ def heatmap(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return ((1 - frac) * stops[lo] + frac * stops[lo + 1]).permute(2, 0, 1)
 
 
-def render_grid(path: str | Path, maps: dict[str, torch.Tensor], image: Any = None, size: int = 256) -> Path:
-    """Save heatmaps of `maps` side by side (blended over `image` if given) with word labels."""
+def grid_image(maps: dict[str, torch.Tensor], image: Any = None, size: int = 256) -> Any:
+    """Heatmaps of `maps` side by side (blended over `image` if given) with word labels (PIL)."""
     from PIL import Image, ImageDraw
 
     base = None
@@ -183,9 +182,13 @@ def render_grid(path: str | Path, maps: dict[str, torch.Tensor], image: Any = No
     for i, (name, tile) in enumerate(tiles):
         sheet.paste(tile, (i * width, label))
         draw.text((i * width + 4, 3), name, fill="black")
+    return sheet
+
+
+def _save(image: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    image.save(path)
     return path
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall, AttentionEdit, attend
-from ..core.controls import Control, check, check_number, check_words
+from ..core.controls import Control, check, check_number, check_words, param
 from ..core.denoiser import BatchRows
 from ..core.layers import WorkingLayers, working_layers
 from ..core.session import PerGeneration, in_steps
@@ -32,39 +32,38 @@ from .regulation_math import (
 
 @dataclasses.dataclass
 class AttentionRegulation(Control):
-    """Regulate cross-attention of `targets` (words or phrases of the prompt).
+    """Regulate cross-attention of `targets` (words or phrases of the prompt) so no token dominates.
 
-    layers: layer paths or block indices (None: `working_layers`, the cross-attention level at
-        latent/4, else the lowest above it: up_blocks.1 and down_blocks.2 of SD at 512 px).
-    edit_fraction: edit the first fraction of the steps (reference: steps 0-24 of 50).
-    iterations, lr: plain gradient steps w <- w - (rows * lr) grad per layer and step.
-    smoothing, decay: D = smoothing * D_prev + (1 - smoothing) * D_best, scaled by decay^step.
-    """
+    Defaults are the reference code's (steps 0-24 of 50 edited, 20 gradient steps per layer)."""
 
-    targets: list[str] = dataclasses.field(default_factory=list)
-    layers: list[str | int] | None = None
-    edit_fraction: float = 0.5
-    iterations: int = 20
-    lr: float = 100.0
-    smoothing: float = 0.25
-    decay: float = 0.99
-    quantile_weight: float = QUANTILE_WEIGHT
-    mean_weight: float = MEAN_WEIGHT
-    weight_decay: float = WEIGHT_DECAY
-    occurrence: int = 0
-    seed: int = 0
-
-    def validate(self) -> None:
-        check_words("targets", self.targets)
-        check_number("edit_fraction", self.edit_fraction, low=0, high=1, low_open=True)
-        check_number("iterations", self.iterations, low=1, integer=True)
-        check_number("lr", self.lr, low=0, low_open=True)
-        check_number("smoothing", self.smoothing, low=0, high=1)
-        check_number("decay", self.decay, low=0, high=1, low_open=True)
-        for name in ("quantile_weight", "mean_weight", "weight_decay"):
-            check_number(name, getattr(self, name), low=0)
-        check_number("occurrence", self.occurrence, integer=True)
-        check_number("seed", self.seed, low=0, integer=True)
+    targets: list[str] = param(
+        kind="words", default_factory=list, help="Words or phrases of the prompt to regulate."
+    )
+    layers: list[str | int] | None = param(
+        None,
+        kind="layers",
+        optional=True,
+        help="Layer paths or block indices (None: the cross-attention level at latent/4, else the "
+        "lowest above it: up_blocks.1 and down_blocks.2 of SD at 512 px).",
+    )
+    edit_fraction: float = param(
+        0.5,
+        low=0,
+        high=1,
+        low_open=True,
+        help="Edit the first fraction of the steps (reference: 0-24 of 50).",
+    )
+    iterations: int = param(20, low=1, help="Gradient steps on the logit bias per layer and step.")
+    lr: float = param(100.0, low=0, low_open=True, help="Step size: w <- w - (rows * lr) grad.")
+    smoothing: float = param(
+        0.25, low=0, high=1, help="D = smoothing * D_prev + (1 - smoothing) * D_best between steps."
+    )
+    decay: float = param(0.99, low=0, high=1, low_open=True, help="The bias is scaled by decay^step.")
+    quantile_weight: float = param(QUANTILE_WEIGHT, low=0, help="Weight of the 90th-percentile term.")
+    mean_weight: float = param(MEAN_WEIGHT, low=0, help="Weight of the mean-attention term.")
+    weight_decay: float = param(WEIGHT_DECAY, low=0, help="Weight of the bias's L2 penalty.")
+    occurrence: int = param(0, help="Which occurrence of a repeated word (0: the first, -1: the last).")
+    seed: int = param(0, low=0, help="Seed of the Gaussian bumps' initialisation.")
 
     def install(self, session: Any) -> None:
         layers = WorkingLayers(session, self.layers)

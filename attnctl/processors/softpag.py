@@ -18,13 +18,38 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall, AttentionEdit, overrides
-from ..core.controls import Control, check, check_number
+from ..core.controls import Control, check, param
 from ..pipelines.perturbed import BATCH_MODES, PerturbedGuidance
 from .softpag_math import TARGETS, image_scope_attention, perturbed_output
 
 SCOPES = ("joint", "image")
 # Layers whose image queries attend to image keys: where a head can be perturbed.
 PERTURBABLE = ("self", "joint")
+
+
+# The fields SoftPAG and PAG share (one definition, one help text).
+def _scale() -> Any:
+    return param(3.0, low=0, help="Perturbation guidance scale s.")
+
+
+def _adaptive_scale() -> Any:
+    return param(0.0, low=0, help="s_t = max(0, s - adaptive_scale * (1000 - t)).")
+
+
+def _scope() -> Any:
+    return param(
+        "joint",
+        choices=SCOPES,
+        help="Joint attention: perturb the whole sequence (joint) or only image queries (image).",
+    )
+
+
+def _batch() -> Any:
+    return param(
+        "auto",
+        choices=BATCH_MODES,
+        help="One batched forward with the perturbed rows (auto) or a second (split).",
+    )
 
 
 @dataclasses.dataclass
@@ -43,25 +68,32 @@ class SoftPAG(Control):
     batch: "auto" (one batched forward of [uncond, cond, perturbed] where memory allows) or "split".
     """
 
-    heads: dict[str, list[int]] | list[str] | str = dataclasses.field(default_factory=list)
-    u: float = 1.0
-    scale: float = 3.0
-    target: str = "identity"
-    adaptive_scale: float = 0.0
-    scope: str = "joint"
-    batch: str = "auto"
-    top: int | None = None
+    heads: dict[str, list[int]] | list[str] | str = param(
+        kind="data",
+        default_factory=list,
+        help='Heads to perturb: {layer: [head, ...]}, ["layer:head", ...] or a head-search result JSON path.',
+    )
+    u: float = param(
+        1.0, low=0, high=1, help="Interpolation toward the target map (1: PAG's full perturbation)."
+    )
+    scale: float = _scale()
+    target: str = param(
+        "identity", choices=TARGETS, help="Target map: identity (O' = V) or uniform (mean of V)."
+    )
+    adaptive_scale: float = _adaptive_scale()
+    scope: str = _scope()
+    batch: str = _batch()
+    top: int | None = param(
+        None,
+        kind="integer",
+        low=1,
+        optional=True,
+        help="With a result JSON: its first `top` heads (None: all).",
+    )
 
     def validate(self) -> None:
         self._check_heads()
-        check_number("u", self.u, low=0, high=1)
-        check_number("scale", self.scale, low=0)
-        check_number("adaptive_scale", self.adaptive_scale, low=0)
-        check(self.target in TARGETS, "target", self.target, f"one of {', '.join(TARGETS)}")
-        check(self.scope in SCOPES, "scope", self.scope, f"one of {', '.join(SCOPES)}")
-        check(self.batch in BATCH_MODES, "batch", self.batch, f"one of {', '.join(BATCH_MODES)}")
         if self.top is not None:
-            check_number("top", self.top, low=1, integer=True)
             check(isinstance(self.heads, str), "top", self.top, "None unless heads is a result JSON path")
             n = len(json.loads(Path(self.heads).read_text())["selected"])
             check(self.top <= n, "top", self.top, f"at most the {n} heads selected in {self.heads}")
@@ -131,20 +163,15 @@ class PAG(Control):
     scope, batch: as SoftPAG ("image" reproduces diffusers' SD3 PAG on joint attention).
     """
 
-    layers: list[str | int] = dataclasses.field(default_factory=list)
-    scale: float = 3.0
-    adaptive_scale: float = 0.0
-    scope: str = "joint"
-    batch: str = "auto"
-
-    def validate(self) -> None:
-        ok = isinstance(self.layers, (list, tuple)) and bool(self.layers)
-        ok = ok and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in self.layers)
-        check(ok, "layers", self.layers, "a non-empty list of layer paths or block indices")
-        check_number("scale", self.scale, low=0)
-        check_number("adaptive_scale", self.adaptive_scale, low=0)
-        check(self.scope in SCOPES, "scope", self.scope, f"one of {', '.join(SCOPES)}")
-        check(self.batch in BATCH_MODES, "batch", self.batch, f"one of {', '.join(BATCH_MODES)}")
+    layers: list[str | int] = param(
+        kind="layers",
+        default_factory=list,
+        help='Self-attention layer paths or block indices to perturb (e.g. ["mid_block"]).',
+    )
+    scale: float = _scale()
+    adaptive_scale: float = _adaptive_scale()
+    scope: str = _scope()
+    batch: str = _batch()
 
     def install(self, session: Any) -> None:
         heads = {layer.name: None for layer in session.select(self.layers, kinds=PERTURBABLE)}

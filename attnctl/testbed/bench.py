@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,19 +244,10 @@ def _cycled(pool: list[str], n: int) -> list[str]:
 def _generate_and_score(
     pipe, controls: list, prompt: str, seed: int, steps: int, guidance_scale: float
 ) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    if controls:
-        import attnctl  # lazily: the control API is independent of the testbed
+    from ..pipelines.generate import generate
 
-        with attnctl.control(pipe, *controls):
-            image = pipe(
-                prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator
-            )
-    else:
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator)
-    seconds = time.perf_counter() - start
-    return {"prompt": prompt, "seed": seed, "seconds": seconds, **score_image(image.images[0], prompt)}
+    result = generate(pipe, prompt, controls, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    return {"prompt": prompt, "seed": seed, "seconds": result.seconds, **score_image(result.image, prompt)}
 
 
 def score_image(image: Any, prompt: str) -> dict:

@@ -18,7 +18,6 @@ Methods: `none` (the prompt alone), `mask_and_sum` and `crop_merge` (Layout's mo
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,17 +199,11 @@ def format_placement(report: dict) -> str:
 def _generate_and_score(
     pipe: Any, method: str, prompt: str, boxes: list, seed: int, steps: int, guidance_scale: float
 ) -> dict:
-    import attnctl
+    from ..pipelines.generate import generate
 
     controls = METHODS[method](prompt, boxes)
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    with attnctl.control(pipe, *controls):
-        image = pipe(
-            prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator
-        ).images[0]
-    seconds = time.perf_counter() - start
-    return {"prompt": prompt, "seed": seed, "seconds": seconds, **score(image, prompt, boxes)}
+    result = generate(pipe, prompt, controls, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    return {"prompt": prompt, "seed": seed, "seconds": result.seconds, **score(result.image, prompt, boxes)}
 
 
 def score(image: Any, prompt: str, boxes: list) -> dict:
