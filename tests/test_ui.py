@@ -1,0 +1,153 @@
+"""The web demo: panels generated from the controls' fields, and the `generate` API served on loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import pytest
+
+gr = pytest.importorskip("gradio", reason="the demo needs the ui extra: pip install -e '.[ui]'")
+
+from test_fields import REQUIRED  # noqa: E402
+
+import attnctl  # noqa: E402
+from attnctl.core.controls import Control  # noqa: E402
+from attnctl.tiny import tiny_pipeline  # noqa: E402
+from attnctl.ui import TITLE, build_app  # noqa: E402
+from attnctl.ui.app import from_widget, panel_controls, prompt_words, to_widget  # noqa: E402
+
+SIZE = {"height": 32, "width": 32}
+
+
+@pytest.fixture(scope="module")
+def app():
+    return build_app(tiny_pipeline("sd"), model="tiny:sd", call_kwargs=dict(SIZE), steps=2)
+
+
+@pytest.fixture(scope="module")
+def served(app):
+    app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, share=False)
+    from gradio_client import Client
+
+    yield Client(app.local_url, verbose=False)
+    app.close()
+
+
+def _kind(component):
+    return type(component).__name__
+
+
+def test_every_control_has_a_panel_whose_widgets_match_its_fields(app):
+    panels = {p.cls.kind: p for p in app.attnctl_panels}
+    assert set(panels) == {cls.kind for cls in panel_controls()} >= set(REQUIRED)
+    for kind, panel in panels.items():
+        specs = panel.cls.fields()
+        assert list(panel.widgets) == [s.name for s in specs]
+        for spec in specs:
+            w = panel.widgets[spec.name]
+            assert w.label.startswith(spec.name) and (spec.kind == "regions" or w.info == spec.help)
+            expected = {
+                "bool": "Checkbox",
+                "choice": "Dropdown",
+                "words": "Dropdown",
+                "regions": "Dataframe",
+                "layers": "Textbox",
+                "steps": "Textbox",
+                "data": "Textbox",
+            }.get(spec.kind)
+            if spec.kind in ("number", "integer"):
+                bounded = spec.low is not None and spec.high is not None and not spec.optional
+                assert _kind(w) == ("Slider" if bounded else "Number"), (kind, spec.name)
+                if bounded:
+                    assert (w.minimum, w.maximum) == (spec.low, spec.high)
+            else:
+                assert _kind(w) == expected, (kind, spec.name)
+            if spec.kind == "choice":
+                assert [c[0] for c in w.choices] == list(spec.choices)
+            if spec.kind == "words":
+                assert w.multiselect
+
+
+@pytest.mark.parametrize("kind", sorted(REQUIRED))
+def test_widget_values_round_trip_every_control(kind):
+    control = Control.from_dict({"kind": kind, **REQUIRED[kind]})
+    for spec in control.fields():
+        value = getattr(control, spec.name)
+        again = from_widget(spec, to_widget(spec, value))
+        if spec.kind == "regions":
+            again = [attnctl.Region(**r) for r in again]
+        assert Control.from_dict({**control.to_dict(), spec.name: again}) == control, spec.name
+
+
+def test_widget_parsing():
+    maps = {s.name: s for s in attnctl.AttentionMaps.fields()}
+    assert from_widget(maps["layers"], "up_blocks.1, 3") == ["up_blocks.1", 3]
+    assert from_widget(maps["layers"], " ") is None
+    assert from_widget(maps["steps"], "0,1, 2") == [0, 1, 2]
+    assert from_widget(maps["tokens"], []) is None
+    with pytest.raises(ValueError, match="^steps="):
+        attnctl.AttentionMaps(steps=from_widget(maps["steps"], "0, x"))
+    heads = {s.name: s for s in attnctl.SoftPAG.fields()}["heads"]
+    with pytest.raises(ValueError, match=r"^heads=.*JSON"):
+        from_widget(heads, "[1,")
+    assert prompt_words("a red circle, a red square") == ["a", "red", "circle", "square"]
+
+
+def test_page_has_the_title(app):
+    assert app.title == TITLE
+
+
+# ---- the API, served on loopback ----------------------------------------------------------------
+def test_generate_with_maps(served):
+    controls = json.dumps([attnctl.AttentionMaps(["cat", "frog"]).to_dict()])
+    out = served.predict("a cat and a frog", controls, 0, 2, api_name="/generate")
+    controlled, baseline, heatmaps, layout, video, log, saved = out
+    from PIL import Image
+
+    assert Image.open(controlled).size == (32, 32) and Image.open(baseline).size == (32, 32)
+    assert Image.open(heatmaps).size[0] > 2 * Image.open(heatmaps).size[1]  # the image and two maps
+    assert layout is None and video is None
+    assert json.load(open(saved)) == json.loads(controls)
+
+
+def test_guidance_log_and_layout_come_back(served):
+    controls = [
+        attnctl.AStar(["cat", "frog"]).to_dict(),
+        attnctl.Layout([attnctl.Region((0, 0, 0.5, 1), "a cat")]).to_dict(),
+    ]
+    out = served.predict("a cat and a frog", json.dumps(controls), 3, 2, 32, 32, False, api_name="/generate")
+    assert out[1] is None  # no baseline asked for
+    assert out[3] is not None and [e["step"] for e in out[5]["AStar"]] == [0]
+
+
+@pytest.mark.parametrize(
+    "controls, message",
+    [
+        ("[{", "not valid JSON"),
+        ('[{"kind": "Bogus"}]', "unknown control kind 'Bogus'"),
+        (
+            '[{"kind": "AStar", "concepts": ["cat"], "scale": -1}]',
+            r"scale=-1 is not allowed: a number in \[0, inf\]",
+        ),
+        ('[{"kind": "AttentionMaps", "tokens": ["dog"]}]', "dog"),
+    ],
+)
+def test_bad_controls_are_refused_and_the_server_keeps_serving(served, controls, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        served.predict("a cat and a frog", controls, 0, 2, api_name="/generate")
+    assert served.predict("a cat", "[]", 0, 1, api_name="/generate")[0]
+
+
+def test_concurrent_requests_are_queued_and_none_is_lost(served):
+    jobs = [served.submit("a cat and a frog", "[]", seed, 2, api_name="/generate") for seed in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda job: job.result(timeout=120), jobs))
+    assert len(results) == 4 and all(r[0] for r in results)
+    import numpy as np
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(r[0])) for r in results]
+    assert not np.array_equal(pixels[0], pixels[1])  # each request its own seed
