@@ -151,3 +151,35 @@ def test_concurrent_requests_are_queued_and_none_is_lost(served):
 
     pixels = [np.asarray(Image.open(r[0])) for r in results]
     assert not np.array_equal(pixels[0], pixels[1])  # each request its own seed
+
+
+def test_video_models_show_the_frames_and_the_draft_panel():
+    app = build_app(tiny_pipeline("wan"), model="tiny:wan", call_kwargs={**SIZE, "num_frames": 5}, steps=2)
+    panels = {p.cls.kind: p for p in app.attnctl_panels}
+    assert "DraftAttention" in panels
+    app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, share=False)
+    try:
+        from gradio_client import Client
+        from PIL import Image
+
+        out = Client(app.local_url, verbose=False).predict("a cat", "[]", 0, 2, api_name="/generate")
+        assert Image.open(out[4]).n_frames == 5
+    finally:
+        app.close()
+
+
+def test_the_page_can_open_with_saved_controls():
+    controls = [attnctl.AttentionMaps(["cat"]), attnctl.AStar(["cat", "frog"], scale=10.0)]
+    app = build_app(
+        tiny_pipeline("sd"), call_kwargs=dict(SIZE), steps=2, prompt="a cat and a frog", controls=controls
+    )
+    panels = {p.cls.kind: p for p in app.attnctl_panels}
+    assert panels["AStar"].enable.value and not panels["PAG"].enable.value
+    assert panels["AStar"].widgets["scale"].value == 10.0 and panels["AStar"].widgets["concepts"].value == [
+        "cat",
+        "frog",
+    ]
+    values = [w.value for p in app.attnctl_panels for w in [p.enable, *p.widgets.values()]]
+    from attnctl.ui.app import _controls_from_widgets
+
+    assert _controls_from_widgets(app.attnctl_panels, values) == [c.to_dict() for c in controls]

@@ -79,33 +79,33 @@ def test_the_page_generates_an_image_in_a_real_browser():
 
 
 def screenshot(path: Path) -> None:
-    """Serve the bundled testbed model, generate with maps of every word, save a screenshot."""
+    """Serve the bundled testbed model opened with maps and A-STAR, generate, save a screenshot."""
     import torch
 
     torch.set_num_threads(1)
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
+    import attnctl
     from attnctl.pipelines import load_pipeline
     from attnctl.ui import CSS, build_app
 
-    app = build_app(load_pipeline(None), steps=25)
+    controls = [
+        attnctl.AttentionMaps(["red", "circle", "blue", "square"]),
+        attnctl.AStar(["circle", "square"]),
+    ]
+    app = build_app(load_pipeline(None), steps=25, prompt="a red circle and a blue square", controls=controls)
     app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, share=False, css=CSS)
-    driver = browser(1400, 1250)
+    driver = browser(1400, 1300)
     try:
         driver.get(app.local_url)
-        time.sleep(2)
+        wait = WebDriverWait(driver, 180)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
         for summary in driver.find_elements(By.CSS_SELECTOR, "button.label-wrap"):
-            if summary.text.strip().startswith("AttentionMaps"):
-                summary.click()  # open the maps panel, tick "use AttentionMaps"
-                time.sleep(0.5)
-                driver.find_element(By.XPATH, "//label[contains(., 'use AttentionMaps')]//input").click()
-        box = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
-        box.clear()
-        box.send_keys("a red circle and a blue square")
+            if summary.text.strip().startswith("AStar"):
+                summary.click()
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        WebDriverWait(driver, 180).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#maps img"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#maps img"))
         time.sleep(2)
         path.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(path))

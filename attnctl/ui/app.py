@@ -158,8 +158,8 @@ class Panel:
         return self.cls.fields()
 
 
-def _widget(spec: FieldSpec, gr: Any) -> Any:
-    label, info, value = spec.name, spec.help, to_widget(spec, spec.default)
+def _widget(spec: FieldSpec, gr: Any, value: Any) -> Any:
+    label, info, value = spec.name, spec.help, to_widget(spec, value)
     if spec.kind in NUMBER_RULE_KINDS:
         integer = spec.kind == "integer"
         if spec.low is not None and spec.high is not None and not spec.optional:
@@ -198,9 +198,11 @@ def build_app(
     model: str | None = None,
     call_kwargs: dict[str, Any] | None = None,
     steps: int = 25,
+    prompt: str = "a red circle and a blue square",
+    controls: list[Control] | None = None,
 ) -> Any:
     """The Gradio app for `pipe`. `call_kwargs` go to every pipeline call (e.g. a tiny model's
-    size); `steps` is the default step count."""
+    size); `steps`, `prompt` and `controls` (e.g. a saved config) are the values the page opens with."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -211,6 +213,7 @@ def build_app(
     family = adapter_for(denoiser).name
     video = family in VIDEO_FAMILIES
     height, width = _default_size(pipe, call_kwargs)
+    opening = {c.kind: c for c in controls or []}
     lock = threading.Lock()  # one generation at a time on the pipeline, whatever the queue does
 
     def run(prompt, controls, seed, steps, height=None, width=None, baseline=True, progress=gr.Progress()):
@@ -256,7 +259,7 @@ def build_app(
         )
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(value="a red circle and a blue square", label="prompt", elem_id="prompt")
+                prompt_box = gr.Textbox(value=prompt, label="prompt", elem_id="prompt")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                     steps_box = gr.Slider(1, 100, value=steps, step=1, label="steps")
@@ -269,16 +272,18 @@ def build_app(
                     visible = video or cls.kind not in VIDEO_ONLY
                     with gr.Accordion(cls.kind, open=False, visible=visible):
                         gr.Markdown((cls.__doc__ or "").strip().split("\n\n")[0])
-                        enable = gr.Checkbox(value=False, label=f"use {cls.kind}")
+                        given = opening.get(cls.kind)
+                        enable = gr.Checkbox(value=given is not None, label=f"use {cls.kind}")
                         widgets = {}
                         for spec in cls.fields():
-                            widgets[spec.name] = _widget(spec, gr)
+                            value = spec.default if given is None else getattr(given, spec.name)
+                            widgets[spec.name] = _widget(spec, gr, value)
                             if spec.kind == "regions":
                                 _canvas(gr, widgets[spec.name], width, height)
                         panels.append(Panel(cls, enable, widgets))
                 with gr.Accordion("controls JSON", open=False):
                     controls_json = gr.Code(
-                        value="[]",
+                        value=json.dumps([c.to_dict() for c in controls or []], indent=1),
                         language="json",
                         label="controls (a list of to_dict()s)",
                         elem_id="controls-json",
@@ -318,11 +323,11 @@ def build_app(
             return [gr.update(choices=words) for _ in word_boxes]
 
         if word_boxes:
-            prompt.change(offer_words, prompt, word_boxes, api_name=False)
-            app.load(offer_words, prompt, word_boxes, api_name=False)
+            prompt_box.change(offer_words, prompt_box, word_boxes, api_name=False)
+            app.load(offer_words, prompt_box, word_boxes, api_name=False)
         button.click(to_json_checked(to_json, gr), flat, controls_json, api_name=False).success(
             run,
-            [prompt, controls_json, seed, steps_box, height_box, width_box, baseline],
+            [prompt_box, controls_json, seed, steps_box, height_box, width_box, baseline],
             [image, base_image, maps_image, layout_image, video_out, log, download],
             api_name="generate",
             concurrency_limit=1,
