@@ -1,0 +1,59 @@
+"""Misuse that must end in one clear attnctl error and leave the pipeline exactly as it was:
+nested control() on one pipeline, a control on a model it does not apply to, prompts without words."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
+
+PROMPT = "a cat and a frog"
+
+
+def _state(pipe):
+    """What control() installs and must put back: processors, hook registry, instance attributes."""
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    return (
+        dict(denoiser.attn_processors),
+        getattr(denoiser, "_diffusers_hook", None),
+        "forward" in vars(denoiser),
+        {k for k in ("encode_prompt",) if k in vars(pipe)},
+        "step" in vars(pipe.scheduler),
+    )
+
+
+def _same(a, b):
+    procs_a, *rest_a = a
+    procs_b, *rest_b = b
+    return (
+        procs_a.keys() == procs_b.keys()
+        and all(procs_a[k] is procs_b[k] for k in procs_a)
+        and rest_a == rest_b
+    )
+
+
+def _run(pipe, family="sd", prompt=PROMPT, **overrides):
+    kwargs = tiny_call_kwargs(family, **{"num_inference_steps": 2, **overrides})
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_nested_control_is_an_error_at_entry_and_the_outer_session_keeps_working():
+    pipe = tiny_pipeline("sd")
+    before = _state(pipe)
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as outer:
+        inside = _state(pipe)
+        with pytest.raises(ValueError, match="already inside an attnctl.control block"):
+            with attnctl.control(pipe, attnctl.AttentionMaps(["frog"])):
+                pass
+        assert _same(_state(pipe), inside)  # the failed entry changed nothing
+        _run(pipe)
+    assert outer.maps.words() == ["cat"]
+    assert _same(_state(pipe), before)
+    # a *ControlPipeline call inside control() is the same nesting
+    controlled = attnctl.pipelines.StableDiffusionControlPipeline.from_pipe(pipe)
+    with attnctl.control(controlled):
+        with pytest.raises(ValueError, match="already inside"):
+            _run(controlled, controls=[attnctl.AttentionMaps(["cat"])])
+    assert _same(_state(controlled), before)
