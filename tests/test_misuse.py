@@ -77,3 +77,29 @@ def test_draft_attention_on_the_testbed_is_refused():
     with pytest.raises(ValueError, match="not to this image model"):
         with attnctl.control(load_pipeline(), attnctl.DraftAttention()):
             pass
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_maps_of_an_empty_prompt_or_of_prompt_embeds_are_clear_errors(family):
+    pipe = tiny_pipeline(family)
+    before = _state(pipe)
+    with pytest.raises(ValueError, match="the prompt '' has no words; .* tokens="):
+        with attnctl.control(pipe, attnctl.AttentionMaps()):
+            _run(pipe, family, prompt="")
+    assert _same(_state(pipe), before)
+    with pytest.raises(ValueError, match="'cat' is not in the prompt"):
+        with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
+            _run(pipe, family, prompt="")
+    assert _same(_state(pipe), before)
+    # words are found in the text, which prompt_embeds do not carry
+    if family == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=None, device="cpu")
+        call = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    else:
+        embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+        call = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    for maps in (attnctl.AttentionMaps(), attnctl.AttentionMaps(["cat"])):
+        with pytest.raises(ValueError, match=r"pass prompt=.* instead of prompt_embeds"):
+            with attnctl.control(pipe, maps):
+                _run(pipe, family, prompt=None, **call)
+        assert _same(_state(pipe), before)
