@@ -103,3 +103,16 @@ def test_maps_of_an_empty_prompt_or_of_prompt_embeds_are_clear_errors(family):
             with attnctl.control(pipe, maps):
                 _run(pipe, family, prompt=None, **call)
         assert _same(_state(pipe), before)
+
+
+def test_testbed_and_tiny_are_reachable_from_import_attnctl_and_imported_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, attnctl\n"
+        "assert 'attnctl.tiny' not in sys.modules and 'attnctl.testbed' not in sys.modules\n"
+        "assert callable(attnctl.tiny.tiny_pipeline) and callable(attnctl.testbed.model_path)\n"
+        "try:\n    attnctl.nope\nexcept AttributeError as e:\n    assert 'nope' in str(e)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
