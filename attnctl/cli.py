@@ -7,7 +7,12 @@ from typing import Any, NoReturn
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Precise attention control for diffusers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precise attention control for diffusers.",
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
+)
 bench_app = typer.Typer(
     no_args_is_help=True, help="Performance and quality benchmarks (print and write JSON)."
 )
@@ -26,6 +31,38 @@ def _register() -> None:
     bench_app.command("draft")(draft)
     bench_app.command("pag")(pag)
     bench_app.command("layout")(layout)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from attnctl import __version__
+
+        typer.echo(f"attnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _entry(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _quiet_third_party()
+
+
+def _quiet_third_party() -> None:
+    """Commands print only what the user asked for: no diffusers/transformers notices, deprecation
+    warnings or loading bars. Only the command does this; attnctl used from Python leaves them be."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbed model)."
@@ -287,9 +324,11 @@ def _load(model: str | None) -> Any:
             "a local folder or tiny:<family>"
         )
     try:
-        return load_pipeline(model)
+        pipe = load_pipeline(model)
     except (OSError, ValueError) as e:
         fail(f"cannot load model {model!r}: {e}")
+    pipe.set_progress_bar_config(disable=True)  # the command prints only what it wrote
+    return pipe
 
 
 def _read_prompts(path: Path) -> list[str]:

@@ -149,3 +149,22 @@ def test_bench_bad_values_end_with_one_line():
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_version_and_short_help_everywhere():
+    import attnctl
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"attnctl {attnctl.__version__}"
+    for args in ([], ["generate"], ["bench"], ["bench", "draft"], ["testbed"], ["testbed", "eval-detector"]):
+        result = runner.invoke(app, [*args, "-h"])
+        assert result.exit_code == 0 and "Usage: " in result.output, args
+
+
+def test_generate_prints_only_what_it_wrote(tmp_path):
+    result = runner.invoke(
+        app,
+        ["generate", "a cat", "--model", "tiny:sd", "--steps", "2", "--maps", "cat", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"wrote {tmp_path / 'image.png'}", f"wrote {tmp_path / 'maps.png'}"]
