@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -118,6 +119,8 @@ def generate(
     if (prompt is None) == (prompts is None):
         fail("give one PROMPT or --prompts FILE (one prompt per line)")
     texts = [prompt] if prompts is None else _read_prompts(prompts)
+    _check_map_words(words, texts, prompts)
+    _check_out_folder(out)
     layout = _layout(region) if region else None
     digits = len(str(len(texts) - 1))
     with processes() as procs:
@@ -125,6 +128,7 @@ def generate(
         if not mine:
             return
         pipe = procs.to_device(_load(model))
+        _check_size(pipe, height=height, width=width)
         kwargs = _model_defaults(model)
         kwargs.update(num_inference_steps=steps, output_type="pil")
         for name, value in (("height", height), ("width", width), ("guidance_scale", guidance)):
@@ -135,8 +139,11 @@ def generate(
             stem = "image" if prompts is None else f"{index:0{digits}d}"
             controls = [attnctl.AttentionMaps(words)] if words else []
             controls += [layout] if layout else []
-            with attnctl.control(pipe, *controls) as ctl:
-                result = pipe(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            try:
+                with attnctl.control(pipe, *controls) as ctl:
+                    result = pipe(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            except ValueError as e:  # e.g. a --maps word the pipeline truncates away
+                fail(str(e))
             image = _first_image(result)
             image_path = out / f"{stem}.png"
             image.save(image_path)
@@ -150,6 +157,48 @@ def generate(
 
                 layout_name = "layout.png" if prompts is None else f"{stem}_layout.png"
                 typer.echo(f"wrote {render_layout(out / layout_name, image, layout)}")
+
+
+def _check_map_words(words: list[str], texts: list[str], prompts: Path | None) -> None:
+    """Every --maps word is in every prompt (before anything is loaded)."""
+    from attnctl.core.tokens import word_spans
+
+    for index, text in enumerate(texts):
+        missing = [w for w in words if not word_spans(text, w)]
+        if missing:
+            where = (
+                f"the prompt {text!r}" if prompts is None else f"prompt {index} of {str(prompts)!r}: {text!r}"
+            )
+            fail(f"--maps {','.join(missing)}: not a word of {where}")
+
+
+def _check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        fail(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+
+
+def _check_size(pipe: Any, **sizes: int | None) -> None:
+    """--height/--width are positive multiples of the model's size step."""
+    multiple = _size_multiple(pipe)
+    for name, value in sizes.items():
+        if value is not None and (value < 1 or value % multiple):
+            fail(
+                f"--{name} {value} is not allowed: a positive multiple of {multiple} for this model "
+                f"({type(pipe).__name__})"
+            )
+
+
+def _size_multiple(pipe: Any) -> int:
+    """The VAE's downsampling (as the pipeline's image/video processor has it, e.g. FLUX's includes
+    its 2x2 packing) times the denoiser's patch size; SD pipelines require multiples of 8 as well."""
+    factors = (
+        getattr(getattr(pipe, a, None), "config", None) for a in ("video_processor", "image_processor")
+    )
+    vae = next((f.vae_scale_factor for f in factors if getattr(f, "vae_scale_factor", None)), 8)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    patch = getattr(denoiser.config, "patch_size", None) or 1
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch  # Wan: (t, h, w)
+    return math.lcm(vae * patch, 8) if getattr(pipe, "unet", None) is not None else vae * patch
 
 
 def _layout(values: list[str]) -> Any:
@@ -192,6 +241,7 @@ def layers(
     from attnctl.core.attention import AttentionEdit
 
     pipe = _load(model)
+    _check_size(pipe, height=height, width=width)
     sizes: dict[str, tuple[int, int, int]] = {}
 
     class _Grid(AttentionEdit):

@@ -50,7 +50,7 @@ def test_generate_errors_name_the_value(tmp_path):
     result = runner.invoke(
         app, ["generate", "a cat", "--model", "tiny:sd", "--maps", "dog", "--out", str(tmp_path)]
     )
-    assert result.exit_code != 0 and "dog" in str(result.exception or result.output)
+    assert result.exit_code == 2 and "dog" in result.output
 
 
 def test_layers_lists_kinds_heads_and_map_sizes():
@@ -168,3 +168,39 @@ def test_generate_prints_only_what_it_wrote(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [f"wrote {tmp_path / 'image.png'}", f"wrote {tmp_path / 'maps.png'}"]
+
+
+def test_generate_bad_values_end_with_one_line(tmp_path, monkeypatch):
+    import attnctl.cli
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    out = str(tmp_path / "out")
+    early = (  # found before any model is loaded
+        (
+            ["a red circle", "--maps", "red,dog", "--out", out],
+            "--maps dog: not a word of the prompt 'a red circle'",
+        ),
+        (["a cat", "--out", str(a_file)], f"--out {str(a_file)!r} is a file"),
+    )
+    late = (
+        (["a cat", "--height", "-8", "--out", out], "--height -8 is not allowed: a positive multiple of 8"),
+        (["a cat", "--width", "0", "--out", out], "--width 0 is not allowed: a positive multiple of 8"),
+        (["a cat", "--height", "30", "--out", out], "--height 30 is not allowed: a positive multiple of 8"),
+        (["a cat", "--model", "tiny:wan", "--height", "24", "--out", out], "a positive multiple of 16"),
+    )
+    for args, message in (*early, *late):
+        result = runner.invoke(app, ["generate", "--model", "tiny:sd", "--steps", "1", *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and lines == [f"error: {lines[0][7:]}"] and message in lines[0], (
+            result.output
+        )
+    assert not (tmp_path / "out").exists()
+
+    def no_loading(model):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(attnctl.cli, "_load", no_loading)
+    for args, message in early:
+        result = runner.invoke(app, ["generate", *args])
+        assert result.exit_code == 2 and message in result.output
