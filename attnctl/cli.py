@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -90,7 +93,7 @@ def generate(
         None, "--guidance", help="Guidance scale (default: the pipeline's)."
     ),
     threads: int | None = typer.Option(
-        None, "--threads", help="torch threads (default: torch's own choice)."
+        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
     ),
     region: list[str] | None = typer.Option(
         None,
@@ -240,7 +243,7 @@ def layers(
     import attnctl
     from attnctl.core.attention import AttentionEdit
 
-    pipe = _load(model)
+    pipe = _load(model, "MODEL")
     _check_size(pipe, height=height, width=width)
     sizes: dict[str, tuple[int, int, int]] = {}
 
@@ -301,7 +304,7 @@ def headhunter(
         True, "--resume/--no-resume", help="Skip the candidates --out already scored."
     ),
     threads: int | None = typer.Option(
-        None, "--threads", help="torch threads (default: torch's own choice)."
+        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
     ),
 ) -> None:
     """HeadHunter: greedy search for the heads whose perturbation guides best.
@@ -319,6 +322,7 @@ def headhunter(
     if threads:
         torch.set_num_threads(threads)
     texts = search_prompts() if prompts is None else _read_prompts(prompts)
+    check_json_out(out, "--out")
     with processes() as procs:
         try:
             score = objective_from_name(objective, procs.device)
@@ -326,9 +330,7 @@ def headhunter(
                 for text in texts:  # before any generation
                     parse_caption(text)
             pipe = procs.to_device(_load(model))
-            patterns = (
-                [int(x) if x.strip().isdigit() else x.strip() for x in layers.split(",")] if layers else None
-            )
+            patterns = [int(x) if x.isdigit() else x for x in split_commas(layers)] if layers else None
             result = search(
                 pipe,
                 texts,
@@ -364,7 +366,7 @@ def _model_defaults(model: str | None) -> dict[str, Any]:
     return tiny_call_kwargs(model.removeprefix(TINY_PREFIX))
 
 
-def _load(model: str | None) -> Any:
+def _load(model: str | None, option: str = "--model") -> Any:
     from attnctl.pipelines import load_pipeline
     from attnctl.testbed import model_path
 
@@ -373,6 +375,7 @@ def _load(model: str | None) -> Any:
             "the bundled testbed model is not in this installation; pass --model with a hub id, "
             "a local folder or tiny:<family>"
         )
+    check_model(model, option)
     try:
         pipe = load_pipeline(model)
     except (OSError, ValueError) as e:
@@ -397,6 +400,43 @@ def fail(message: str) -> NoReturn:
     """A one-line error and exit status 2, as for a bad option."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def split_commas(values: str | list[Any]) -> list[str]:
+    """The items of a list-valued option: comma-separated, and for a repeatable option also repeated
+    (`--tokens 2048,4096` is `--tokens 2048 --tokens 4096`)."""
+    values = [values] if isinstance(values, str) else values
+    return [item.strip() for value in values for item in str(value).split(",") if item.strip()]
+
+
+def list_option(values: str | list[Any], convert: Callable[[str], T], option: str) -> list[T]:
+    """`split_commas` items converted to numbers (or kept as strings); a bad item ends the command
+    with one line naming it."""
+    items = split_commas(values)
+    if not items:
+        fail(f"{option} names nothing; give comma-separated values")
+    kind = {int: "integer", float: "number"}.get(convert, convert.__name__)
+    converted = []
+    for item in items:
+        try:
+            converted.append(convert(item))
+        except ValueError:
+            fail(f"{option} {item!r} is not a{'n' if kind[0] in 'aeiou' else ''} {kind}")
+    return converted
+
+
+def check_model(model: str | None, option: str = "--model") -> None:
+    """A --model that can only be a local path (not a hub id "owner/name") must exist."""
+    if model is None or Path(model).expanduser().exists():
+        return
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:
+        fail(f"{option} {model!r}: no such folder (give a local model folder, a hub id or tiny:<family>)")
+
+
+def check_json_out(path: Path | None, option: str = "--json") -> None:
+    """A report file to write must not name a folder (checked before any work)."""
+    if path is not None and path.is_dir():
+        fail(f"{option} {str(path)!r} is a folder; give a file name")
 
 
 def _first_image(result: Any) -> Any:

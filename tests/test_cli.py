@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
@@ -204,3 +206,64 @@ def test_generate_bad_values_end_with_one_line(tmp_path, monkeypatch):
     for args, message in early:
         result = runner.invoke(app, ["generate", *args])
         assert result.exit_code == 2 and message in result.output
+
+
+def test_bad_values_of_every_command_end_with_one_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for args, message in (
+        (["testbed", "eval-detector", "--n", "0"], "--n"),
+        (["testbed", "train", "--smoke", "--out", str(a_file)], "is a file"),
+        (
+            ["bench", "draft", "--json", str(tmp_path / "d.json"), "--sparsity", "1.5"],
+            "sparsity=1.5 is not allowed",
+        ),
+        (
+            ["bench", "draft", "--json", str(tmp_path / "d.json"), "--tokens", "2048,100"],
+            "tokens=100 is not allowed",
+        ),
+        (["bench", "draft", "--json", str(tmp_path / "d.json"), "--backend", "flex,nope"], "backend='nope'"),
+        (["bench", "draft", "--json", str(tmp_path / "d.json"), "--sparsity", "0.5,x"], "--sparsity 'x'"),
+        (["bench", "draft", "--json", str(tmp_path)], "is a folder"),
+        (["bench", "compose", "--method", "bogus"], "method 'bogus' is not one of"),
+        (["bench", "compose", "--sizes", "1,x"], "--sizes 'x' is not an integer"),
+        (["bench", "compose", "--json", str(tmp_path)], "is a folder"),
+        (["bench", "compose", "--model", str(tmp_path / "missing")], "no such folder"),
+        (["bench", "compose", "--steps", "0"], "--steps"),
+        (["bench", "maps", "--steps", "0"], "--steps"),
+        (["bench", "layout", "--method", ","], "--method names nothing"),
+        (["bench", "pag", "--json", str(tmp_path)], "is a folder"),
+        (["headhunter", "--out", str(tmp_path)], "is a folder"),
+        (["generate", "a cat", "--threads", "0"], "--threads"),
+        (["layers", str(tmp_path / "missing")], "MODEL"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), args
+
+
+def test_list_options_take_commas_and_repeats(tmp_path):
+    small = ["bench", "draft", "--no-e2e", "--heads", "1", "--head-dim", "8", "--repeats", "1"]
+    runs = []
+    for i, lists in enumerate(
+        (
+            ["--tokens", "2048", "--sparsity", "0.5,0.75", "--backend", "gather,dense"],
+            [
+                "--tokens",
+                "2048",
+                "--sparsity",
+                "0.5",
+                "--sparsity",
+                "0.75",
+                "--backend",
+                "gather",
+                "--backend",
+                "dense",
+            ],
+        )
+    ):
+        out = tmp_path / f"{i}.json"
+        result = runner.invoke(app, [*small, *lists, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        runs.append([(r["sparsity"], r["backend"]) for r in json.loads(out.read_text())["kernel"]["runs"]])
+    assert runs[0] == runs[1] == [(0.5, "gather"), (0.5, "dense"), (0.75, "gather"), (0.75, "dense")]

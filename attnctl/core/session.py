@@ -292,7 +292,7 @@ class Session:
         if self.prompt is None:
             raise ValueError(
                 "this control finds words in the prompt text, but the pipeline was called without "
-                "`prompt` (e.g. with prompt_embeds); pass prompt=\"...\" (the text) instead of prompt_embeds"
+                '`prompt` (e.g. with prompt_embeds); pass prompt="..." (the text) instead of prompt_embeds'
             )
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         n = max(1, len(self.cond_rows) // len(prompts))  # num_images_per_prompt
