@@ -40,3 +40,13 @@ __all__ = [
     "headhunter",
 ]
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("testbed", "tiny")  # imported on first access: `import attnctl` stays light
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Precise attention control for diffusers.")
+T = TypeVar("T")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precise attention control for diffusers.",
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
+)
 bench_app = typer.Typer(
     no_args_is_help=True, help="Performance and quality benchmarks (print and write JSON)."
 )
@@ -26,6 +35,38 @@ def _register() -> None:
     bench_app.command("draft")(draft)
     bench_app.command("pag")(pag)
     bench_app.command("layout")(layout)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from attnctl import __version__
+
+        typer.echo(f"attnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _entry(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _quiet_third_party()
+
+
+def _quiet_third_party() -> None:
+    """Commands print only what the user asked for: no diffusers/transformers notices, deprecation
+    warnings or loading bars. Only the command does this; attnctl used from Python leaves them be."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbed model)."
@@ -52,7 +93,7 @@ def generate(
         None, "--guidance", help="Guidance scale (default: the pipeline's)."
     ),
     threads: int | None = typer.Option(
-        None, "--threads", help="torch threads (default: torch's own choice)."
+        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
     ),
     region: list[str] | None = typer.Option(
         None,
@@ -81,6 +122,8 @@ def generate(
     if (prompt is None) == (prompts is None):
         fail("give one PROMPT or --prompts FILE (one prompt per line)")
     texts = [prompt] if prompts is None else _read_prompts(prompts)
+    _check_map_words(words, texts, prompts)
+    _check_out_folder(out)
     layout = _layout(region) if region else None
     digits = len(str(len(texts) - 1))
     with processes() as procs:
@@ -88,6 +131,7 @@ def generate(
         if not mine:
             return
         pipe = procs.to_device(_load(model))
+        _check_size(pipe, height=height, width=width)
         kwargs = _model_defaults(model)
         kwargs.update(num_inference_steps=steps, output_type="pil")
         for name, value in (("height", height), ("width", width), ("guidance_scale", guidance)):
@@ -98,8 +142,11 @@ def generate(
             stem = "image" if prompts is None else f"{index:0{digits}d}"
             controls = [attnctl.AttentionMaps(words)] if words else []
             controls += [layout] if layout else []
-            with attnctl.control(pipe, *controls) as ctl:
-                result = pipe(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            try:
+                with attnctl.control(pipe, *controls) as ctl:
+                    result = pipe(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+            except ValueError as e:  # e.g. a --maps word the pipeline truncates away
+                fail(str(e))
             image = _first_image(result)
             image_path = out / f"{stem}.png"
             image.save(image_path)
@@ -113,6 +160,48 @@ def generate(
 
                 layout_name = "layout.png" if prompts is None else f"{stem}_layout.png"
                 typer.echo(f"wrote {render_layout(out / layout_name, image, layout)}")
+
+
+def _check_map_words(words: list[str], texts: list[str], prompts: Path | None) -> None:
+    """Every --maps word is in every prompt (before anything is loaded)."""
+    from attnctl.core.tokens import word_spans
+
+    for index, text in enumerate(texts):
+        missing = [w for w in words if not word_spans(text, w)]
+        if missing:
+            where = (
+                f"the prompt {text!r}" if prompts is None else f"prompt {index} of {str(prompts)!r}: {text!r}"
+            )
+            fail(f"--maps {','.join(missing)}: not a word of {where}")
+
+
+def _check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        fail(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
+
+
+def _check_size(pipe: Any, **sizes: int | None) -> None:
+    """--height/--width are positive multiples of the model's size step."""
+    multiple = _size_multiple(pipe)
+    for name, value in sizes.items():
+        if value is not None and (value < 1 or value % multiple):
+            fail(
+                f"--{name} {value} is not allowed: a positive multiple of {multiple} for this model "
+                f"({type(pipe).__name__})"
+            )
+
+
+def _size_multiple(pipe: Any) -> int:
+    """The VAE's downsampling (as the pipeline's image/video processor has it, e.g. FLUX's includes
+    its 2x2 packing) times the denoiser's patch size; SD pipelines require multiples of 8 as well."""
+    factors = (
+        getattr(getattr(pipe, a, None), "config", None) for a in ("video_processor", "image_processor")
+    )
+    vae = next((f.vae_scale_factor for f in factors if getattr(f, "vae_scale_factor", None)), 8)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    patch = getattr(denoiser.config, "patch_size", None) or 1
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch  # Wan: (t, h, w)
+    return math.lcm(vae * patch, 8) if getattr(pipe, "unet", None) is not None else vae * patch
 
 
 def _layout(values: list[str]) -> Any:
@@ -154,7 +243,8 @@ def layers(
     import attnctl
     from attnctl.core.attention import AttentionEdit
 
-    pipe = _load(model)
+    pipe = _load(model, "MODEL")
+    _check_size(pipe, height=height, width=width)
     sizes: dict[str, tuple[int, int, int]] = {}
 
     class _Grid(AttentionEdit):
@@ -214,7 +304,7 @@ def headhunter(
         True, "--resume/--no-resume", help="Skip the candidates --out already scored."
     ),
     threads: int | None = typer.Option(
-        None, "--threads", help="torch threads (default: torch's own choice)."
+        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
     ),
 ) -> None:
     """HeadHunter: greedy search for the heads whose perturbation guides best.
@@ -232,6 +322,7 @@ def headhunter(
     if threads:
         torch.set_num_threads(threads)
     texts = search_prompts() if prompts is None else _read_prompts(prompts)
+    check_json_out(out, "--out")
     with processes() as procs:
         try:
             score = objective_from_name(objective, procs.device)
@@ -239,9 +330,7 @@ def headhunter(
                 for text in texts:  # before any generation
                     parse_caption(text)
             pipe = procs.to_device(_load(model))
-            patterns = (
-                [int(x) if x.strip().isdigit() else x.strip() for x in layers.split(",")] if layers else None
-            )
+            patterns = [int(x) if x.isdigit() else x for x in split_commas(layers)] if layers else None
             result = search(
                 pipe,
                 texts,
@@ -277,7 +366,7 @@ def _model_defaults(model: str | None) -> dict[str, Any]:
     return tiny_call_kwargs(model.removeprefix(TINY_PREFIX))
 
 
-def _load(model: str | None) -> Any:
+def _load(model: str | None, option: str = "--model") -> Any:
     from attnctl.pipelines import load_pipeline
     from attnctl.testbed import model_path
 
@@ -286,10 +375,13 @@ def _load(model: str | None) -> Any:
             "the bundled testbed model is not in this installation; pass --model with a hub id, "
             "a local folder or tiny:<family>"
         )
+    check_model(model, option)
     try:
-        return load_pipeline(model)
+        pipe = load_pipeline(model)
     except (OSError, ValueError) as e:
         fail(f"cannot load model {model!r}: {e}")
+    pipe.set_progress_bar_config(disable=True)  # the command prints only what it wrote
+    return pipe
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -308,6 +400,43 @@ def fail(message: str) -> NoReturn:
     """A one-line error and exit status 2, as for a bad option."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def split_commas(values: str | list[Any]) -> list[str]:
+    """The items of a list-valued option: comma-separated, and for a repeatable option also repeated
+    (`--tokens 2048,4096` is `--tokens 2048 --tokens 4096`)."""
+    values = [values] if isinstance(values, str) else values
+    return [item.strip() for value in values for item in str(value).split(",") if item.strip()]
+
+
+def list_option(values: str | list[Any], convert: Callable[[str], T], option: str) -> list[T]:
+    """`split_commas` items converted to numbers (or kept as strings); a bad item ends the command
+    with one line naming it."""
+    items = split_commas(values)
+    if not items:
+        fail(f"{option} names nothing; give comma-separated values")
+    kind = {int: "integer", float: "number"}.get(convert, convert.__name__)
+    converted = []
+    for item in items:
+        try:
+            converted.append(convert(item))
+        except ValueError:
+            fail(f"{option} {item!r} is not a{'n' if kind[0] in 'aeiou' else ''} {kind}")
+    return converted
+
+
+def check_model(model: str | None, option: str = "--model") -> None:
+    """A --model that can only be a local path (not a hub id "owner/name") must exist."""
+    if model is None or Path(model).expanduser().exists():
+        return
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model:
+        fail(f"{option} {model!r}: no such folder (give a local model folder, a hub id or tiny:<family>)")
+
+
+def check_json_out(path: Path | None, option: str = "--json") -> None:
+    """A report file to write must not name a folder (checked before any work)."""
+    if path is not None and path.is_dir():
+        fail(f"{option} {str(path)!r} is a folder; give a file name")
 
 
 def _first_image(result: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
@@ -50,7 +52,7 @@ def test_generate_errors_name_the_value(tmp_path):
     result = runner.invoke(
         app, ["generate", "a cat", "--model", "tiny:sd", "--maps", "dog", "--out", str(tmp_path)]
     )
-    assert result.exit_code != 0 and "dog" in str(result.exception or result.output)
+    assert result.exit_code == 2 and "dog" in result.output
 
 
 def test_layers_lists_kinds_heads_and_map_sizes():
@@ -149,3 +151,119 @@ def test_bench_bad_values_end_with_one_line():
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_version_and_short_help_everywhere():
+    import attnctl
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"attnctl {attnctl.__version__}"
+    for args in ([], ["generate"], ["bench"], ["bench", "draft"], ["testbed"], ["testbed", "eval-detector"]):
+        result = runner.invoke(app, [*args, "-h"])
+        assert result.exit_code == 0 and "Usage: " in result.output, args
+
+
+def test_generate_prints_only_what_it_wrote(tmp_path):
+    result = runner.invoke(
+        app,
+        ["generate", "a cat", "--model", "tiny:sd", "--steps", "2", "--maps", "cat", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"wrote {tmp_path / 'image.png'}", f"wrote {tmp_path / 'maps.png'}"]
+
+
+def test_generate_bad_values_end_with_one_line(tmp_path, monkeypatch):
+    import attnctl.cli
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    out = str(tmp_path / "out")
+    early = (  # found before any model is loaded
+        (
+            ["a red circle", "--maps", "red,dog", "--out", out],
+            "--maps dog: not a word of the prompt 'a red circle'",
+        ),
+        (["a cat", "--out", str(a_file)], f"--out {str(a_file)!r} is a file"),
+    )
+    late = (
+        (["a cat", "--height", "-8", "--out", out], "--height -8 is not allowed: a positive multiple of 8"),
+        (["a cat", "--width", "0", "--out", out], "--width 0 is not allowed: a positive multiple of 8"),
+        (["a cat", "--height", "30", "--out", out], "--height 30 is not allowed: a positive multiple of 8"),
+        (["a cat", "--model", "tiny:wan", "--height", "24", "--out", out], "a positive multiple of 16"),
+    )
+    for args, message in (*early, *late):
+        result = runner.invoke(app, ["generate", "--model", "tiny:sd", "--steps", "1", *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and lines == [f"error: {lines[0][7:]}"] and message in lines[0], (
+            result.output
+        )
+    assert not (tmp_path / "out").exists()
+
+    def no_loading(model):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(attnctl.cli, "_load", no_loading)
+    for args, message in early:
+        result = runner.invoke(app, ["generate", *args])
+        assert result.exit_code == 2 and message in result.output
+
+
+def test_bad_values_of_every_command_end_with_one_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for args, message in (
+        (["testbed", "eval-detector", "--n", "0"], "--n"),
+        (["testbed", "train", "--smoke", "--out", str(a_file)], "is a file"),
+        (
+            ["bench", "draft", "--json", str(tmp_path / "d.json"), "--sparsity", "1.5"],
+            "sparsity=1.5 is not allowed",
+        ),
+        (
+            ["bench", "draft", "--json", str(tmp_path / "d.json"), "--tokens", "2048,100"],
+            "tokens=100 is not allowed",
+        ),
+        (["bench", "draft", "--json", str(tmp_path / "d.json"), "--backend", "flex,nope"], "backend='nope'"),
+        (["bench", "draft", "--json", str(tmp_path / "d.json"), "--sparsity", "0.5,x"], "--sparsity 'x'"),
+        (["bench", "draft", "--json", str(tmp_path)], "is a folder"),
+        (["bench", "compose", "--method", "bogus"], "method 'bogus' is not one of"),
+        (["bench", "compose", "--sizes", "1,x"], "--sizes 'x' is not an integer"),
+        (["bench", "compose", "--json", str(tmp_path)], "is a folder"),
+        (["bench", "compose", "--model", str(tmp_path / "missing")], "no such folder"),
+        (["bench", "compose", "--steps", "0"], "--steps"),
+        (["bench", "maps", "--steps", "0"], "--steps"),
+        (["bench", "layout", "--method", ","], "--method names nothing"),
+        (["bench", "pag", "--json", str(tmp_path)], "is a folder"),
+        (["headhunter", "--out", str(tmp_path)], "is a folder"),
+        (["generate", "a cat", "--threads", "0"], "--threads"),
+        (["layers", str(tmp_path / "missing")], "MODEL"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), args
+
+
+def test_list_options_take_commas_and_repeats(tmp_path):
+    small = ["bench", "draft", "--no-e2e", "--heads", "1", "--head-dim", "8", "--repeats", "1"]
+    runs = []
+    for i, lists in enumerate(
+        (
+            ["--tokens", "2048", "--sparsity", "0.5,0.75", "--backend", "gather,dense"],
+            [
+                "--tokens",
+                "2048",
+                "--sparsity",
+                "0.5",
+                "--sparsity",
+                "0.75",
+                "--backend",
+                "gather",
+                "--backend",
+                "dense",
+            ],
+        )
+    ):
+        out = tmp_path / f"{i}.json"
+        result = runner.invoke(app, [*small, *lists, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        runs.append([(r["sparsity"], r["backend"]) for r in json.loads(out.read_text())["kernel"]["runs"]])
+    assert runs[0] == runs[1] == [(0.5, "gather"), (0.5, "dense"), (0.75, "gather"), (0.75, "dense")]

@@ -88,6 +88,7 @@ class Session:
 
     # ---- installing -------------------------------------------------------------------------
     def install(self, controls: tuple[Control, ...]) -> None:
+        self._check_not_controlled()
         self.controls = list(controls)
         for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
             self._snapshot_backends(denoiser)
@@ -95,6 +96,20 @@ class Session:
         self._wrap_method(self.pipe, "encode_prompt", self._on_encode_prompt)
         for c in controls:
             c.install(self)
+
+    def _check_not_controlled(self) -> None:
+        """One session per pipeline: a second one would stack hooks and processors on the first's,
+        and its exit could not restore them in order. Checked before anything is installed."""
+        for denoiser in self.denoisers:
+            registry = getattr(denoiser, "_diffusers_hook", None)
+            hooked = registry is not None and HOOK_NAME in getattr(registry, "hooks", {})
+            swapped = any(isinstance(p, AttnctlProcessor) for p in denoiser.attn_processors.values())
+            if hooked or swapped:
+                raise ValueError(
+                    f"attnctl.control: this {type(self.pipe).__name__} is already inside an attnctl.control "
+                    "block (or a *ControlPipeline call); give all controls to one control(pipe, *controls) "
+                    "instead of nesting them"
+                )
 
     def select(
         self, layers: Any = None, kinds: tuple[str, ...] | None = None, heads: Any = None
@@ -297,8 +312,8 @@ class Session:
         """The prompt of each conditional image, in batch order of the conditional rows."""
         if self.prompt is None:
             raise ValueError(
-                "this control needs the prompt text, but the pipeline was called without `prompt` "
-                "(e.g. with prompt_embeds); pass the prompt as text"
+                "this control finds words in the prompt text, but the pipeline was called without "
+                '`prompt` (e.g. with prompt_embeds); pass prompt="..." (the text) instead of prompt_embeds'
             )
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
         n = max(1, len(self.cond_rows) // len(prompts))  # num_images_per_prompt

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["TokenNotFoundError", "TokenTruncatedError", "prompt_tokens", "token_positions"]
+__all__ = ["TokenNotFoundError", "TokenTruncatedError", "prompt_tokens", "token_positions", "word_spans"]
 
 # transformers' "no limit" model_max_length is a huge sentinel; anything above this is no limit.
 _NO_LIMIT = 10**9
@@ -62,9 +62,7 @@ def token_positions(
             raise ValueError(f"template must contain exactly one '{{}}' placeholder, got {template!r}")
         head, _, tail = template.partition("{}")
 
-    # Whole words: no letter/digit/underscore right before or after; any whitespace inside a phrase.
-    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, parts)) + r"(?!\w)", re.IGNORECASE)
-    matches = [(len(head) + m.start(), len(head) + m.end()) for m in pattern.finditer(prompt)]
+    matches = [(len(head) + start, len(head) + end) for start, end in word_spans(prompt, word)]
     if not matches:
         raise TokenNotFoundError(f"{word!r} is not in the prompt; {_listing(tokenizer, prompt)}")
     if not -len(matches) <= occurrence < len(matches):
@@ -95,6 +93,17 @@ def token_positions(
                 f"the first {limit} tokens; {_listing(tokenizer, prompt)}"
             )
     return positions
+
+
+def word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
+    """Character spans of `word` (or a phrase) in `prompt`: whole words, case-insensitive, any
+    whitespace inside a phrase. What `token_positions` matches tokens to; no tokenizer needed."""
+    parts = word.split()
+    if not parts:
+        return []
+    # Whole words: no letter/digit/underscore right before or after.
+    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, parts)) + r"(?!\w)", re.IGNORECASE)
+    return [(m.start(), m.end()) for m in pattern.finditer(prompt)]
 
 
 def prompt_tokens(tokenizer: Any, prompt: str) -> list[str]:

@@ -100,6 +100,7 @@ class FamilyAdapter:
     # Denoiser class names this adapter accepts (names, so that optional classes need no import).
     denoisers: tuple[str, ...] = ()
     latent_arg = "hidden_states"  # the denoiser's keyword for its latent input
+    video = False  # whether the denoiser makes videos (frames > 1 in the token grid)
 
     def matches(self, denoiser: torch.nn.Module) -> bool:
         return type(denoiser).__name__ in self.denoisers

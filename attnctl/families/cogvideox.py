@@ -20,6 +20,7 @@ from .wan import check_grid
 class CogVideoXAdapter(FamilyAdapter):
     name = "cogvideox"
     denoisers = ("CogVideoXTransformer3DModel",)
+    video = True
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []

@@ -33,6 +33,7 @@ DEFAULT_TEXT_LEN = 256
 class HunyuanVideoAdapter(FamilyAdapter):
     name = "hunyuanvideo"
     denoisers = ("HunyuanVideoTransformer3DModel",)
+    video = True
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []

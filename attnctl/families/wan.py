@@ -29,6 +29,7 @@ WAN_TEXT_CONTEXT = 512
 class WanAdapter(FamilyAdapter):
     name = "wan"
     denoisers = ("WanTransformer3DModel",)
+    video = True
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from attnctl.kernels.draft import DraftLayout, _select_blocks, draft_attention
+from attnctl.kernels.draft import BACKENDS, DraftLayout, _check_sparsity, _select_blocks, draft_attention
 from attnctl.kernels.sparse import SparsePlan
 
 FRAME = (32, 64)  # tokens per frame (rows, columns) in the benchmark video: 2,048 tokens
@@ -56,6 +56,7 @@ def run_kernel_bench(
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats!r} is not allowed: an integer >= 1")
+    _check_cases(tokens, sparsities, backends)
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -97,10 +98,6 @@ def _run(
     }
     echo(f"progress (final table at the end):\n{_HEADER}")
     for n in tokens:
-        if n % (rows * cols):
-            raise ValueError(
-                f"tokens={n!r} is not allowed: a multiple of {rows * cols} (frames of {rows}x{cols})"
-            )
         frames = n // (rows * cols)
         shape = {"frames": frames, "height": rows, "width": cols, "pool": tuple(pool)}
         q, k, v = _video_qkv(frames, rows, cols, heads, head_dim, seed)
@@ -116,16 +113,35 @@ def _run(
     return results
 
 
+def _check_cases(tokens: Sequence[int], sparsities: Sequence[float], backends: Sequence[str]) -> None:
+    """Every case is valid, before anything is timed or printed."""
+    rows, cols = FRAME
+    for n in tokens:
+        if not isinstance(n, int) or n < 1 or n % (rows * cols):
+            raise ValueError(
+                f"tokens={n!r} is not allowed: a positive multiple of {rows * cols} (frames of {rows}x{cols})"
+            )
+    for sparsity in sparsities:
+        _check_sparsity(sparsity)
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not allowed: one of {', '.join(BACKENDS)}")
+
+
 def draft(
     json_out: Path = typer.Option(..., "--json", help="Write the results here as JSON."),
-    tokens: list[int] = typer.Option(
-        [16384, 32768], "--tokens", help="Sequence lengths (multiples of 2048)."
+    tokens: list[str] = typer.Option(
+        ["16384,32768"], "--tokens", help="Sequence lengths (multiples of 2048), comma-separated or repeated."
     ),
-    sparsity: list[float] = typer.Option([0.5, 0.75, 0.9], "--sparsity", help="Fractions of blocks dropped."),
+    sparsity: list[str] = typer.Option(
+        ["0.5,0.75,0.9"], "--sparsity", help="Fractions of blocks dropped, comma-separated or repeated."
+    ),
     heads: int = typer.Option(8, "--heads", min=1),
     head_dim: int = typer.Option(64, "--head-dim", min=1),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Back-to-back dense and sparse runs per case."),
-    backend: list[str] = typer.Option(["flex", "gather"], "--backend", help="Sparse backends to time."),
+    backend: list[str] = typer.Option(
+        ["flex,gather"], "--backend", help="Sparse backends to time, comma-separated or repeated."
+    ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
     kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the kernel part."),
     e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end Wan pipeline part."),
@@ -138,6 +154,16 @@ def draft(
 ) -> dict[str, Any]:
     """DraftAttention benchmark: kernels (dense SDPA vs block-sparse backends) and a Wan pipeline end to
     end (dense vs DraftAttention(0.9)); prints tables, writes JSON."""
+    from attnctl.cli import check_json_out, fail, list_option
+
+    check_json_out(json_out)
+    cases = dict(
+        tokens=list_option(tokens, int, "--tokens"),
+        sparsities=list_option(sparsity, float, "--sparsity"),
+        backends=list_option(backend, str, "--backend"),
+    )
+    if e2e and e2e_size % 16:
+        fail(f"--e2e-size {e2e_size} is not allowed: a multiple of 16 (Wan's VAE and patch size)")
     results: dict[str, Any] = {}
     saved_threads = torch.get_num_threads()
     if threads is not None:
@@ -145,18 +171,14 @@ def draft(
     try:
         if kernel:
             results["kernel"] = run_kernel_bench(
-                tokens=tokens,
-                sparsities=sparsity,
-                heads=heads,
-                head_dim=head_dim,
-                repeats=repeats,
-                backends=backend,
-                echo=typer.echo,
+                **cases, heads=heads, head_dim=head_dim, repeats=repeats, echo=typer.echo
             )
         if e2e:
             results["end_to_end"] = run_pipeline_bench(
                 frames=e2e_frames, size=e2e_size, steps=e2e_steps, num_layers=e2e_layers, echo=typer.echo
             )
+    except ValueError as e:
+        fail(str(e))
     finally:
         torch.set_num_threads(saved_threads)
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -118,20 +118,19 @@ def pag(
     samples: int = typer.Option(8, help="Pairs (CFG, CFG + SoftPAG) timed back to back per model."),
     batch: str = typer.Option("auto", help="SoftPAG's batch mode: auto (one batched forward) or split."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report here."),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's own choice)."),
 ) -> None:
     """Cost of CFG + SoftPAG over CFG alone, seconds per image (median of back-to-back pairs)."""
     import torch
 
+    from ..cli import check_json_out, fail, split_commas
+
+    check_json_out(json_out)
     if threads:
         torch.set_num_threads(threads)
     try:
-        run_pag(
-            tuple(m.strip() for m in models.split(",") if m.strip()), samples, batch, json_out, typer.echo
-        )
+        run_pag(tuple(split_commas(models)), samples, batch, json_out, typer.echo)
     except ValueError as e:
-        from ..cli import fail
-
         fail(str(e))
     if json_out:
         typer.echo(f"wrote {json_out}")

@@ -63,7 +63,13 @@ class _Recorder(AttentionEdit):
 
     def _positions(self, session: Any) -> dict[str, list[list[int]]]:
         """Per word, its text positions in each conditional row."""
-        words = self.spec.words(session.prompts()[0])
+        prompt = session.prompts()[0]
+        words = self.spec.words(prompt)
+        if not words:
+            raise ValueError(
+                f"AttentionMaps(tokens=None) records every word of the prompt, but the prompt {prompt!r} "
+                "has no words; give a prompt with words, or the words to record as tokens=[...]"
+            )
         return {w: session.text_positions(w, self.spec.occurrence) for w in words}
 
     def observe(self, call: AttentionCall) -> None:

@@ -21,19 +21,23 @@ def train(
     out: Path = typer.Option(
         Path("testbed-run"), help="Run folder: checkpoints/, model/, resumed if present."
     ),
-    seed: int = typer.Option(0, help="Seed for data, initialisation, batches and noise."),
+    seed: int = typer.Option(0, min=0, help="Seed for data, initialisation, batches and noise."),
     smoke: bool = typer.Option(False, help="A few steps of every stage (seconds); for tests."),
-    vae_steps: int | None = typer.Option(None, help="Override the VAE stage's steps."),
+    vae_steps: int | None = typer.Option(None, min=1, help="Override the VAE stage's steps."),
     unet_steps: int | None = typer.Option(
-        None, help="Override the UNet stage's steps (export early: a smaller value)."
+        None, min=1, help="Override the UNet stage's steps (export early: a smaller value)."
     ),
-    threads: int = typer.Option(2, help="torch threads; 1 is faster on a heavily shared CPU."),
+    threads: int = typer.Option(2, min=1, help="torch threads; 1 is faster on a heavily shared CPU."),
     ship: bool = typer.Option(False, help="Copy the trained model into the package (the bundled model)."),
 ) -> None:
     """Train the shapes model from scratch (or resume), then save it as a StableDiffusionPipeline."""
+    from ..cli import fail
     from . import model_path
     from .train import TrainConfig
     from .train import train as run_training
+
+    if out.exists() and not out.is_dir():
+        fail(f"--out {str(out)!r} is a file; give a run folder (it is created if missing)")
 
     config = TrainConfig.smoke() if smoke else TrainConfig()
     config = replace(config, seed=seed)
@@ -51,8 +55,8 @@ def train(
 
 @testbed_app.command("eval-detector")
 def eval_detector(
-    n: int = typer.Option(500, help="Number of held-out ground-truth renders."),
-    seed: int | None = typer.Option(None, help="Render seed (default: the detector's held-out seed)."),
+    n: int = typer.Option(500, min=1, help="Number of held-out ground-truth renders."),
+    seed: int | None = typer.Option(None, min=0, help="Render seed (default: the detector's held-out seed)."),
 ) -> None:
     """Detector accuracy on ground-truth renders from a seed training never uses."""
     from .detector import DETECTOR_EVAL_SEED, evaluate
@@ -75,9 +79,9 @@ def compose(
     seeds: int = typer.Option(4, help="Seeds per prompt."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (summary + records) here."),
     model: str | None = typer.Option(None, help="Pipeline folder (default: the bundled shapes model)."),
-    steps: int = typer.Option(25, help="Denoising steps."),
+    steps: int = typer.Option(25, min=1, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's own choice)."),
     quiet: bool = typer.Option(False, help="Print only the summary table."),
 ) -> None:
     """Compositional benchmark: object presence, all present, attribute binding, seconds/image (95% CIs).
@@ -86,20 +90,19 @@ def compose(
     the main process writes the report."""
     import torch
 
-    from ..cli import fail
+    from ..cli import check_json_out, check_model, fail, list_option
     from ..headhunter.distributed import processes
     from .bench import format_table, run_compose
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        counts = tuple(int(x) for x in sizes.split(","))
-    except ValueError as e:
-        raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (1, 2, 3)") from e
+    counts = tuple(list_option(sizes, int, "--sizes"))
+    check_json_out(json_out)
+    check_model(model)
     with processes() as procs:
         try:
             report = run_compose(
-                method,
+                list_option(method, str, "--method"),
                 prompts,
                 seeds,
                 sizes=counts,
@@ -124,24 +127,22 @@ def maps(
     seeds: int = typer.Option(2, help="Seeds per prompt."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (summary + records) here."),
     model: str | None = typer.Option(None, help="Pipeline folder (default: the bundled shapes model)."),
-    steps: int = typer.Option(25, help="Denoising steps."),
+    steps: int = typer.Option(25, min=1, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's own choice)."),
     quiet: bool = typer.Option(False, help="Print only the summary table."),
 ) -> None:
     """Localisation benchmark: median in-box ratio of colour and shape words' attention, per layer."""
     import torch
 
+    from ..cli import check_json_out, check_model, fail, list_option
     from .localisation import format_maps, run_maps
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        counts = tuple(int(x) for x in sizes.split(","))
-    except ValueError as e:
-        raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (2, 3)") from e
-    from ..cli import fail
-
+    counts = tuple(list_option(sizes, int, "--sizes"))
+    check_json_out(json_out)
+    check_model(model)
     try:
         report = run_maps(
             prompts,
@@ -172,27 +173,25 @@ def layout(
     seeds: int = typer.Option(10, help="Seeds per prompt; each seed also draws the boxes."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report (summary + records) here."),
     model: str | None = typer.Option(None, help="Pipeline folder (default: the bundled shapes model)."),
-    steps: int = typer.Option(25, help="Denoising steps."),
+    steps: int = typer.Option(25, min=1, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's own choice)."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's own choice)."),
     quiet: bool = typer.Option(False, help="Print only the summary table."),
 ) -> None:
     """Placement benchmark: objects in their boxes (IoU >= 0.5), mIoU, all present, binding, s/image."""
     import torch
 
+    from ..cli import check_json_out, check_model, fail, list_option
     from .placement import format_placement, run_placement
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        counts = tuple(int(x) for x in sizes.split(","))
-    except ValueError as e:
-        raise typer.BadParameter(f"{sizes!r} is not comma-separated object counts (2, 3)") from e
-    from ..cli import fail
-
+    counts = tuple(list_option(sizes, int, "--sizes"))
+    check_json_out(json_out)
+    check_model(model)
     try:
         report = run_placement(
-            method,
+            list_option(method, str, "--method"),
             prompts,
             seeds,
             sizes=counts,
