@@ -101,6 +101,12 @@ def generate(
         help='A box and its prompt, "x0,y0,x1,y1:sub-prompt" (normalised, 0-1, origin top left); '
         "repeatable. Writes layout.png: the image and its boxes side by side.",
     ),
+    controls_file: Path | None = typer.Option(
+        None,
+        "--controls",
+        help="A controls JSON file: a list of control dicts as to_dict() writes them (the web demo's "
+        "'controls JSON'), applied with --maps and --region.",
+    ),
 ) -> None:
     """Generate an image (and a heatmap grid of --maps words, the --region layout) into --out.
 
@@ -125,6 +131,9 @@ def generate(
     _check_map_words(words, texts, prompts)
     _check_out_folder(out)
     layout = _layout(region) if region else None
+    controls = [attnctl.AttentionMaps(words)] if words else []
+    controls += [layout] if layout else []
+    controls += read_controls(controls_file) if controls_file else []
     digits = len(str(len(texts) - 1))
     with processes() as procs:
         mine = procs.shard(list(enumerate(texts)))
@@ -132,34 +141,77 @@ def generate(
             return
         pipe = procs.to_device(_load(model))
         _check_size(pipe, height=height, width=width)
-        kwargs = _model_defaults(model)
-        kwargs.update(num_inference_steps=steps, output_type="pil")
+        from attnctl.pipelines import call_defaults
+
+        kwargs = call_defaults(model)
         for name, value in (("height", height), ("width", width), ("guidance_scale", guidance)):
             if value is not None:
                 kwargs[name] = value
         out.mkdir(parents=True, exist_ok=True)
         for index, text in mine:
             stem = "image" if prompts is None else f"{index:0{digits}d}"
-            controls = [attnctl.AttentionMaps(words)] if words else []
-            controls += [layout] if layout else []
             try:
-                with attnctl.control(pipe, *controls) as ctl:
-                    result = pipe(text, generator=torch.Generator().manual_seed(seed), **kwargs)
+                result = attnctl.generate(pipe, text, controls, seed=seed, steps=steps, **kwargs)
             except ValueError as e:  # e.g. a --maps word the pipeline truncates away
                 fail(str(e))
-            image = _first_image(result)
-            image_path = out / f"{stem}.png"
-            image.save(image_path)
-            typer.echo(f"wrote {image_path}")
-            if words:
-                maps_name = "maps.png" if prompts is None else f"{stem}_maps.png"
-                grid = ctl.maps.save_grid(out / maps_name, image, words)
-                typer.echo(f"wrote {grid}")
-            if layout:
-                from attnctl.processors.layout import render_layout
+            names = (
+                ("image", "maps", "layout") if prompts is None else (stem, f"{stem}_maps", f"{stem}_layout")
+            )
+            images = (result.image, result.heatmaps(words or None), result.layout_image())
+            for name, image in zip(names, images, strict=True):
+                if image is not None:
+                    image.save(out / f"{name}.png")
+                    typer.echo(f"wrote {out / f'{name}.png'}")
 
-                layout_name = "layout.png" if prompts is None else f"{stem}_layout.png"
-                typer.echo(f"wrote {render_layout(out / layout_name, image, layout)}")
+
+def read_controls(path: Path) -> list[Any]:
+    """The controls of a controls JSON file; a bad file or control ends with one error line."""
+    from attnctl.core.controls import Control
+
+    try:
+        return Control.list_from_json(path.read_text())
+    except OSError as e:
+        fail(f"cannot read controls file {str(path)!r}: {e.strerror}")
+    except ValueError as e:
+        fail(f"controls file {str(path)!r}: {e}")
+
+
+@app.command()
+def ui(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (loopback by default)."),
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port (default: 7860, or the next free one)."
+    ),
+    controls_file: Path | None = typer.Option(
+        None, "--controls", help="A controls JSON file the page opens with (a saved config)."
+    ),
+    prompt: str = typer.Option(
+        "a red circle and a blue square", "--prompt", help="The prompt the page opens with."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
+    ),
+) -> None:
+    """Serve the web demo (Gradio, in the package's ui extra).
+
+    Never a share link, analytics off. Its `generate` endpoint takes (prompt, controls JSON, seed, steps) for gradio_client."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        fail("the web demo needs Gradio, in attnctl's ui extra: pip install -e '.[ui]' in a clone")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    controls = read_controls(controls_file) if controls_file else []
+    from attnctl.ui import launch
+
+    pipe = _load(model)
+    try:
+        launch(model, pipe=pipe, host=host, port=port, prompt=prompt, controls=controls)
+    except OSError as e:  # e.g. the port is taken
+        fail(f"cannot serve on {host}:{port or 7860}: {e}")
 
 
 def _check_map_words(words: list[str], texts: list[str], prompts: Path | None) -> None:
@@ -252,7 +304,9 @@ def layers(
             layout = call.layout
             sizes[call.layer.name] = (layout.frames, layout.height, layout.width)
 
-    kwargs = _model_defaults(model)
+    from attnctl.pipelines import call_defaults
+
+    kwargs = call_defaults(model)
     kwargs.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
     kwargs.update(num_inference_steps=1, output_type="latent")
     with attnctl.control(pipe) as ctl:
@@ -317,6 +371,7 @@ def headhunter(
     import torch
 
     from attnctl.headhunter import candidate_heads, objective_from_name, processes, search, testbed
+    from attnctl.pipelines import call_defaults
     from attnctl.testbed.data import parse_caption, search_prompts
 
     if threads:
@@ -344,7 +399,7 @@ def headhunter(
                 guidance_scale=guidance,
                 steps=steps,
                 batch_size=batch_size,
-                call_kwargs=_model_defaults(model),
+                call_kwargs=call_defaults(model),
                 out=out,
                 resume=resume,
             )
@@ -353,17 +408,6 @@ def headhunter(
         if procs.is_main:
             typer.echo("selected: " + ", ".join(result["selected"]))
             typer.echo(f"wrote {out}")
-
-
-def _model_defaults(model: str | None) -> dict[str, Any]:
-    """Call arguments a model needs beyond the pipeline's defaults: tiny models run at tiny sizes."""
-    from attnctl.pipelines import TINY_PREFIX
-
-    if model is None or not model.startswith(TINY_PREFIX):
-        return {}
-    from attnctl.tiny import tiny_call_kwargs
-
-    return tiny_call_kwargs(model.removeprefix(TINY_PREFIX))
 
 
 def _load(model: str | None, option: str = "--model") -> Any:
@@ -437,18 +481,6 @@ def check_json_out(path: Path | None, option: str = "--json") -> None:
     """A report file to write must not name a folder (checked before any work)."""
     if path is not None and path.is_dir():
         fail(f"{option} {str(path)!r} is a folder; give a file name")
-
-
-def _first_image(result: Any) -> Any:
-    from PIL import Image
-
-    from attnctl.processors.maps import _to_pil
-
-    images = getattr(result, "images", None)
-    if images is None:
-        images = result.frames[0]  # video pipelines: the first video's frames
-    first = images[0]
-    return first if isinstance(first, Image.Image) else _to_pil(first)
 
 
 _register()

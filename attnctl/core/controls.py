@@ -140,6 +140,7 @@ class Control:
     what a rule cannot say (e.g. a field that depends on another)."""
 
     kind: ClassVar[str] = ""
+    video_only: ClassVar[bool] = False  # acts on video models only (the demo shows it for those)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

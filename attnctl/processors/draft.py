@@ -9,7 +9,7 @@ dense (paper: the first 25% of steps and the first block).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,6 +32,8 @@ class DraftAttention(Control):
     backend: "auto" (the fastest that works here), "flex", "flex_eager", "gather" or "dense".
     layers: restrict to these layer paths/block indices (None: every video self/joint layer).
     """
+
+    video_only: ClassVar[bool] = True
 
     sparsity: float = param(
         0.9, low=0, high=1, high_open=True, help="Fraction of blocks skipped per head (0: dense)."

@@ -10,16 +10,24 @@ __all__ = ["CSS", "TITLE", "build_app", "launch"]
 
 
 def launch(
-    model: str | None = None, *, host: str = "127.0.0.1", port: int | None = None, block: bool = True
+    model: str | None = None,
+    *,
+    pipe: Any = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    block: bool = True,
+    **options: Any,
 ) -> Any:
-    """Load `model` (None: the bundled testbed model) and serve the demo on `host:port`, on
-    loopback by default, never through a share link, analytics off. With block=False it returns
-    the running app (`app.local_url`, `app.close()`)."""
-    from ..pipelines import call_defaults, load_pipeline
+    """Serve the demo of `model` (None: the bundled testbed model; or an already loaded `pipe`) on
+    `host:port`: loopback by default, never a share link, analytics off. `options` go to
+    `build_app` (prompt, controls). With block=False it returns the running app (`app.local_url`,
+    `app.close()`)."""
+    from ..pipelines import TINY_PREFIX, call_defaults, load_pipeline
 
-    pipe = load_pipeline(model)
-    steps = 2 if model is not None and str(model).startswith("tiny:") else 25
-    app = build_app(pipe, model=model, call_kwargs=call_defaults(model), steps=steps)
+    if pipe is None:
+        pipe = load_pipeline(model)
+    steps = 2 if model is not None and str(model).startswith(TINY_PREFIX) else 25
+    app = build_app(pipe, model=model, call_kwargs=call_defaults(model), steps=steps, **options)
     app.launch(
         server_name=host,
         server_port=port,

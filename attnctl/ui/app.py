@@ -19,9 +19,6 @@ from ..core.controls import _REGISTRY, Control, FieldSpec
 from ..pipelines.generate import generate
 
 TITLE = "attnctl — attention control for diffusers"
-VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
-# controls that act on video self-attention only (their panel is shown for video models)
-VIDEO_ONLY = ("DraftAttention",)
 # small images (the testbed draws 32 px) are shown enlarged, pixel for pixel; pass to launch(css=CSS)
 CSS = """
 #controlled img, #baseline img, #layout img, #video img {
@@ -210,8 +207,8 @@ def build_app(
 
     call_kwargs = dict(call_kwargs or {})
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    family = adapter_for(denoiser).name
-    video = family in VIDEO_FAMILIES
+    adapter = adapter_for(denoiser)
+    family, video = adapter.name, adapter.video
     height, width = _default_size(pipe, call_kwargs)
     opening = {c.kind: c for c in controls or []}
     lock = threading.Lock()  # one generation at a time on the pipeline, whatever the queue does
@@ -269,7 +266,7 @@ def build_app(
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 panels = []
                 for cls in panel_controls():
-                    visible = video or cls.kind not in VIDEO_ONLY
+                    visible = video or not cls.video_only
                     with gr.Accordion(cls.kind, open=False, visible=visible):
                         gr.Markdown((cls.__doc__ or "").strip().split("\n\n")[0])
                         given = opening.get(cls.kind)
