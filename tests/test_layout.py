@@ -109,7 +109,7 @@ def test_region_and_layout_validation():
     with pytest.raises(ValueError, match="base_outside="):
         attnctl.Layout(_regions(), mode="mask_and_sum", base_outside="other_regions")
     with pytest.raises(ValueError, match="sub_prompts="):
-        attnctl.Layout(_regions(), sub_prompts=False)
+        attnctl.Layout(_regions(), sub_prompts=False, base_outside="all")
     with pytest.raises(ValueError, match="base_prompt_weight="):
         attnctl.Layout(_regions(), base_prompt_weight=1.5)
     with pytest.raises(ValueError, match="WanPipeline"):
@@ -178,8 +178,12 @@ def test_one_box_over_the_whole_image_is_plain_cross_attention(sd):
 def test_outside_every_box_region_prompts_contribute_exactly_zero(family):
     pipe = tiny_pipeline(family)
     regions = [attnctl.Region((0.0, 0.0, 0.5, 0.5), "a cat")]
-    call, a = _first_call(pipe, family, [attnctl.Layout(regions)])
-    _, b = _first_call(pipe, family, [attnctl.Layout([attnctl.Region((0.0, 0.0, 0.5, 0.5), "a green frog")])])
+    call, a = _first_call(pipe, family, [attnctl.Layout(regions, base_outside="all")])
+    _, b = _first_call(
+        pipe,
+        family,
+        [attnctl.Layout([attnctl.Region((0.0, 0.0, 0.5, 0.5), "a green frog")], base_outside="all")],
+    )
     lay = call.layout
     cells = box_cells(regions[0].box, lay.height, lay.width)
     image = torch.arange(lay.image_q.start, lay.image_q.stop)
@@ -191,7 +195,7 @@ def test_outside_every_box_region_prompts_contribute_exactly_zero(family):
 
 def test_unconditional_rows_are_untouched(sd):
     _, base = _first_call(sd, "sd", [attnctl.AttentionMaps(["cat"])])
-    call, out = _first_call(sd, "sd", [attnctl.Layout(_regions())])
+    call, out = _first_call(sd, "sd", [attnctl.Layout(_regions(), base_outside="all")])
     uncond = list(call.rows.uncond)
     assert uncond and torch.equal(out[uncond], base[uncond])
 
@@ -199,9 +203,9 @@ def test_unconditional_rows_are_untouched(sd):
 def test_priority_decides_the_overlap(sd):
     wide = attnctl.Region((0.0, 0.0, 0.75, 1.0), "a cat", priority=1)
     narrow = attnctl.Region((0.25, 0.0, 1.0, 1.0), "a frog")
-    call, both = _first_call(sd, "sd", [attnctl.Layout([wide, narrow])])
-    _, wide_only = _first_call(sd, "sd", [attnctl.Layout([wide])])
-    _, narrow_only = _first_call(sd, "sd", [attnctl.Layout([narrow])])
+    call, both = _first_call(sd, "sd", [attnctl.Layout([wide, narrow], base_outside="all")])
+    _, wide_only = _first_call(sd, "sd", [attnctl.Layout([wide], base_outside="all")])
+    _, narrow_only = _first_call(sd, "sd", [attnctl.Layout([narrow], base_outside="all")])
     lay = call.layout
     overlap = box_cells(wide.box, lay.height, lay.width) & box_cells(narrow.box, lay.height, lay.width)
     right = box_cells(narrow.box, lay.height, lay.width) & ~overlap
@@ -210,7 +214,9 @@ def test_priority_decides_the_overlap(sd):
     assert torch.allclose(both[cond][:, :, overlap], wide_only[cond][:, :, overlap], atol=1e-6)
     assert torch.allclose(both[cond][:, :, right], narrow_only[cond][:, :, right], atol=1e-6)
     # the other priority flips the overlap
-    _, flipped = _first_call(sd, "sd", [attnctl.Layout([attnctl.Region(wide.box, "a cat"), narrow])])
+    _, flipped = _first_call(
+        sd, "sd", [attnctl.Layout([attnctl.Region(wide.box, "a cat"), narrow], base_outside="all")]
+    )
     assert torch.allclose(flipped[cond][:, :, overlap], narrow_only[cond][:, :, overlap], atol=1e-6)
 
 
@@ -281,7 +287,7 @@ def test_hiding_words_without_sub_prompts(family_pipe):
 
 
 def test_composes_with_regulation_and_astar(sd):
-    layout = attnctl.Layout(_regions())
+    layout = attnctl.Layout(_regions(), base_outside="all")
     with attnctl.control(sd, layout):
         alone = _run(sd, "sd")
     with attnctl.control(sd, layout, attnctl.AttentionRegulation(["cat", "frog"])) as ctl:
@@ -294,8 +300,8 @@ def test_composes_with_regulation_and_astar(sd):
     regions = [attnctl.Region((0.0, 0.0, 0.5, 0.5), "a cat")]
     other = [attnctl.Region((0.0, 0.0, 0.5, 0.5), "a green frog")]
     ar = attnctl.AttentionRegulation(["cat"], layers=["down_blocks.1"])
-    call, a = _first_call(sd, "sd", [attnctl.Layout(regions), ar])
-    _, b = _first_call(sd, "sd", [attnctl.Layout(other), ar])
+    call, a = _first_call(sd, "sd", [attnctl.Layout(regions, base_outside="all"), ar])
+    _, b = _first_call(sd, "sd", [attnctl.Layout(other, base_outside="all"), ar])
     outside = ~box_cells(regions[0].box, call.layout.height, call.layout.width)
     cond = list(call.rows.cond)
     assert torch.allclose(a[cond][:, :, outside], b[cond][:, :, outside], atol=1e-6)

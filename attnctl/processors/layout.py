@@ -46,7 +46,7 @@ from .layout_math import (
 
 MODES = ("crop_merge", "mask_and_sum")
 IMAGE_FAMILIES = ("sd", "sd3", "flux")  # adapters whose image tokens are one frame
-BASE_OUTSIDE = ("all", "other_regions")
+BASE_OUTSIDE = ("auto", "all", "other_regions")
 BOX_RULE = "(x0, y0, x1, y1) normalised to the image, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
 
 
@@ -123,7 +123,11 @@ class Layout(Control):
         stream added under its hard mask; for subjects diffusers' `ip_adapter_masks` exactly).
     base_outside: what of the prompt a query sees outside a region's box: "all", or
         "other_regions": the prompt without that region's own words (the words of its prompt found
-        in the prompt and in no other region's prompt). crop_merge only.
+        in the prompt and in no other region's prompt; crop_merge only). "auto": other_regions with
+        crop_merge, all with mask_and_sum. Where the prompt names a region's object ("a cat and a
+        frog" with a box for "a cat"), hiding its words outside the box is what confines it: with
+        "all", queries outside the box still read "cat" from the prompt (on the bundled testbed a
+        single box then moves nothing; with other_regions the object's centre follows the box).
     sub_prompts: whether queries in a box also see its region prompt's own tokens. False (with
         base_outside="other_regions") confines objects by hiding words of the prompt alone, with
         no extra tokens: the scheme that worked on the wave-1 testbed, whose conditioning runs
@@ -154,9 +158,10 @@ class Layout(Control):
         help="crop_merge (a region's tokens replace, by priority) or mask_and_sum.",
     )
     base_outside: str = param(
-        "all",
+        "auto",
         choices=BASE_OUTSIDE,
-        help="What of the prompt a query sees outside a region's box: all, or other_regions (crop_merge).",
+        help="What of the prompt a query sees outside a region's box: all, other_regions (the prompt "
+        "without that region's words; crop_merge) or auto (other_regions with crop_merge).",
     )
     sub_prompts: bool = param(True, help="Queries in a box also see its region prompt's own tokens.")
 
@@ -173,16 +178,23 @@ class Layout(Control):
             "a non-empty list of Region",
         )
         check(
-            self.base_outside == "all" or self.mode == "crop_merge",
+            self.base_outside != "other_regions" or self.mode == "crop_merge",
             "base_outside",
             self.base_outside,
-            "'all' with mode='mask_and_sum' (hiding words is part of crop_merge)",
+            "'all' or 'auto' with mode='mask_and_sum' (hiding words is part of crop_merge)",
         )
         check(
-            self.sub_prompts or self.base_outside == "other_regions",
+            self.sub_prompts or self.hides_words,
             "sub_prompts",
             self.sub_prompts,
             "True unless base_outside='other_regions' (else region prompts would have no effect)",
+        )
+
+    @property
+    def hides_words(self) -> bool:
+        """Whether queries outside a region's box lose that region's words of the prompt."""
+        return self.base_outside == "other_regions" or (
+            self.base_outside == "auto" and self.mode == "crop_merge"
         )
 
     def install(self, session: Any) -> None:
@@ -384,9 +396,7 @@ class _LayoutEdit(AttentionEdit):
         if not self._acts(session, call.layer):
             return plans
         guided = list(call.rows.cond) + list(call.rows.perturbed)
-        hidden = (
-            self._hidden_for_rows(session, call.rows) if self.spec.base_outside == "other_regions" else {}
-        )
+        hidden = self._hidden_for_rows(session, call.rows) if self.spec.hides_words else {}
         for r in guided:
             words = hidden.get(r)
             plans[r] = self._cached(
@@ -434,7 +444,7 @@ class _LayoutEdit(AttentionEdit):
         streams under their masks (mask_and_sum)."""
         w = self.spec.base_prompt_weight
         crop = self.spec.mode == "crop_merge"
-        words_hidden = self.spec.base_outside == "other_regions"
+        words_hidden = self.spec.hides_words
         plain_everywhere = w == 0 and all(r.scale == 1 for r in self.prompts)
         rows = list(call.rows.cond) + list(call.rows.perturbed)
         if not rows or (crop and plain_everywhere):

@@ -11,8 +11,8 @@ shape detected in its colour); per image: `all_present`, `all_in_box`. Rates car
 intervals, means Student-t ones; time is also reported as a paired ratio to the first method.
 
 Methods: `none` (the prompt alone), `mask_and_sum` and `crop_merge` (Layout's modes),
-`crop_merge_other_regions` (crop_merge with base_outside="other_regions") and `hide_words`
-(base_outside="other_regions" without sub-prompt tokens).
+`crop_merge_all` (crop_merge with base_outside="all": the prompt's words of a region stay visible
+outside its box) and `hide_words` (base_outside="other_regions" without sub-prompt tokens).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ METHODS: dict[str, Callable[[str, list], list]] = {
     "none": lambda prompt, boxes: [],
     "mask_and_sum": lambda prompt, boxes: [_layout(prompt, boxes, mode="mask_and_sum")],
     "crop_merge": lambda prompt, boxes: [_layout(prompt, boxes)],
-    "crop_merge_other_regions": lambda prompt, boxes: [_layout(prompt, boxes, base_outside="other_regions")],
+    "crop_merge_all": lambda prompt, boxes: [_layout(prompt, boxes, base_outside="all")],
     "hide_words": lambda prompt, boxes: [
         _layout(prompt, boxes, base_outside="other_regions", sub_prompts=False)
     ],
