@@ -322,19 +322,19 @@ def build_app(
         if word_boxes:
             prompt_box.change(offer_words, prompt_box, word_boxes, api_name=False)
             app.load(offer_words, prompt_box, word_boxes, api_name=False)
-        button.click(to_json_checked(to_json, gr), flat, controls_json, api_name=False).success(
+        button.click(_showing_errors(to_json, gr), flat, controls_json, api_name=False).success(
             run,
             [prompt_box, controls_json, seed, steps_box, height_box, width_box, baseline],
             [image, base_image, maps_image, layout_image, video_out, log, download],
             api_name="generate",
             concurrency_limit=1,
         )
-        load.click(to_json_checked(from_json, gr), controls_json, flat, api_name=False)
+        load.click(_showing_errors(from_json, gr), controls_json, flat, api_name=False)
     app.attnctl_panels = panels
     return app.queue(default_concurrency_limit=1)
 
 
-def to_json_checked(fn: Any, gr: Any) -> Any:
+def _showing_errors(fn: Any, gr: Any) -> Any:
     """`fn` with its ValueErrors shown as the app's error message."""
 
     def call(*args):
