@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -10,8 +11,10 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 import attnctl
+from attnctl.core.attention import AttentionEdit
 from attnctl.core.controls import Control
 from attnctl.core.tokens import token_positions
+from attnctl.families.unet import UNetAdapter
 from attnctl.pipelines import guidance
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
@@ -271,12 +274,59 @@ def test_gradient_forward_ends_at_the_last_map(pipe, control, monkeypatch):
             pass
 
     monkeypatch.setattr(guidance._Collector, "observe", observe_without_exit)
+    monkeypatch.setattr(guidance._Collector, "kernel", AttentionEdit.kernel)  # the last layer's exit
     with attnctl.control(pipe, control) as full:
         complete = _run(pipe)
     assert [e["loss"] for e in full.log[type(control).__name__]] == pytest.approx(
         [e["loss"] for e in ctl.log[type(control).__name__]], abs=1e-6
     )
     assert (early - complete).abs().max() <= 1e-5 and (early - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "control", [attnctl.AttendAndExcite(["cat", "frog"], max_refinement=2), attnctl.AStar(["cat", "frog"])]
+)
+def test_gradient_forward_computes_only_what_the_loss_needs(pipe, control, monkeypatch):
+    # the last layer the loss reads (up_blocks.0.attentions.2 on the tiny SD) gives its maps but no
+    # attention output, and no weight requires grad in the gradient forward: the same images, bit
+    # for bit, as with both switched off, and the weights as they were afterwards
+    last = "up_blocks.0.attentions.2.transformer_blocks.0.attn2"
+    weights = []  # requires_grad of the weights at each call of the last layer
+    hook = pipe.unet.get_submodule(last).register_forward_pre_hook(
+        lambda m, a: weights.append([p.requires_grad for p in pipe.unet.parameters()])
+    )
+    kernel_for = UNetAdapter.kernel_for
+    kernels = []  # (layer, grad enabled) of each attention kernel run in attnctl's processors
+
+    def counting(adapter, processor):
+        kernel = kernel_for(adapter, processor)
+
+        def run(*args):
+            kernels.append((processor.layer.name, torch.is_grad_enabled()))
+            return kernel(*args)
+
+        return run
+
+    monkeypatch.setattr(UNetAdapter, "kernel_for", counting)
+    try:
+        with attnctl.control(pipe, control) as ctl:
+            lean = _run(pipe)
+    finally:
+        hook.remove()
+    updates = len(ctl.log[type(control).__name__])
+    frozen = [flags for flags in weights if not any(flags)]  # the gradient forwards reach the last layer
+    assert updates and len(frozen) == updates and len(weights) == 4 + updates
+    # attnctl's processor runs in the gradient forwards only: the 8x8 layers before the last one
+    # (two in down_blocks.1, the mid block's, two in up_blocks.0) compute their attention, it does not
+    assert last not in {layer for layer, _ in kernels}
+    assert len(kernels) == 5 * updates and all(grad for _, grad in kernels)
+    assert all(p.requires_grad and p.grad is None for p in pipe.unet.parameters())
+    monkeypatch.setattr(UNetAdapter, "kernel_for", kernel_for)
+    monkeypatch.setattr(guidance._Collector, "kernel", AttentionEdit.kernel)
+    monkeypatch.setattr(guidance, "_frozen", lambda module: contextlib.nullcontext())
+    with attnctl.control(pipe, control):
+        full = _run(pipe)
+    assert torch.equal(lean, full)
 
 
 def test_maps_record_the_denoising_forwards_only(pipe):

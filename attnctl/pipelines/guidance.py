@@ -10,18 +10,22 @@ Each image is guided on its own, as in the authors' per-image loop: its losses, 
 updates and its retention masks are its own, so an image comes out the same alone and in any batch
 (the images still updating share one gradient forward). That forward ends at the last layer whose
 map the loss reads: nothing after it changes the loss, so this early exit is exact, and the rest of
-the denoiser (on SD, the high-resolution up blocks) is neither run nor back-propagated.
+the denoiser (on SD, the high-resolution up blocks) is neither run nor back-propagated. Of that last
+layer only the maps are computed, not its attention output; and the denoiser's weights are taken out
+of autograd for the gradient forward, since the gradient is w.r.t. the latent alone (both exact:
+the same kernels compute the same loss and gradient).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from ..core.attention import AttentionCall, AttentionEdit
+from ..core.attention import AttentionCall, AttentionEdit, overrides
 from ..core.controls import Control, check, param
 from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
 from ..core.layers import WorkingLayers
@@ -252,6 +256,15 @@ class _Collector(AttentionEdit):
     def active(self, session: Any, layer: LayerInfo) -> bool:
         return self.recording and self.layers.includes(session, layer)
 
+    def kernel(self, call: AttentionCall) -> torch.Tensor | None:
+        """At the last layer the loss reads only its maps are needed: record them and end the forward
+        before the attention output is computed. Not where another edit changes this call's
+        probabilities: they exist only after the kernel (`attend`), and `observe` reads them there."""
+        last = self.seen | {call.layer.name} >= self.layers.names(call.session)
+        if last and not any(overrides(e, "logit_bias") or overrides(e, "post_softmax") for e in call.edits):
+            self.observe(call)  # raises _MapsRecorded
+        return None
+
     def observe(self, call: AttentionCall) -> None:
         layout = call.layout
         probs = call.text_probs(self.columns)  # [images, N, C]
@@ -349,16 +362,19 @@ class _Guide(DenoiserWrapper):
         saved = (session.batch, session.rows, session.guiding, session.branch)
         session.guiding, session.branch = True, "cond"
         try:
-            while active:
-                values, grad = self._gradient(
-                    session, module, take_rows(inputs, active, len(rows)), x[active], active
-                )
-                # z <- z - a grad_z L with x = c z (the scaled model input): x <- x - a c^2 grad_x L
-                x[active] = (x[active] - alpha * scale**2 * grad.float()).to(x0.dtype)
-                for i, value in zip(active, values, strict=True):
-                    log.append({"step": session.step, "image": i, "iteration": len(losses[i]), "loss": value})
-                    losses[i].append(value)
-                active = [i for i in active if self.spec._more_updates(session, losses[i])]
+            with _frozen(module):  # the gradient is w.r.t. the latent alone
+                while active:
+                    values, grad = self._gradient(
+                        session, module, take_rows(inputs, active, len(rows)), x[active], active
+                    )
+                    # z <- z - a grad_z L with x = c z (the scaled model input): x <- x - a c^2 grad_x L
+                    x[active] = (x[active] - alpha * scale**2 * grad.float()).to(x0.dtype)
+                    for i, value in zip(active, values, strict=True):
+                        log.append(
+                            {"step": session.step, "image": i, "iteration": len(losses[i]), "loss": value}
+                        )
+                        losses[i].append(value)
+                    active = [i for i in active if self.spec._more_updates(session, losses[i])]
         finally:
             session.batch, session.rows, session.guiding, session.branch = saved
         for state in self.states:
@@ -390,6 +406,24 @@ class _Guide(DenoiserWrapper):
             # each loss depends on its own row of x only, so the gradient of the sum is each one's own
             (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
         return [float(v) for v in losses], grad
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """The module's weights out of autograd, and back as they were on exit.
+
+    Weights that require grad make autograd record and keep, in every gradient forward, what their
+    own gradients would need, which nothing reads (about 5% of a gradient forward and backward on
+    the testbed); the same kernels run either way, so the loss and its gradient are unchanged.
+    """
+    weights = [p for p in module.parameters() if p.requires_grad]
+    for p in weights:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in weights:
+            p.requires_grad_(True)
 
 
 def _input_scale(session: Any) -> float:

@@ -18,6 +18,7 @@ and for A-STAR keeps ``prev_masks = binarize(maps)`` from the last maps of each 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -95,7 +96,7 @@ def normalize_concept_maps(
 
 def gaussian_smooth(maps: Tensor) -> Tensor:
     """Smooth ``[K, h, w]`` maps with A&E's 3×3 Gaussian (σ = 0.5) and reflect padding, fp32."""
-    kernel = smoothing_kernel(device=maps.device)
+    kernel = _smoothing_kernel_on(maps.device)
     pad = SMOOTH_KERNEL_SIZE // 2
     x = F.pad(maps.float()[:, None], (pad, pad, pad, pad), mode="reflect")
     return F.conv2d(x, kernel[None, None])[:, 0]
@@ -111,6 +112,12 @@ def smoothing_kernel(device: torch.device | str | None = None) -> Tensor:
     g = torch.exp(-(((x - mu) / (2 * SMOOTH_SIGMA)) ** 2))
     kernel = g[:, None] * g[None, :]
     return kernel / kernel.sum()
+
+
+@functools.cache
+def _smoothing_kernel_on(device: torch.device) -> Tensor:
+    """`smoothing_kernel` on `device`, made once: a constant that every guidance update smooths with."""
+    return smoothing_kernel(device=device)
 
 
 def excite_loss(maps: Tensor) -> Tensor:
