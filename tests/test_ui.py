@@ -80,6 +80,21 @@ def test_widget_values_round_trip_every_control(kind):
         assert Control.from_dict({**control.to_dict(), spec.name: again}) == control, spec.name
 
 
+def test_loss_table_means_per_control_and_step():
+    from attnctl.ui.app import loss_table
+
+    log = {
+        "AStar": [{"step": 0, "loss": 1.0}, {"step": 0, "loss": 3.0}, {"step": 1, "loss": 0.5}],
+        "AttentionRegulation": [{"step": 0, "layer": "a", "best_loss": 0.25}],
+    }
+    assert loss_table(log).values.tolist() == [
+        ["AStar", 0, 2.0],
+        ["AStar", 1, 0.5],
+        ["AttentionRegulation", 0, 0.25],
+    ]
+    assert loss_table({}) is None
+
+
 def test_widget_parsing():
     maps = {s.name: s for s in attnctl.AttentionMaps.fields()}
     assert from_widget(maps["layers"], "up_blocks.1, 3") == ["up_blocks.1", 3]
@@ -102,7 +117,7 @@ def test_page_has_the_title(app):
 def test_generate_with_maps(served):
     controls = json.dumps([attnctl.AttentionMaps(["cat", "frog"]).to_dict()])
     out = served.predict("a cat and a frog", controls, 0, 2, api_name="/generate")
-    controlled, baseline, heatmaps, layout, video, log, saved = out
+    controlled, baseline, heatmaps, layout, video, log, losses, saved = out
     from PIL import Image
 
     assert Image.open(controlled).size == (32, 32) and Image.open(baseline).size == (32, 32)
@@ -119,6 +134,8 @@ def test_guidance_log_and_layout_come_back(served):
     out = served.predict("a cat and a frog", json.dumps(controls), 3, 2, 32, 32, False, api_name="/generate")
     assert out[1] is None  # no baseline asked for
     assert out[3] is not None and [e["step"] for e in out[5]["AStar"]] == [0]
+    plotted = out[6]  # the loss plot's table: one row per control and step
+    assert [(row[0], row[1]) for row in plotted["data"]] == [("AStar", 0)]
 
 
 @pytest.mark.parametrize(

@@ -118,6 +118,23 @@ def _region(row: list[Any]) -> dict[str, Any]:
     return region
 
 
+def loss_table(log: dict[str, list[dict]]) -> Any:
+    """The controls' logged losses as a table (control, step, loss: the mean over the step's
+    entries; Attention Regulation's best loss); None when nothing logged a loss."""
+    import pandas as pd
+
+    sums: dict[tuple[str, int], list[float]] = {}
+    for kind, entries in log.items():
+        for e in entries:
+            value = e.get("loss", e.get("best_loss"))
+            if value is not None and "step" in e:
+                sums.setdefault((kind, int(e["step"])), []).append(float(value))
+    if not sums:
+        return None
+    rows = [(kind, step, sum(v) / len(v)) for (kind, step), v in sorted(sums.items())]
+    return pd.DataFrame(rows, columns=["control", "step", "loss"])
+
+
 def prompt_words(prompt: str) -> list[str]:
     """The words of a prompt, in order, once each (what the word pickers offer)."""
     return list(dict.fromkeys(re.findall(r"[\w'-]+", prompt or "")))
@@ -246,6 +263,7 @@ def build_app(
             result.layout_image(),
             _gif(result.images) if result.video else None,
             result.log,
+            loss_table(result.log),
             saved,
         )
 
@@ -303,6 +321,12 @@ def build_app(
                 video_out = gr.Image(
                     label="video (animated GIF)", type="filepath", height=288, visible=video, elem_id="video"
                 )
+                losses = gr.LinePlot(
+                    x="step",
+                    y="loss",
+                    color="control",
+                    label="losses per step (mean over images, layers and updates)",
+                )
                 log = gr.JSON(label="log: what each control did per step")
                 download = gr.File(label="controls JSON")
 
@@ -325,7 +349,7 @@ def build_app(
         button.click(_showing_errors(to_json, gr), flat, controls_json, api_name=False).success(
             run,
             [prompt_box, controls_json, seed, steps_box, height_box, width_box, baseline],
-            [image, base_image, maps_image, layout_image, video_out, log, download],
+            [image, base_image, maps_image, layout_image, video_out, log, losses, download],
             api_name="generate",
             concurrency_limit=1,
         )
