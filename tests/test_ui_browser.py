@@ -96,7 +96,7 @@ def screenshot(path: Path) -> None:
     ]
     app = build_app(load_pipeline(None), steps=25, prompt="a red circle and a blue square", controls=controls)
     app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, share=False, css=CSS)
-    driver = browser(1400, 1300)
+    driver = browser(1400, 1500)
     try:
         driver.get(app.local_url)
         wait = WebDriverWait(driver, 180)
