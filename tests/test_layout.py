@@ -156,7 +156,7 @@ def test_a_layout_that_never_acts_is_the_plain_model(family_pipe):
 def test_one_box_over_the_whole_image_is_plain_cross_attention(sd):
     """Image queries attend to [prompt ; region prompt] as one prompt; the unconditional rows see
     their prompt only, which is attention to [negative ; negative] (repeated keys change nothing)."""
-    layout = attnctl.Layout([attnctl.Region((0.0, 0.0, 1.0, 1.0), "a frog")])
+    layout = attnctl.Layout([attnctl.Region((0.0, 0.0, 1.0, 1.0), "a frog")], region_tokens="all")
     with attnctl.control(sd, layout):
         out = _run(sd, "sd", "a cat")
 
@@ -178,11 +178,19 @@ def test_one_box_over_the_whole_image_is_plain_cross_attention(sd):
 def test_outside_every_box_region_prompts_contribute_exactly_zero(family):
     pipe = tiny_pipeline(family)
     regions = [attnctl.Region((0.0, 0.0, 0.5, 0.5), "a cat")]
-    call, a = _first_call(pipe, family, [attnctl.Layout(regions, base_outside="all")])
+    # region_tokens="all": both region prompts bring the same number of tokens, so the two calls'
+    # joint sequences line up position by position
+    call, a = _first_call(pipe, family, [attnctl.Layout(regions, base_outside="all", region_tokens="all")])
     _, b = _first_call(
         pipe,
         family,
-        [attnctl.Layout([attnctl.Region((0.0, 0.0, 0.5, 0.5), "a green frog")], base_outside="all")],
+        [
+            attnctl.Layout(
+                [attnctl.Region((0.0, 0.0, 0.5, 0.5), "a green frog")],
+                base_outside="all",
+                region_tokens="all",
+            )
+        ],
     )
     lay = call.layout
     cells = box_cells(regions[0].box, lay.height, lay.width)
@@ -242,9 +250,26 @@ def test_only_the_chosen_layers_act(sd):
     assert not torch.allclose(outputs.calls[cross[0]][1][cond], plain_outputs.calls[cross[0]][1][cond])
     # the second layer sees other hidden states, so compare it with its own plain computation
     call, out = outputs.calls[cross[1]]
-    n_base = call.key.shape[2] // 3  # the prompt and both region prompts: 77 CLIP tokens each
+    n_base = sd.tokenizer.model_max_length  # the prompt's 77 CLIP tokens, then the regions' own
     prompt_only = sdpa(call.query, call.key[:, :, :n_base], call.value[:, :, :n_base], None, None)
     assert torch.allclose(out, prompt_only, atol=1e-6)
+
+
+def test_region_prompts_bring_their_own_tokens_only(family_pipe):
+    """region_tokens="own": the text keys are the prompt's, then each region prompt's start, word
+    and end tokens (prompt_span), without its padding; "all": its whole padded encoding."""
+    family, pipe = family_pipe
+    lengths = {}
+    for mode in ("own", "all"):
+        call, _ = _first_call(pipe, family, [attnctl.Layout(_regions(), region_tokens=mode)])
+        lengths[mode] = call.layout.text_k.stop - call.layout.text_k.start
+    plain, _ = _first_call(pipe, family, [])
+    base = plain.layout.text_k.stop - plain.layout.text_k.start
+    adapter = plain.session.adapter
+    own = sum(len({*w, *e}) for w, e in (adapter.prompt_span(pipe, r.prompt) for r in _regions()))
+    assert lengths["own"] == base + own and lengths["all"] > lengths["own"]
+    if family in ("sd", "sdxl"):  # CLIP pads every prompt to 77 (SD3/FLUX's T5 to its own default)
+        assert lengths["all"] == 3 * base
 
 
 def test_hidden_words_make_maps_zero_outside_their_box(family_pipe):

@@ -12,7 +12,7 @@ intervals, means Student-t ones; time is also reported as a paired ratio to the 
 
 Methods: `none` (the prompt alone), `mask_and_sum` and `crop_merge` (Layout's modes),
 `crop_merge_all` (crop_merge with base_outside="all": the prompt's words of a region stay visible
-outside its box) and `hide_words` (base_outside="other_regions" without sub-prompt tokens).
+outside its box), `crop_merge_padded` (region prompts with their padding tokens) and `hide_words` (base_outside="other_regions" without sub-prompt tokens).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ METHODS: dict[str, Callable[[str, list], list]] = {
     "mask_and_sum": lambda prompt, boxes: [_layout(prompt, boxes, mode="mask_and_sum")],
     "crop_merge": lambda prompt, boxes: [_layout(prompt, boxes)],
     "crop_merge_all": lambda prompt, boxes: [_layout(prompt, boxes, base_outside="all")],
+    "crop_merge_padded": lambda prompt, boxes: [_layout(prompt, boxes, region_tokens="all")],
     "hide_words": lambda prompt, boxes: [
         _layout(prompt, boxes, base_outside="other_regions", sub_prompts=False)
     ],
