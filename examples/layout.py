@@ -1,9 +1,8 @@
 """Layout on the bundled shapes model: a red circle top left, a blue square bottom right.
 
-Regional prompts with the issue's scheme (crop_merge: queries in a box see the prompt and their
-region's prompt), and the scheme that suits this model, whose conditioning runs through the
-end-of-text tokens: each region's own words of the prompt hidden outside its box, no sub-prompt
-tokens (base_outside="other_regions", sub_prompts=False). Writes out/layout*/.
+The default Layout (crop_merge: queries in a box see the prompt and their region prompt's own
+tokens; each region's words of the prompt hidden outside its box), and the scheme without
+sub-prompt tokens (sub_prompts=False: confining by hiding words only). Writes out/layout*/.
 
 python examples/layout.py
 """
@@ -24,7 +23,7 @@ regions = [
 words = ["circle", "square"]
 for name, layout in {
     "layout": attnctl.Layout(regions),
-    "layout_hide_words": attnctl.Layout(regions, base_outside="other_regions", sub_prompts=False),
+    "layout_hide_words": attnctl.Layout(regions, sub_prompts=False),
 }.items():
     out = Path("out") / name
     compare(layout, prompt, words, out)
