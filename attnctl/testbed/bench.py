@@ -116,7 +116,6 @@ def run_compose(
                 )
     records = procs.gather(own)
 
-    base = methods[0]
     by_method = {m: [r for r in records if r["method"] == m] for m in methods}
     report = {
         "config": {
@@ -132,19 +131,11 @@ def run_compose(
             "processes": procs.count,
         },
         "results": {m: summarize(rows) for m, rows in by_method.items()},
-        "time_ratio": {
-            m: {
-                "to": base,
-                **mean_ci([a["seconds"] / b["seconds"] for a, b in zip(rows, by_method[base], strict=True)]),
-            }
-            for m, rows in by_method.items()
-        },
+        "time_ratio": paired_time_ratios(by_method),
         "records": records,
     }
     if procs.is_main:
-        if json_out:
-            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_out).write_text(json.dumps(report, indent=1))
+        write_report(report, json_out)
         if log:
             log(format_table(report))
     return report
@@ -228,6 +219,26 @@ def format_table(report: dict) -> str:
                 f"{method:<{width}}{name:<8}{row['n_images']:>7}  " + "  ".join(f"{c:>22}" for c in cells)
             )
     return "\n".join(lines)
+
+
+def paired_time_ratios(by_method: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per method, its seconds over the first method's, sample by sample (the same prompts and
+    seeds in the same order): mean and t 95% interval."""
+    base = next(iter(by_method))
+    return {
+        m: {
+            "to": base,
+            **mean_ci([a["seconds"] / b["seconds"] for a, b in zip(rows, by_method[base], strict=True)]),
+        }
+        for m, rows in by_method.items()
+    }
+
+
+def write_report(report: dict, json_out: str | Path | None) -> None:
+    """Write a benchmark report as JSON (nothing without a path)."""
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=1))
 
 
 def _ci_cell(s: dict) -> str:

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -88,37 +90,26 @@ def compose(
 
     Under `accelerate launch` the samples are shared out among the processes;
     the main process writes the report."""
-    import torch
-
-    from ..cli import check_json_out, check_model, fail, list_option
+    from ..cli import list_option
     from ..headhunter.distributed import processes
     from .bench import format_table, run_compose
 
-    if threads:
-        torch.set_num_threads(threads)
-    counts = tuple(list_option(sizes, int, "--sizes"))
-    check_json_out(json_out)
-    check_model(model)
+    counts = _prepare(sizes, json_out, model, threads)
     with processes() as procs:
-        try:
-            report = run_compose(
-                list_option(method, str, "--method"),
-                prompts,
-                seeds,
-                sizes=counts,
-                model=model,
-                steps=steps,
-                guidance_scale=guidance,
-                json_out=json_out,
-                log=None if quiet else typer.echo,
-            )
-        except ValueError as e:
-            fail(str(e))
-        if procs.is_main:
-            if quiet:
-                typer.echo(format_table(report))
-            if json_out:
-                typer.echo(f"wrote {json_out}")
+        _run_and_report(
+            run_compose,
+            format_table,
+            list_option(method, str, "--method"),
+            prompts,
+            seeds,
+            sizes=counts,
+            model=model,
+            steps=steps,
+            guidance_scale=guidance,
+            json_out=json_out,
+            quiet=quiet,
+            is_main=procs.is_main,
+        )
 
 
 def maps(
@@ -133,33 +124,21 @@ def maps(
     quiet: bool = typer.Option(False, help="Print only the summary table."),
 ) -> None:
     """Localisation benchmark: median in-box ratio of colour and shape words' attention, per layer."""
-    import torch
-
-    from ..cli import check_json_out, check_model, fail, list_option
     from .localisation import format_maps, run_maps
 
-    if threads:
-        torch.set_num_threads(threads)
-    counts = tuple(list_option(sizes, int, "--sizes"))
-    check_json_out(json_out)
-    check_model(model)
-    try:
-        report = run_maps(
-            prompts,
-            seeds,
-            sizes=counts,
-            model=model,
-            steps=steps,
-            guidance_scale=guidance,
-            json_out=json_out,
-            log=None if quiet else typer.echo,
-        )
-    except ValueError as e:
-        fail(str(e))
-    if quiet:
-        typer.echo(format_maps(report))
-    if json_out:
-        typer.echo(f"wrote {json_out}")
+    counts = _prepare(sizes, json_out, model, threads)
+    _run_and_report(
+        run_maps,
+        format_maps,
+        prompts,
+        seeds,
+        sizes=counts,
+        model=model,
+        steps=steps,
+        guidance_scale=guidance,
+        json_out=json_out,
+        quiet=quiet,
+    )
 
 
 def layout(
@@ -179,34 +158,62 @@ def layout(
     quiet: bool = typer.Option(False, help="Print only the summary table."),
 ) -> None:
     """Placement benchmark: objects in their boxes (IoU >= 0.5), mIoU, all present, binding, s/image."""
+    from ..cli import list_option
+    from .placement import format_placement, run_placement
+
+    counts = _prepare(sizes, json_out, model, threads)
+    _run_and_report(
+        run_placement,
+        format_placement,
+        list_option(method, str, "--method"),
+        prompts,
+        seeds,
+        sizes=counts,
+        model=model,
+        steps=steps,
+        guidance_scale=guidance,
+        json_out=json_out,
+        quiet=quiet,
+    )
+
+
+def _prepare(sizes: str, json_out: Path | None, model: str | None, threads: int | None) -> tuple[int, ...]:
+    """What every benchmark command checks before any work: the object counts (returned), the JSON
+    path and the model; and the torch threads."""
     import torch
 
-    from ..cli import check_json_out, check_model, fail, list_option
-    from .placement import format_placement, run_placement
+    from ..cli import check_json_out, check_model, list_option
 
     if threads:
         torch.set_num_threads(threads)
     counts = tuple(list_option(sizes, int, "--sizes"))
     check_json_out(json_out)
     check_model(model)
+    return counts
+
+
+def _run_and_report(
+    run: Callable[..., dict],
+    table: Callable[[dict], str],
+    *args: Any,
+    json_out: Path | None,
+    quiet: bool,
+    is_main: bool = True,
+    **options: Any,
+) -> None:
+    """Run a benchmark (progress lines unless quiet; a bad value ends with one error line), then
+    print its table when quiet and the JSON path written (the main process only)."""
+    from ..cli import fail
+
     try:
-        report = run_placement(
-            list_option(method, str, "--method"),
-            prompts,
-            seeds,
-            sizes=counts,
-            model=model,
-            steps=steps,
-            guidance_scale=guidance,
-            json_out=json_out,
-            log=None if quiet else typer.echo,
-        )
+        report = run(*args, json_out=json_out, log=None if quiet else typer.echo, **options)
     except ValueError as e:
         fail(str(e))
-    if quiet:
-        typer.echo(format_placement(report))
-    if json_out:
-        typer.echo(f"wrote {json_out}")
+    if is_main:
+        if quiet:
+            typer.echo(table(report))
+        if json_out:
+            typer.echo(f"wrote {json_out}")
 
 
 def _standalone_app() -> typer.Typer:

@@ -15,7 +15,6 @@ methods read by default (`working_layers`).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from ..core.attention import AttentionCall, AttentionEdit
 from ..core.layers import working_layers
-from .bench import BENCH_SEED
+from .bench import BENCH_SEED, write_report
 from .data import bench_prompts, parse_caption
 from .detector import detect
 
@@ -131,9 +130,7 @@ def run_maps(
         "summary": summarize_maps(rows),
         "records": rows,
     }
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=1))
+    write_report(report, json_out)
     if log:
         log(format_maps(report))
     return report

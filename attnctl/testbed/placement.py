@@ -17,7 +17,6 @@ outside its box), `crop_merge_padded` (region prompts with their padding tokens)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bench import BENCH_SEED, _ci_cell, mean_ci, wilson
+from .bench import BENCH_SEED, _ci_cell, mean_ci, paired_time_ratios, wilson, write_report
 from .data import IMAGE_SIZE, bench_prompts, parse_caption, render_random
 from .detector import box_iou, detect
 
@@ -116,7 +115,6 @@ def run_placement(
                             f"({record['seconds']:.2f}s)"
                         )
 
-    base = methods[0]
     by_method = {m: [r for r in records if r["method"] == m] for m in methods}
     report = {
         "config": {
@@ -132,18 +130,10 @@ def run_placement(
             "torch_threads": torch.get_num_threads(),
         },
         "results": {m: summarize_placement(rows) for m, rows in by_method.items()},
-        "time_ratio": {
-            m: {
-                "to": base,
-                **mean_ci([a["seconds"] / b["seconds"] for a, b in zip(rows, by_method[base], strict=True)]),
-            }
-            for m, rows in by_method.items()
-        },
+        "time_ratio": paired_time_ratios(by_method),
         "records": records,
     }
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=1))
+    write_report(report, json_out)
     if log:
         log(format_placement(report))
     return report
