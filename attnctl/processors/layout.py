@@ -551,25 +551,35 @@ def render_layout(path: str | Path, image: Any, layout: Layout, size: int = 256)
     return _save(layout_image(image, layout, size), path)
 
 
+def draw_boxes(image: Any, regions: list[Region]) -> Any:
+    """A copy of a PIL image with each region's box drawn and labelled (its prompt, else its image's
+    file name), one colour per region."""
+    from PIL import ImageDraw
+
+    boxed = image.copy()
+    draw = ImageDraw.Draw(boxed)
+    width, height = boxed.size
+    colours = ("red", "blue", "green", "orange", "purple", "black")
+    for i, region in enumerate(regions):
+        x0, y0, x1, y1 = region.box
+        xy = (x0 * width, y0 * height, x1 * width - 1, y1 * height - 1)
+        colour = colours[i % len(colours)]
+        draw.rectangle(xy, outline=colour, width=2)
+        label = region.prompt if region.prompt is not None else Path(region.image).name
+        draw.text((xy[0] + 3, xy[1] + 2), label, fill=colour)
+    return boxed
+
+
 def layout_image(image: Any, layout: Layout, size: int = 256) -> Any:
     """The image and, beside it, the image with the layout's boxes drawn and labelled (PIL)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     from .maps import _to_pil
 
     base = _to_pil(image).convert("RGB")
     height = max(1, round(size * base.size[1] / base.size[0]))
     base = base.resize((size, height))
-    boxed = base.copy()
-    draw = ImageDraw.Draw(boxed)
-    colours = ("red", "blue", "green", "orange", "purple", "black")
-    for i, region in enumerate(layout.regions):
-        x0, y0, x1, y1 = region.box
-        xy = (x0 * size, y0 * height, x1 * size - 1, y1 * height - 1)
-        colour = colours[i % len(colours)]
-        draw.rectangle(xy, outline=colour, width=2)
-        label = region.prompt if region.prompt is not None else Path(region.image).name
-        draw.text((xy[0] + 3, xy[1] + 2), label, fill=colour)
+    boxed = draw_boxes(base, layout.regions)
     sheet = Image.new("RGB", (2 * size, height), "white")
     sheet.paste(base, (0, 0))
     sheet.paste(boxed, (size, 0))

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core.controls import _REGISTRY, Control, FieldSpec
 from ..pipelines.generate import generate
+from ..processors.layout import Region, draw_boxes
 
 TITLE = "attnctl — attention control for diffusers"
 # small images (the testbed draws 32 px) are shown enlarged, pixel for pixel; pass to launch(css=CSS)
@@ -76,7 +77,7 @@ def from_widget(spec: FieldSpec, value: Any) -> Any:
         except json.JSONDecodeError as e:
             raise ValueError(f"{spec.name}={text!r} is not allowed: JSON ({e.msg})") from None
     if spec.kind == "regions":
-        return [_region(row) for row in _rows(value) if any(str(c).strip() for c in row if c is not None)]
+        return [_region(row) for row in _filled_rows(value)]
     if spec.kind == "words":
         words = [w for w in (value or []) if str(w).strip()]
         return None if not words and spec.optional else words
@@ -85,6 +86,11 @@ def from_widget(spec: FieldSpec, value: Any) -> Any:
     if spec.kind == "number" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def _filled_rows(value: Any) -> list[list[Any]]:
+    """The table's rows that hold anything (a table keeps empty rows the user has not filled)."""
+    return [row for row in _rows(value) if any(str(c).strip() for c in row if c is not None)]
 
 
 def _rows(value: Any) -> list[list[Any]]:
@@ -403,13 +409,16 @@ def _widgets_from_controls(panels: list[Panel], text: str) -> list[Any]:
 def _canvas(gr: Any, table: Any, width: int, height: int) -> Any:
     """A blank canvas at the image's aspect ratio: two clicks add a box to `table`; the boxes are
     drawn on it whenever the table changes."""
+    from PIL import Image
+
     size = (512, max(1, round(512 * height / width)))
     corner = gr.State(None)
+    blank = Image.new("RGB", size, (245, 245, 245))
     with gr.Row():
         box_prompt = gr.Textbox(label="prompt of the next drawn box", scale=3)
         clear = gr.Button("clear boxes", scale=1)
     canvas = gr.Image(
-        value=_draw_boxes(size, []),
+        value=blank,
         type="pil",
         label="canvas: click two corners to add a box",
         interactive=False,
@@ -420,39 +429,22 @@ def _canvas(gr: Any, table: Any, width: int, height: int) -> Any:
         x, y = evt.index[0] / size[0], evt.index[1] / size[1]
         if first is None:
             return rows, (x, y)
-        (ax, ay), rows = first, _rows(rows)
+        ax, ay = first
         box = [round(v, 3) for v in (min(ax, x), min(ay, y), max(ax, x), max(ay, y))]
-        rows = [r for r in rows if any(str(c).strip() for c in r if c is not None)]
-        return rows + [[*box, text or "", "", 0, 1.0]], None
+        return _filled_rows(rows) + [[*box, text or "", "", 0, 1.0]], None
 
     def redraw(rows):
-        try:
-            regions = [_region(r) for r in _rows(rows) if any(str(c).strip() for c in r if c is not None)]
-        except ValueError:
-            regions = []
-        return _draw_boxes(size, regions)
+        regions = []
+        for row in _filled_rows(rows):
+            try:
+                regions.append(Region(**_region(row)))
+            except ValueError:
+                pass  # a row still being typed: drawn once it is a valid box
+        return draw_boxes(blank, regions)
 
     canvas.select(click, [table, corner, box_prompt], [table, corner], api_name=False)
     table.change(redraw, table, canvas, api_name=False)
     clear.click(lambda: (None, None), None, [table, corner], api_name=False)
-    return canvas
-
-
-def _draw_boxes(size: tuple[int, int], regions: list[dict]) -> Any:
-    from PIL import Image, ImageDraw
-
-    canvas = Image.new("RGB", size, (245, 245, 245))
-    draw = ImageDraw.Draw(canvas)
-    colours = ("red", "blue", "green", "orange", "purple", "black")
-    for i, r in enumerate(regions):
-        x0, y0, x1, y1 = r["box"]
-        xy = (x0 * size[0], y0 * size[1], x1 * size[0] - 1, y1 * size[1] - 1)
-        if xy[2] <= xy[0] or xy[3] <= xy[1]:
-            continue
-        draw.rectangle(xy, outline=colours[i % len(colours)], width=3)
-        draw.text(
-            (xy[0] + 4, xy[1] + 3), r.get("prompt") or r.get("image") or "", fill=colours[i % len(colours)]
-        )
     return canvas
 
 
