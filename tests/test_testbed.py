@@ -24,7 +24,15 @@ from attnctl.testbed.data import (
     search_prompts,
 )
 from attnctl.testbed.detector import DETECTOR_EVAL_SEED, evaluate
-from attnctl.testbed.train import TrainConfig, train
+from attnctl.testbed.train import (
+    TOKEN_LENGTH,
+    TrainConfig,
+    _MapRecorder,
+    build_tokenizer,
+    grounding_loss,
+    train,
+    word_masks,
+)
 
 SHIPPED = Path(model_path()) / "model_index.json"
 
@@ -79,6 +87,48 @@ def test_detector_accuracy_on_held_out_renders():
     result = evaluate(DETECTOR_EVAL_SEED, n=200)
     assert result["image_accuracy"] >= 0.98, result
     assert result["object_accuracy"] >= 0.98, result
+
+
+def test_word_masks_name_each_objects_colour_and_shape_tokens():
+    samples = generate(5, 30)
+    masks, owner = word_masks(samples)
+    tokenizer = build_tokenizer(CAPTION_WORDS)
+    for sample, cover, own in zip(samples, masks, owner, strict=True):
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(sample.caption).input_ids)
+        for j, obj in enumerate(sample.objects):
+            named = [tokens[k].removesuffix("</w>") for k in range(TOKEN_LENGTH) if own[k] == j]
+            assert named == [obj.color, obj.shape]
+            # coverage on the 16x16 grid: each cell holds 2x2 pixels
+            assert cover[j].sum() * 4 == pytest.approx(sample.masks[j].sum())
+        assert (own[tokens.index("<|endoftext|>") :] == -1).all() and own[0] == -1
+
+
+def test_grounding_loss_is_the_share_of_attention_outside_the_object():
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, :4, :4] = 1  # object 0: the top-left 4x4 cells of 16x16 (2x2 cells of 8x8)
+    owner = torch.full((1, TOKEN_LENGTH), -1)
+    owner[0, 2] = 0
+    inside = torch.zeros(1, 64, TOKEN_LENGTH)
+    inside[0, [0, 1, 8, 9], 2] = 1.0  # token 2 attends only within its object's 8x8 cells
+    assert grounding_loss([inside], masks, owner).item() == pytest.approx(0.0)
+    uniform = torch.full((1, 256, TOKEN_LENGTH), 1 / TOKEN_LENGTH)
+    assert grounding_loss([uniform], masks, owner).item() == pytest.approx((1 - 16 / 256) ** 2)
+    # unnamed tokens (and dropped captions: owner -1 everywhere) contribute nothing
+    assert grounding_loss([uniform], masks, torch.full_like(owner, -1)).item() == 0.0
+
+
+def test_map_recorder_is_the_models_own_cross_attention():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, cross_attention_dim=16, heads=2, dim_head=16)
+    x, ctx = torch.randn(2, 64, 32), torch.randn(2, TOKEN_LENGTH, 16)
+    expected = attn(x, encoder_hidden_states=ctx)
+    recorder = _MapRecorder()
+    attn.set_processor(recorder)
+    assert torch.allclose(attn(x, encoder_hidden_states=ctx), expected, atol=1e-6)
+    (probs,) = recorder.maps
+    assert probs.shape == (2, 64, TOKEN_LENGTH) and torch.allclose(probs.sum(-1), torch.ones(2, 64))
 
 
 def test_smoke_training_loads_and_resumes(tmp_path):

@@ -29,6 +29,9 @@ def train(
     unet_steps: int | None = typer.Option(
         None, min=1, help="Override the UNet stage's steps (export early: a smaller value)."
     ),
+    ground_weight: float | None = typer.Option(
+        None, min=0.0, help="Override the weight of the token grounding loss (0 turns it off)."
+    ),
     threads: int = typer.Option(2, min=1, help="torch threads; 1 is faster on a heavily shared CPU."),
     ship: bool = typer.Option(False, help="Copy the trained model into the package (the bundled model)."),
 ) -> None:
@@ -47,6 +50,8 @@ def train(
         config = replace(config, vae_steps=vae_steps)
     if unet_steps is not None:
         config = replace(config, unet_steps=unet_steps)
+    if ground_weight is not None:
+        config = replace(config, ground_weight=ground_weight)
     saved = run_training(out, config, threads=threads)
     if ship:
         target = Path(model_path())

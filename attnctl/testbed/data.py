@@ -43,11 +43,16 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Sample:
-    """An image (H, W, 3 uint8), its caption and its objects in caption order."""
+    """An image (H, W, 3 uint8), its caption, its objects in caption order and their pixel masks.
+
+    `masks` is (objects, H, W) bool: the pixels each object was drawn on (a later object covers an
+    earlier one where they meet, which the gap between boxes rules out for random samples).
+    """
 
     image: np.ndarray
     caption: str
     objects: tuple[ShapeObject, ...]
+    masks: np.ndarray
 
 
 def caption_for(objects: list[tuple[str, str]] | tuple[ShapeObject, ...]) -> str:
@@ -152,7 +157,7 @@ def render_random(rng: np.random.Generator, size: int = IMAGE_SIZE, n_objects: i
 def render(spec: list[tuple[tuple[str, str], tuple[int, int, int, int]]], size: int = IMAGE_SIZE) -> Sample:
     """Draw ((colour, shape), square box) items; the returned boxes are the drawn pixels' extents."""
     image = Image.new("RGB", (size, size), BACKGROUND)
-    objects = []
+    objects, masks = [], []
     for (color, shape), (x0, y0, x1, y1) in spec:
         mask = Image.new("L", (size, size), 0)
         draw = ImageDraw.Draw(mask)
@@ -166,11 +171,18 @@ def render(spec: list[tuple[tuple[str, str], tuple[int, int, int, int]]], size: 
         else:
             raise ValueError(f"shape {shape!r} not in {SHAPES}")
         image.paste(COLORS[color], mask=mask)
-        ys, xs = np.nonzero(np.asarray(mask))
+        drawn = np.asarray(mask) > 0
+        masks.append(drawn)
+        ys, xs = np.nonzero(drawn)
         objects.append(
             ShapeObject(color, shape, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
         )
-    return Sample(np.asarray(image).copy(), caption_for(tuple(objects)), tuple(objects))
+    return Sample(
+        np.asarray(image).copy(),
+        caption_for(tuple(objects)),
+        tuple(objects),
+        np.stack(masks) if masks else np.zeros((0, size, size), bool),
+    )
 
 
 def _apart(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:

@@ -5,7 +5,10 @@ Two stages, each resumable from its own checkpoint:
 2. `UNet2DConditionModel` (cross-attention at 16x16 and 8x8) jointly with a causal `CLIPTextModel`,
    epsilon prediction under a `DDPMScheduler`, min-SNR-5 loss weighting (Hang et al. 2023, "Efficient
    Diffusion Training via Min-SNR Weighting Strategy"), 10% caption dropout for classifier-free
-   guidance, EMA weights for the saved model.
+   guidance, EMA weights for the saved model. With `ground_weight` > 0 a token grounding term is
+   added (Wang et al. 2024, "TokenCompose", its token loss): for every colour and shape word, the
+   share of its cross-attention (mean over heads, every text-attending layer) that falls outside its
+   object's drawn pixels, squared. The renderer knows each object's mask, so the supervision is exact.
 Batches and noise are drawn from generators seeded by (seed, step), so a resumed run equals an
 uninterrupted one.
 """
@@ -52,6 +55,8 @@ class TrainConfig:
     # 0: the text states are token + position embeddings after the final norm (non-contextual), so
     # a word's state cannot carry the rest of the prompt and the conditioning runs through the words.
     text_layers: int = 0
+    # Weight of the token grounding loss (0: off); see the module docstring.
+    ground_weight: float = 0.1
     checkpoint_every: int = 100
     log_every: int = 25
 
@@ -86,6 +91,7 @@ def train(out_dir: str | Path, config: TrainConfig | None = None, threads: int |
     samples = generate(config.seed, config.n_train)
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
     captions = [s.caption for s in samples]
+    grounding = word_masks(samples) if config.ground_weight > 0 else None
     _log(f"rendered {len(samples)} samples in {time.time() - t0:.1f}s")
 
     tokenizer = build_tokenizer(CAPTION_WORDS)
@@ -108,6 +114,7 @@ def train(out_dir: str | Path, config: TrainConfig | None = None, threads: int |
         scheduler,
         config,
         out / "checkpoints" / "unet.pt",
+        grounding,
     )
     return save_pipeline(out / "model", vae, unet, text_encoder, tokenizer, scheduler)
 
@@ -228,10 +235,93 @@ def train_vae(images: torch.Tensor, config: TrainConfig, ckpt: Path):
     return vae
 
 
-def train_unet(latents_mean, latents_std, captions, tokenizer, scheduler, config: TrainConfig, ckpt: Path):
-    """Stage 2: UNet and text encoder together; returns their EMA copies."""
+def word_masks(samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, each object's pixel coverage on the 16x16 latent grid and each token's object.
+
+    Returns (masks, owner): masks (N, 3, 16, 16) float, the fraction of each latent cell's pixels the
+    object covers; owner (N, TOKEN_LENGTH) long, the object a token's word names (its colour or its
+    shape word) or -1. Captions are "a <colour> <shape> and a ...": word 4j+1 and 4j+2 name object j,
+    token = word + 1 (the start token comes first; every caption word is one token).
+    """
+    side = IMAGE_SIZE // 2
+    masks = torch.zeros(len(samples), 3, side, side)
+    owner = torch.full((len(samples), TOKEN_LENGTH), -1, dtype=torch.long)
+    for i, sample in enumerate(samples):
+        drawn = torch.from_numpy(sample.masks).float()
+        masks[i, : len(drawn)] = F.avg_pool2d(drawn[:, None], 2)[:, 0]
+        for j in range(len(sample.objects)):
+            owner[i, 4 * j + 2 : 4 * j + 4] = j
+    return masks, owner
+
+
+class _MapRecorder:
+    """Cross-attention processor that keeps each call's probabilities (mean over heads) for the loss.
+
+    The same arithmetic as diffusers' plain `AttnProcessor` on a transformer block's `attn2` (no
+    residual, no norms inside the attention, 3-D inputs), with the probabilities made explicit.
+    """
+
+    def __init__(self):
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        batch, queries, _ = hidden_states.shape
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)
+        self.maps.append(probs.view(batch, attn.heads, queries, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and named words of (1 - word's attention share inside its object)^2.
+
+    maps: (B, queries, tokens) per layer; masks (B, 3, 16, 16) coverage; owner (B, tokens), -1 = none.
+    """
+    named = owner >= 0
+    if not named.any():
+        return maps[0].new_zeros(())
+    losses = []
+    for probs in maps:
+        side = int(round(probs.shape[1] ** 0.5))
+        cover = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (B, 3, queries)
+        word_cover = torch.gather(cover, 1, owner.clamp(min=0)[..., None].expand(-1, -1, cover.shape[2]))
+        share = probs / probs.sum(1, keepdim=True).clamp_min(1e-12)  # over queries, per token
+        inside = (share.transpose(1, 2) * word_cover).sum(-1)  # (B, tokens)
+        losses.append(((1 - inside) ** 2)[named].mean())
+    return torch.stack(losses).mean()
+
+
+def train_unet(
+    latents_mean,
+    latents_std,
+    captions,
+    tokenizer,
+    scheduler,
+    config: TrainConfig,
+    ckpt: Path,
+    grounding: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """Stage 2: UNet and text encoder together; returns their EMA copies.
+
+    `grounding` is `word_masks(samples)`, needed when `config.ground_weight` > 0.
+    """
     torch.manual_seed(config.seed + 1)
     unet = build_unet(config)
+    recorder = None
+    if config.ground_weight > 0:
+        if grounding is None:
+            raise ValueError("ground_weight > 0 needs the samples' word masks (word_masks)")
+        recorder = _MapRecorder()
+        own_processors = unet.attn_processors
+        unet.set_attn_processor(
+            {
+                name: recorder if name.endswith("attn2.processor") else proc
+                for name, proc in own_processors.items()
+            }
+        )
     text_encoder = build_text_encoder(tokenizer, config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
@@ -265,6 +355,13 @@ def train_unet(latents_mean, latents_std, captions, tokenizer, scheduler, config
         cond = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = (weights[t] * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if recorder is not None:
+            masks, owner = grounding
+            owner = owner[idx].masked_fill(drop[:, None], -1)
+            ground = grounding_loss(recorder.maps, masks[idx], owner)
+            loss = loss + config.ground_weight * ground
+            recorder.maps.clear()
+            ground = ground.item()
         for group in opt.param_groups:
             group["lr"] = _lr(step, config)
         opt.zero_grad(set_to_none=True)
@@ -274,12 +371,14 @@ def train_unet(latents_mean, latents_std, captions, tokenizer, scheduler, config
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        clock.tick(step, loss.item())
+        clock.tick(step, loss.item(), **({"ground": ground} if recorder is not None else {}))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
             _save_checkpoint(ckpt, unet, opt, step + 1, text_encoder=text_encoder, ema=ema)
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
+    if recorder is not None:
+        unet.set_attn_processor(own_processors)
     return unet.eval(), text_encoder.eval()
 
 
@@ -368,18 +467,21 @@ class _Progress:
     def __init__(self, name: str, start: int, total: int, every: int):
         self.name, self.start, self.total, self.every = name, start, total, every
         self.t0 = time.time()
-        self.losses: list[float] = []
+        self.losses: dict[str, list[float]] = {}
 
-    def tick(self, step: int, loss: float) -> None:
-        self.losses.append(loss)
+    def tick(self, step: int, loss: float, **parts: float) -> None:
+        """Record a step's loss (and named parts of it); log their means every `every` steps."""
+        for key, value in {"loss": loss, **parts}.items():
+            self.losses.setdefault(key, []).append(value)
         done = step + 1
         if done % self.every == 0 or done == self.total:
             rate = (time.time() - self.t0) / max(1, done - self.start)
+            means = " ".join(f"{key} {np.mean(values):.4f}" for key, values in self.losses.items())
             _log(
-                f"{self.name} step {done}/{self.total} loss {np.mean(self.losses):.4f} "
+                f"{self.name} step {done}/{self.total} {means} "
                 f"{rate:.2f}s/step eta {rate * (self.total - done) / 60:.1f}min"
             )
-            self.losses = []
+            self.losses = {}
 
 
 def _log(message: str) -> None:
