@@ -486,8 +486,20 @@ def check_json_out(path: Path | None, option: str = "--json") -> None:
 _register()
 
 
-def main() -> None:  # pragma: no cover
-    app(prog_name="attnctl")
+def main(args: list[str] | None = None) -> None:
+    """The `attnctl` command: a bad option value ends in one `error:` line (status 2), not a box."""
+    import sys
+
+    try:
+        code = app(args=args, prog_name="attnctl", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except typer.TyperException as e:  # typer's own click: usage errors and bad parameters
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

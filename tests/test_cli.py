@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from attnctl.cli import app
+from attnctl.cli import app, main
 
 runner = CliRunner()
 
@@ -267,3 +268,20 @@ def test_list_options_take_commas_and_repeats(tmp_path):
         assert result.exit_code == 0, result.output
         runs.append([(r["sparsity"], r["backend"]) for r in json.loads(out.read_text())["kernel"]["runs"]])
     assert runs[0] == runs[1] == [(0.5, "gather"), (0.5, "dense"), (0.75, "gather"), (0.75, "dense")]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["generate", "a red circle", "--threads", "0"], "error: Invalid value for '--threads'"),
+        (["testbed", "train", "--ground-weight", "-1"], "error: Invalid value for '--ground-weight'"),
+        (["bench", "compose", "--prompts", "abc"], "error: Invalid value for '--prompts'"),
+        (["bogus"], "error: No such command 'bogus'."),
+    ],
+)
+def test_the_command_reports_bad_option_values_in_one_line(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err
