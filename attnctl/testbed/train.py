@@ -2,13 +2,15 @@
 
 Two stages, each resumable from its own checkpoint:
 1. `AutoencoderKL` (factor 2: 32 px images <-> 4x16x16 latents), MSE + a small KL term.
-2. `UNet2DConditionModel` (cross-attention at 16x16 and 8x8) jointly with a causal `CLIPTextModel`,
-   epsilon prediction under a `DDPMScheduler`, min-SNR-5 loss weighting (Hang et al. 2023, "Efficient
+2. `UNet2DConditionModel` (cross-attention at 16x16 and 8x8) jointly with a `CLIPTextModel`
+   (`text_layers` causal layers, 0 by default: embeddings and the final norm only), epsilon
+   prediction under a `DDPMScheduler`, min-SNR-5 loss weighting (Hang et al. 2023, "Efficient
    Diffusion Training via Min-SNR Weighting Strategy"), 10% caption dropout for classifier-free
-   guidance, EMA weights for the saved model. With `ground_weight` > 0 a token grounding term is
-   added (Wang et al. 2024, "TokenCompose", its token loss): for every colour and shape word, the
-   share of its cross-attention (mean over heads, every text-attending layer) that falls outside its
-   object's drawn pixels, squared. The renderer knows each object's mask, so the supervision is exact.
+   guidance, EMA weights for the saved model. With `ground_weight` > 0 (0.1 by default) a token
+   grounding term is added (Wang et al. 2024, "TokenCompose", its token loss): for every colour and
+   shape word, the share of its cross-attention (mean over heads, every text-attending layer) that
+   falls outside its object's drawn pixels, squared. The renderer knows each object's mask, so the
+   supervision is exact.
 Batches and noise are drawn from generators seeded by (seed, step), so a resumed run equals an
 uninterrupted one.
 """
