@@ -86,7 +86,7 @@ def measure(args: argparse.Namespace, layout: bool) -> dict:
     torch.set_num_threads(1)
     pipe = tiny_pipeline("flux")
     regions = [attnctl.Region((0, 0, 0.5, 1), "a cat"), attnctl.Region((0.5, 0, 1, 1), "a frog")]
-    controls = [attnctl.Layout(regions)] if layout else []
+    controls = [attnctl.Layout(regions, region_tokens="all")] if layout else []
     kwargs = tiny_call_kwargs("flux", num_inference_steps=args.steps, output_type="latent")
 
     def generate(size: int) -> attnctl.Session:

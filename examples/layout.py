@@ -1,8 +1,9 @@
 """Layout on the bundled shapes model: a red circle top left, a blue square bottom right.
 
-The default Layout (crop_merge: queries in a box see the prompt and their region prompt's own
-tokens; each region's words of the prompt hidden outside its box), and the scheme without
-sub-prompt tokens (sub_prompts=False: confining by hiding words only). Writes out/layout*/.
+The default Layout (crop_merge: in its box a region's text replaces the prompt's, its words of the
+prompt and its prompt's words; each region's words of the prompt hidden outside its box; the first
+30% of the steps), and mode="mask_and_sum" (each region's stream added under its box to the
+prompt's: the weaker scheme AnyMS compares with). Writes out/layout*/.
 
 python examples/layout.py
 """
@@ -23,7 +24,7 @@ regions = [
 words = ["circle", "square"]
 for name, layout in {
     "layout": attnctl.Layout(regions),
-    "layout_hide_words": attnctl.Layout(regions, sub_prompts=False),
+    "layout_mask_and_sum": attnctl.Layout(regions, mode="mask_and_sum"),
 }.items():
     out = Path("out") / name
     compare(layout, prompt, words, out)

@@ -149,29 +149,18 @@ def test_a_layout_that_never_acts_is_the_plain_model(family_pipe):
         return seen[0]
 
     base = first_latent()
-    out = first_latent(attnctl.Layout(_regions(), steps=[1]))  # acts at the second step only
+    out = first_latent(attnctl.Layout(_regions(), steps=[1], prompt_fraction=1.0))  # the second step only
     assert (out - base).abs().max() <= 1e-5
 
 
 def test_one_box_over_the_whole_image_is_plain_cross_attention(sd):
-    """Image queries attend to [prompt ; region prompt] as one prompt; the unconditional rows see
-    their prompt only, which is attention to [negative ; negative] (repeated keys change nothing)."""
-    layout = attnctl.Layout([attnctl.Region((0.0, 0.0, 1.0, 1.0), "a frog")], region_tokens="all")
-    with attnctl.control(sd, layout):
-        out = _run(sd, "sd", "a cat")
-
-    def embed(text):
-        return sd.encode_prompt(text, "cpu", 1, False)[0]
-
-    negative = embed("")
-    kwargs = tiny_call_kwargs("sd")
-    plain = sd(
-        prompt_embeds=torch.cat([embed("a cat"), embed("a frog")], 1),
-        negative_prompt_embeds=torch.cat([negative, negative], 1),
-        generator=torch.Generator().manual_seed(0),
-        **kwargs,
-    ).images
-    assert (out - plain).abs().max() <= 1e-5
+    """In its box a region's text stream replaces the prompt's: one box over the whole image, held
+    at every step, with the region prompt's whole encoding, is the plain pipeline on that prompt
+    (the unconditional rows see their own prompt only, as in the plain pipeline)."""
+    region = attnctl.Region((0.0, 0.0, 1.0, 1.0), "a frog")
+    with attnctl.control(sd, attnctl.Layout([region], region_tokens="all", prompt_fraction=1.0)):
+        out = _run(sd, "sd", "the cat")
+    assert (out - _run(sd, "sd", "a frog")).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
@@ -209,8 +198,9 @@ def test_unconditional_rows_are_untouched(sd):
 
 
 def test_priority_decides_the_overlap(sd):
-    wide = attnctl.Region((0.0, 0.0, 0.75, 1.0), "a cat", priority=1)
-    narrow = attnctl.Region((0.25, 0.0, 1.0, 1.0), "a frog")
+    # no word in common: each region's own words of the prompt are the same alone or together
+    wide = attnctl.Region((0.0, 0.0, 0.75, 1.0), "cat", priority=1)
+    narrow = attnctl.Region((0.25, 0.0, 1.0, 1.0), "frog")
     call, both = _first_call(sd, "sd", [attnctl.Layout([wide, narrow], base_outside="all")])
     _, wide_only = _first_call(sd, "sd", [attnctl.Layout([wide], base_outside="all")])
     _, narrow_only = _first_call(sd, "sd", [attnctl.Layout([narrow], base_outside="all")])
@@ -223,7 +213,7 @@ def test_priority_decides_the_overlap(sd):
     assert torch.allclose(both[cond][:, :, right], narrow_only[cond][:, :, right], atol=1e-6)
     # the other priority flips the overlap
     _, flipped = _first_call(
-        sd, "sd", [attnctl.Layout([attnctl.Region(wide.box, "a cat"), narrow], base_outside="all")]
+        sd, "sd", [attnctl.Layout([attnctl.Region(wide.box, "cat"), narrow], base_outside="all")]
     )
     assert torch.allclose(flipped[cond][:, :, overlap], narrow_only[cond][:, :, overlap], atol=1e-6)
 
@@ -256,25 +246,27 @@ def test_only_the_chosen_layers_act(sd):
 
 
 def test_region_prompts_bring_their_own_tokens_only(family_pipe):
-    """region_tokens="own": the text keys are the prompt's, then each region prompt's start, word
-    and end tokens (prompt_span), without its padding; "all": its whole padded encoding."""
+    """region_tokens="words": the text keys are the prompt's, then each region prompt's word tokens;
+    "span": its start, word and end tokens (prompt_span), without its padding; "all": its whole
+    padded encoding."""
     family, pipe = family_pipe
     lengths = {}
-    for mode in ("own", "all"):
+    for mode in ("words", "span", "all"):
         call, _ = _first_call(pipe, family, [attnctl.Layout(_regions(), region_tokens=mode)])
         lengths[mode] = call.layout.text_k.stop - call.layout.text_k.start
     plain, _ = _first_call(pipe, family, [])
     base = plain.layout.text_k.stop - plain.layout.text_k.start
-    adapter = plain.session.adapter
-    own = sum(len({*w, *e}) for w, e in (adapter.prompt_span(pipe, r.prompt) for r in _regions()))
-    assert lengths["own"] == base + own and lengths["all"] > lengths["own"]
+    spans = [plain.session.adapter.prompt_span(pipe, r.prompt) for r in _regions()]
+    assert lengths["words"] == base + sum(len(w) for w, _ in spans)
+    assert lengths["span"] == base + sum(len({*w, *e}) for w, e in spans)
+    assert lengths["words"] < lengths["span"] < lengths["all"]
     if family in ("sd", "sdxl"):  # CLIP pads every prompt to 77 (SD3/FLUX's T5 to its own default)
         assert lengths["all"] == 3 * base
 
 
 def test_hidden_words_make_maps_zero_outside_their_box(family_pipe):
     family, pipe = family_pipe
-    layout = attnctl.Layout(_regions(), base_outside="other_regions")
+    layout = attnctl.Layout(_regions(), base_outside="other_regions", prompt_fraction=1.0)  # at every step
     with attnctl.control(pipe, layout, attnctl.AttentionMaps(["cat", "frog"])) as ctl:
         _run(pipe, family)
         grids = ctl.maps.grids("cat")
@@ -286,20 +278,22 @@ def test_hidden_words_make_maps_zero_outside_their_box(family_pipe):
 
 
 def test_maps_record_the_regional_attention(sd):
-    """Maps of the prompt's words follow the masked softmax: inside a box the region tokens take
-    part of the attention, so a word's map there differs from the plain one."""
+    """Maps of the prompt's words follow the regional softmax: in its box "cat" shares the text
+    attention with its region's tokens only (no start, end or other words), so its map there is
+    above the plain one; outside its box it is hidden, so its map is zero: the maps show the box."""
     with attnctl.control(sd, attnctl.AttentionMaps(["cat"], steps=[0])) as plain:
         _run(sd, "sd")
     with attnctl.control(sd, attnctl.Layout(_regions()), attnctl.AttentionMaps(["cat"], steps=[0])) as ctl:
         _run(sd, "sd")
     for grid in ctl.maps.grids("cat"):
         left = box_cells(LEFT, *grid[1:]).view(grid[1:])
-        assert (ctl.maps.at("cat", grid)[left] < plain.maps.at("cat", grid)[left]).all()
+        cat = ctl.maps.at("cat", grid)
+        assert (cat[left] > plain.maps.at("cat", grid)[left]).all() and cat[~left].abs().max() == 0
 
 
 def test_hiding_words_without_sub_prompts(family_pipe):
     family, pipe = family_pipe
-    layout = attnctl.Layout(_regions(), base_outside="other_regions", sub_prompts=False)
+    layout = attnctl.Layout(_regions(), base_outside="other_regions", sub_prompts=False, prompt_fraction=1.0)
     with attnctl.control(pipe, layout, attnctl.AttentionMaps(["cat"])) as ctl:
         out = _run(pipe, family)
         text_len = ctl.text_len

@@ -47,9 +47,9 @@ def test_pixel_masks_are_ip_adapter_mask_entries():
     assert masks[0, 1].sum() == 16
 
 
-def _layout(joint: bool, n_regions: int = 2) -> TextLayout:
-    """3x4 image tokens, a prompt of 5 tokens, region prompts of 3 tokens each."""
-    n, base, region = 12, 5, 3
+def _layout(joint: bool, n_regions: int = 2, region: int = 3) -> TextLayout:
+    """3x4 image tokens, a prompt of 5 tokens, region prompts of `region` tokens each."""
+    n, base = 12, 5
     text = base + n_regions * region
     if joint:  # FLUX order: text first, then the image
         starts = [base + j * region for j in range(n_regions)]
@@ -84,34 +84,44 @@ def _qkv(lay, seed=0):
 BOXES = [(0.0, 0.0, 0.5, 1.0), (0.25, 0.0, 1.0, 0.67)]
 
 
+WORDS = [[1, 2], [4]]  # each region's own words, positions in the prompt
+
+
 @pytest.mark.parametrize("joint", [False, True])
 @pytest.mark.parametrize(
-    "crop_merge, hidden", [(True, None), (True, [[1, 2], [4]]), (False, None)]
-)  # hiding words is part of crop_merge
-def test_grouped_attention_equals_the_masked_softmax(joint, crop_merge, hidden):
-    lay = _layout(joint)
+    "crop_merge, words, hide, n_region_tokens",
+    [(True, WORDS, True, 3), (True, WORDS, False, 3), (True, WORDS, True, 0), (False, None, False, 3)],
+)  # hiding words is part of crop_merge; 0 region tokens: sub_prompts=False
+def test_grouped_attention_equals_the_masked_softmax(joint, crop_merge, words, hide, n_region_tokens):
+    lay = _layout(joint, region=n_region_tokens)
     owner = owners(BOXES, [0, 1], 3, 4)
     cells = [owner == j if crop_merge else box_cells(b, 3, 4) for j, b in enumerate(BOXES)]
     q, k, v = _qkv(lay)
-    for plan in (plain_plan(lay), regional_plan(lay, owner, cells, hidden, crop_merge)):
+    for plan in (plain_plan(lay), regional_plan(lay, owner, cells, words, hide, crop_merge)):
         out = grouped_attention(q, k, v, plan, lambda a, b, c: sdpa(a, b, c, None, None))
         assert torch.allclose(out, _reference(q, k, v, plan), atol=1e-6)
 
 
-def test_regional_visibility():
+@pytest.mark.parametrize("hide", [True, False])
+def test_regional_visibility(hide):
+    """crop_merge: in region j's box the text seen is region j's own words of the prompt and its
+    tokens only; outside every box the prompt, less every region's words when hidden."""
     lay = _layout(joint=True)
     owner = owners(BOXES, [0, 1], 3, 4)
-    plan = regional_plan(lay, owner, [owner == j for j in range(2)], [[1, 2], [4]], True)
+    plan = regional_plan(lay, owner, [owner == j for j in range(2)], WORDS, hide, True)
     seen = plan.visible[plan.group_of]  # [Sq, Sk]
     image = torch.arange(lay.image_q.start, lay.image_q.stop)
     region = [torch.arange(r.start, r.stop) for r in lay.regions]
+    words = [[lay.base.start + p for p in w] for w in WORDS]
+    base = torch.arange(lay.base.start, lay.base.stop)
     for cell, o in enumerate(owner.tolist()):
         row = seen[image[cell]]
         assert row[image].all()  # every image query sees every image key
         for j in range(2):
             assert bool(row[region[j]].all()) == (o == j)  # its own region's tokens only
-            hidden_here = [lay.base.start + p for p in [[1, 2], [4]][j]]
-            assert bool(row[hidden_here].any()) == (o == j)  # a region's words only in its box
+            assert bool(row[words[j]].all()) == (o == j or (o < 0 and not hide))
+        others = [p for p in base.tolist() if p not in words[0] + words[1]]
+        assert bool(row[others].all()) == (o < 0) and bool(row[others].any()) == (o < 0)
     for j in range(2):
         text_row = seen[region[j][0]]
         assert torch.equal(text_row[image], owner == j)  # region tokens see their box
@@ -123,10 +133,21 @@ def test_regional_visibility():
     assert not plain[image][:, torch.cat(region)].any()  # region tokens unseen by the image
 
 
+def test_without_region_tokens_a_box_sees_the_prompt_less_the_other_words():
+    """sub_prompts=False: no region tokens; a box sees the prompt without the other regions' words."""
+    lay = _layout(joint=False, region=0)
+    owner = owners(BOXES, [0, 1], 3, 4)
+    plan = regional_plan(lay, owner, [owner == j for j in range(2)], WORDS, True, True)
+    seen = plan.visible[plan.group_of]
+    for cell, o in enumerate(owner.tolist()):
+        hidden = {p for j, w in enumerate(WORDS) if j != o for p in w}
+        assert seen[cell].tolist() == [p not in hidden for p in range(lay.keys)]
+
+
 def test_outside_every_box_region_keys_change_nothing():
     lay = _layout(joint=False)
     owner = owners(BOXES[:1], [0], 3, 4)
-    plan = regional_plan(lay, owner, [owner == 0], None, True)
+    plan = regional_plan(lay, owner, [owner == 0], [[1]], True, True)
     q, k, v = _qkv(lay)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, lay.regions[0]] += 5

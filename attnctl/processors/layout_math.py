@@ -123,16 +123,20 @@ def regional_plan(
     lay: TextLayout,
     owner: torch.Tensor,
     cells: list[torch.Tensor],
-    hidden: list[list[int]] | None,
+    words: list[list[int]] | None,
+    hide: bool,
     crop_merge: bool,
 ) -> Plan:
     """Who sees what where the layout acts.
 
-    Image queries owned by region j see the image keys, the prompt and region j's prompt (crop-and-
-    merge: one softmax over them); queries outside every box see the image keys and the prompt.
-    `hidden` (base_outside="other_regions"): per region, prompt positions (relative to its start)
-    hidden from queries outside that region's box. Without crop_merge (mask-and-sum) every image
-    query sees the image keys and the prompt; region streams are added afterwards.
+    crop_merge: the text a query in region j's box sees is region j's alone (AnyMS's local
+    decoupling: the region's stream replaces the prompt's there, one box per query by priority): its
+    own words in the prompt (`words[j]`, positions relative to the prompt's start) and its prompt's
+    tokens. A region without prompt tokens (sub_prompts=False) sees the prompt instead, less the other
+    regions' words when `hide`. Queries outside every box see the prompt, less every region's words
+    when `hide` (base_outside="other_regions").
+    Without crop_merge (mask-and-sum) every image query sees the image keys and the prompt; region
+    streams are added afterwards. Image queries always see every image key.
     Joint attention: prompt tokens see the image and the prompt; region j's tokens see themselves
     and the image tokens `cells[j]` (their box, as owned under crop_merge).
     """
@@ -140,15 +144,17 @@ def regional_plan(
     base = _range(lay.base)
     image_keys = _range(lay.image_k)
     groups = []
-    owned = sorted(set(owner.tolist())) if crop_merge else [-1]
-    for o in owned:
+    for o in sorted(set(owner.tolist())) if crop_merge else [-1]:
         queries = image[owner == o] if crop_merge else image
-        keep = base
-        if hidden is not None and crop_merge:
-            drop = {p for j, pos in enumerate(hidden) if j != o for p in pos}
-            keep = base[[p for p in range(len(base)) if p not in drop]]
         own = _range(lay.regions[o]) if o >= 0 else image.new_zeros(0)
-        groups.append((queries, _cat(image_keys, keep, own)))
+        if crop_merge and len(own):
+            text = _cat(base[list(words[o])] if words else base.new_zeros(0), own)
+        elif crop_merge and hide and words:
+            drop = {p for j, pos in enumerate(words) if j != o for p in pos}
+            text = base[[p for p in range(len(base)) if p not in drop]]
+        else:
+            text = base
+        groups.append((queries, _cat(image_keys, text)))
     if lay.joint:
         region_queries = [_range(r) for r in lay.regions]
         groups.append((_others(lay.queries, [image, *region_queries]), _cat(image_keys, base)))

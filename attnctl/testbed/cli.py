@@ -150,7 +150,7 @@ def layout(
     method: str = typer.Option(
         "none,mask_and_sum,crop_merge",
         help="Method name(s), comma-separated, from attnctl.testbed.placement.METHODS (none, mask_and_sum, "
-        "crop_merge, crop_merge_all, crop_merge_padded, hide_words).",
+        "crop_merge, crop_merge_every_step, crop_merge_span, crop_merge_all, hide_words).",
     ),
     sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
     prompts: int = typer.Option(10, help="Prompts per object count from the fixed held-out lists (cycled)."),

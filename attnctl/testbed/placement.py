@@ -10,9 +10,11 @@ check: such a detection centred inside the box), `present` (its shape detected) 
 shape detected in its colour); per image: `all_present`, `all_in_box`. Rates carry Wilson 95%
 intervals, means Student-t ones; time is also reported as a paired ratio to the first method.
 
-Methods: `none` (the prompt alone), `mask_and_sum` and `crop_merge` (Layout's modes),
-`crop_merge_all` (crop_merge with base_outside="all": the prompt's words of a region stay visible
-outside its box), `crop_merge_padded` (region prompts with their padding tokens) and `hide_words` (base_outside="other_regions" without sub-prompt tokens).
+Methods: `none` (the prompt alone), `mask_and_sum` and `crop_merge` (Layout's modes, defaults
+otherwise), and diagnostics of crop_merge's choices: `crop_merge_every_step` (fraction=1: the boxes
+held to the last step), `crop_merge_span` (region prompts with their start and end tokens),
+`crop_merge_all` (base_outside="all": a region's words of the prompt stay visible outside its box)
+and `hide_words` (base_outside="other_regions" without sub-prompt tokens).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ METHODS: dict[str, Callable[[str, list], list]] = {
     "none": lambda prompt, boxes: [],
     "mask_and_sum": lambda prompt, boxes: [_layout(prompt, boxes, mode="mask_and_sum")],
     "crop_merge": lambda prompt, boxes: [_layout(prompt, boxes)],
+    "crop_merge_every_step": lambda prompt, boxes: [_layout(prompt, boxes, prompt_fraction=1.0)],
+    "crop_merge_span": lambda prompt, boxes: [_layout(prompt, boxes, region_tokens="span")],
     "crop_merge_all": lambda prompt, boxes: [_layout(prompt, boxes, base_outside="all")],
-    "crop_merge_padded": lambda prompt, boxes: [_layout(prompt, boxes, region_tokens="all")],
     "hide_words": lambda prompt, boxes: [
         _layout(prompt, boxes, base_outside="other_regions", sub_prompts=False)
     ],
