@@ -326,6 +326,65 @@ def test_composes_with_regulation_and_astar(sd):
     assert torch.allclose(a[cond][:, :, outside], b[cond][:, :, outside], atol=1e-6)
 
 
+class _EveryStep(AttentionEdit):
+    """Test-only: per step, the call and attention output of one layer (after the other edits)."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def mix_output(self, call, out):
+        self.calls[call.session.step] = (call, out.detach().clone())
+        return out
+
+
+def _acting_steps(pipe, layout, steps=4):
+    """The steps at which the layout's region prompts act on the first cross-attention layer: those
+    whose conditional output is not the plain attention over the prompt's own keys."""
+    probe = _EveryStep()
+    with attnctl.control(pipe, layout) as ctl:
+        first = next(layer for layer in ctl.layers if layer.kind == "cross")
+        ctl.add_edit([first], probe)
+        _run(pipe, "sd", num_inference_steps=steps)
+    n_base = pipe.tokenizer.model_max_length
+    acting = []
+    for step, (call, out) in sorted(probe.calls.items()):
+        plain = sdpa(call.query, call.key[:, :, :n_base], call.value[:, :, :n_base], None, None)
+        cond = list(call.rows.cond)
+        if not torch.allclose(out[cond], plain[cond], atol=1e-6):
+            acting.append(step)
+    return acting
+
+
+def test_region_prompts_act_on_the_first_fraction_of_the_chosen_steps(sd):
+    assert _acting_steps(sd, attnctl.Layout(_regions(), prompt_fraction=0.5)) == [0, 1]
+    assert _acting_steps(sd, attnctl.Layout(_regions())) == [0, 1]  # 0.3 of 4 steps: steps 0 and 1
+    assert _acting_steps(sd, attnctl.Layout(_regions(), prompt_fraction=1.0)) == [0, 1, 2, 3]
+    # the fraction is of the chosen steps: the first half of [2, 3]
+    assert _acting_steps(sd, attnctl.Layout(_regions(), steps=[2, 3], prompt_fraction=0.5)) == [2]
+
+
+def test_region_words_past_a_truncated_prompt_are_ignored():
+    """T5 keeps max_sequence_length tokens: a region's words past them are not in the text, and the
+    box sees the region's tokens (and the words that are there)."""
+    pipe = tiny_pipeline("flux")
+    prompt = " ".join(["filler"] * 40) + " a cat and a frog"
+    with attnctl.control(pipe, attnctl.Layout(_regions(), base_outside="all")):
+        out = _run(pipe, "flux", prompt, max_sequence_length=32)
+    assert torch.isfinite(out).all()
+
+
+def test_prompt_embeds_without_the_prompt_text(sd):
+    """Without the prompt's text a box sees its region's tokens only; hiding words needs the text."""
+    embeds = sd.encode_prompt(PROMPT, "cpu", 1, True)
+    kwargs = {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
+    with attnctl.control(sd, attnctl.Layout(_regions(), base_outside="all")):
+        out = _run(sd, "sd", None, **kwargs)
+    assert torch.isfinite(out).all() and not torch.allclose(out, _run(sd, "sd", None, **kwargs))
+    with pytest.raises(ValueError, match="without `prompt`"):
+        with attnctl.control(sd, attnctl.Layout(_regions())):
+            _run(sd, "sd", None, **kwargs)
+
+
 def test_restores_the_pipeline_after_an_exception(sd):
     before = {n: p for n, p in sd.unet.attn_processors.items()}
     base = _run(sd, "sd")
@@ -406,6 +465,21 @@ def test_subject_streams_are_zero_outside_and_merged_by_priority(ip_sd, subjects
     for j, alone in ((0, a_only), (1, b_only)):
         assert torch.allclose(out[:, :, owner == j], alone[:, :, owner == j], atol=1e-6)
     assert (box_cells(b.box, lay.height, lay.width) & (owner == 0)).any()  # the overlap went to `a`
+
+
+def test_subjects_stay_in_their_boxes_after_the_prompt_fraction(ip_sd, subjects):
+    """prompt_fraction is for region prompts: the subject's stream is still the layout's (confined to
+    its box) at the last step."""
+    probe = _EveryStep()
+    layout = attnctl.Layout([attnctl.Region(LEFT, image=subjects[0])], prompt_fraction=0.3)
+    with attnctl.control(ip_sd, layout) as ctl:
+        first = next(layer for layer in ctl.layers if layer.kind == "cross")
+        ctl.add_edit([first], probe)
+        _run(ip_sd, "sd", num_inference_steps=4)
+    call, out = probe.calls[3]
+    outside = ~box_cells(LEFT, call.layout.height, call.layout.width)
+    text = sdpa(call.query, call.key, call.value, None, None)
+    assert call.image_streams == [] and torch.equal(out[:, :, outside], text[:, :, outside])
 
 
 def test_subjects_and_region_prompts_together(ip_sd, subjects):

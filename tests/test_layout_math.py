@@ -47,19 +47,22 @@ def test_pixel_masks_are_ip_adapter_mask_entries():
     assert masks[0, 1].sum() == 16
 
 
-def _layout(joint: bool, n_regions: int = 2, region: int = 3) -> TextLayout:
-    """3x4 image tokens, a prompt of 5 tokens, region prompts of `region` tokens each."""
+def _layout(joint: bool, n_regions: int = 2, region: int = 3, image_first: bool = False) -> TextLayout:
+    """3x4 image tokens, a prompt of 5 tokens, region prompts of `region` tokens each. Joint: FLUX's
+    order (text, then the image) or SD3's (`image_first`: the image, then the text)."""
     n, base = 12, 5
     text = base + n_regions * region
-    if joint:  # FLUX order: text first, then the image
-        starts = [base + j * region for j in range(n_regions)]
+    if joint:
+        image, start = (slice(0, n), n) if image_first else (slice(text, text + n), 0)
         return TextLayout(
             queries=text + n,
             keys=text + n,
-            image_q=slice(text, text + n),
-            image_k=slice(text, text + n),
-            base=slice(0, base),
-            regions=[slice(s, s + region) for s in starts],
+            image_q=image,
+            image_k=image,
+            base=slice(start, start + base),
+            regions=[
+                slice(start + base + j * region, start + base + (j + 1) * region) for j in range(n_regions)
+            ],
         )
     return TextLayout(
         queries=n,
@@ -102,11 +105,12 @@ def test_grouped_attention_equals_the_masked_softmax(joint, crop_merge, words, h
         assert torch.allclose(out, _reference(q, k, v, plan), atol=1e-6)
 
 
+@pytest.mark.parametrize("image_first", [False, True])
 @pytest.mark.parametrize("hide", [True, False])
-def test_regional_visibility(hide):
+def test_regional_visibility(hide, image_first):
     """crop_merge: in region j's box the text seen is region j's own words of the prompt and its
     tokens only; outside every box the prompt, less every region's words when hidden."""
-    lay = _layout(joint=True)
+    lay = _layout(joint=True, image_first=image_first)
     owner = owners(BOXES, [0, 1], 3, 4)
     plan = regional_plan(lay, owner, [owner == j for j in range(2)], WORDS, hide, True)
     seen = plan.visible[plan.group_of]  # [Sq, Sk]

@@ -122,7 +122,8 @@ class Layout(Control):
     layers: layer paths or block indices to act on (None: every text-attending layer, as AnyMS
         applies it to every cross-attention layer; e.g. every other FLUX block by index).
     steps: denoising step indices to act on (None: every step).
-    prompt_fraction: region prompts act on the first fraction of those steps only (1: every step);
+    prompt_fraction: region prompts act on the first fraction of those steps only (1: all of them;
+        with steps=[10, ..., 19] and 0.3: steps 10-12);
         subject images are kept to their boxes at every one (unconfined, a subject's stream would
         spread its identity over the image). An image's layout forms in the early steps; held to
         the end, hard boxes also cut objects' edges and erase what crosses them (`attnctl bench
@@ -133,12 +134,12 @@ class Layout(Control):
         prompt and its prompt's tokens, and none of the prompt's other tokens; "mask_and_sum": each
         region's stream added under its hard mask to the prompt's (for subjects diffusers'
         `ip_adapter_masks` exactly).
-    base_outside: what of the prompt a query sees outside a region's box: "all", or
-        "other_regions": the prompt without that region's own words (the words of its prompt found
-        in the prompt and in no other region's prompt; crop_merge only). "auto": other_regions with
-        crop_merge, all with mask_and_sum. Where the prompt names a region's object ("a cat and a
-        frog" with a box for "a cat"), hiding its words outside the box is what confines it: with
-        "all", queries outside the box still read "cat" from the prompt.
+    base_outside: what of the prompt a query outside every box sees: "all", or "other_regions":
+        the prompt without the regions' own words (those of a region's prompt found in the prompt and
+        in no other region's prompt; crop_merge only; with sub_prompts=False, also what a box sees
+        of the other regions). "auto": other_regions with crop_merge, all with mask_and_sum. Where
+        the prompt names a region's object ("a cat and a frog" with a box for "a cat"), hiding its
+        words outside the box is what confines it: with "all", queries there still read "cat".
     region_tokens: which tokens of a region prompt's encoding are appended: "words" (its words
         only), "span" (its start-of-text, words and end-of-text: `prompt_span`) or "all" (the
         encoder's whole padded sequence). Start and end tokens are attention sinks: in a box that
@@ -182,8 +183,8 @@ class Layout(Control):
     base_outside: str = param(
         "auto",
         choices=BASE_OUTSIDE,
-        help="What of the prompt a query sees outside a region's box: all, other_regions (the prompt "
-        "without that region's words; crop_merge) or auto (other_regions with crop_merge).",
+        help="What of the prompt a query outside every box sees: all, other_regions (the prompt without "
+        "the regions' words; crop_merge) or auto (other_regions with crop_merge).",
     )
     sub_prompts: bool = param(True, help="Append region prompts' tokens (False: only hide words outside).")
     region_tokens: str = param(
@@ -352,15 +353,24 @@ class _LayoutEdit(AttentionEdit):
 
     # ---- when ----------------------------------------------------------------------------
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        return self.inputs.appends or self._acts(session, layer)
+        # appended region tokens must stay unseen wherever the layout does not act
+        return (
+            self.inputs.appends
+            or (bool(self.prompts) and self._acts(session, layer, prompts=True))
+            or (bool(self.subjects) and self._acts(session, layer))
+        )
 
     def _acts(self, session: Any, layer: LayerInfo, prompts: bool = False) -> bool:
-        """Whether the layout acts in this call: for its subjects (at its steps), or with
-        `prompts` for its region prompts (at its steps within `prompt_fraction`)."""
-        first = self.spec.prompt_fraction if prompts else None
-        return layer.name in self.acting and in_steps(
-            session.step, session.num_steps, steps=self.spec.steps, first=first
-        )
+        """Whether the layout acts in this call: for its subjects at each of its steps; with
+        `prompts`, for its region prompts, at the first `prompt_fraction` of those steps."""
+        if layer.name not in self.acting or not in_steps(
+            session.step, session.num_steps, steps=self.spec.steps
+        ):
+            return False
+        if not prompts:
+            return True
+        chosen = range(session.num_steps) if self.spec.steps is None else sorted(set(self.spec.steps))
+        return chosen.index(session.step) < self.spec.prompt_fraction * len(chosen)
 
     # ---- region prompts: who sees which keys ------------------------------------------------
     def key_bias(self, call: AttentionCall, rows: list[int], queries: slice) -> torch.Tensor | None:
@@ -455,7 +465,11 @@ class _LayoutEdit(AttentionEdit):
 
     def _words_for_rows(self, session: Any, rows: Any) -> dict[int, list[list[int]]]:
         """Per guided row, each region's own words' positions in that row's prompt (perturbed rows
-        are copies of the conditional ones, in their order)."""
+        are copies of the conditional ones, in their order). Without the prompt's text (a call with
+        prompt_embeds) none: boxes then see their region's tokens only; hiding words needs the text
+        (`session.prompts` says so)."""
+        if session.prompt is None and not self.spec.hides_words:
+            return {}
         per_prompt = self.words.get(session)
         prompts = session.prompts()
         out = {}

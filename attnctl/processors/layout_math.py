@@ -148,7 +148,8 @@ def regional_plan(
         queries = image[owner == o] if crop_merge else image
         own = _range(lay.regions[o]) if o >= 0 else image.new_zeros(0)
         if crop_merge and len(own):
-            text = _cat(base[list(words[o])] if words else base.new_zeros(0), own)
+            mine = [p for p in words[o] if p < len(base)] if words else []  # a truncated prompt
+            text = _cat(base[mine], own)
         elif crop_merge and hide and words:
             drop = {p for j, pos in enumerate(words) if j != o for p in pos}
             text = base[[p for p in range(len(base)) if p not in drop]]

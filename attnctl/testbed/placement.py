@@ -11,7 +11,7 @@ shape detected in its colour); per image: `all_present`, `all_in_box`. Rates car
 intervals, means Student-t ones; time is also reported as a paired ratio to the first method.
 
 Methods: `none` (the prompt alone), `mask_and_sum` and `crop_merge` (Layout's modes, defaults
-otherwise), and diagnostics of crop_merge's choices: `crop_merge_every_step` (fraction=1: the boxes
+otherwise), and diagnostics of crop_merge's choices: `crop_merge_every_step` (prompt_fraction=1: the boxes
 held to the last step), `crop_merge_span` (region prompts with their start and end tokens),
 `crop_merge_all` (base_outside="all": a region's words of the prompt stay visible outside its box)
 and `hide_words` (base_outside="other_regions" without sub-prompt tokens).
