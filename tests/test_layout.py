@@ -42,14 +42,14 @@ def family_pipe(request):
 
 
 class _Outputs(AttentionEdit):
-    """Test-only: the attention output of every call after the other edits (first step only)."""
+    """Test-only: the attention output of each layer at each step, after the other edits (the
+    step's first call of the layer), as calls[(layer name, step)] = (call, output)."""
 
     def __init__(self):
         self.calls = {}
 
     def mix_output(self, call, out):
-        if call.session.step == 0 and call.layer.name not in self.calls:
-            self.calls[call.layer.name] = (call, out.detach().clone())
+        self.calls.setdefault((call.layer.name, call.session.step), (call, out.detach().clone()))
         return out
 
 
@@ -60,7 +60,7 @@ def _first_call(pipe, family, controls, layer_kind="cross", **overrides):
         first = next(layer for layer in ctl.layers if layer.kind in ("cross", "joint"))
         ctl.add_edit([first], probe)
         _run(pipe, family, **overrides)
-    return probe.calls[first.name]
+    return probe.calls[(first.name, 0)]
 
 
 # ---- the controls are data ----------------------------------------------------------------------
@@ -236,10 +236,12 @@ def test_only_the_chosen_layers_act(sd):
         with attnctl.control(sd, attnctl.Layout(_regions(), layers=chosen, steps=steps)) as ctl:
             ctl.add_edit([layer for layer in ctl.layers if layer.name in cross[:2]], probe_edit)
             _run(sd, "sd")
-    cond = list(outputs.calls[cross[0]][0].rows.cond)
-    assert not torch.allclose(outputs.calls[cross[0]][1][cond], plain_outputs.calls[cross[0]][1][cond])
+    cond = list(outputs.calls[(cross[0], 0)][0].rows.cond)
+    assert not torch.allclose(
+        outputs.calls[(cross[0], 0)][1][cond], plain_outputs.calls[(cross[0], 0)][1][cond]
+    )
     # the second layer sees other hidden states, so compare it with its own plain computation
-    call, out = outputs.calls[cross[1]]
+    call, out = outputs.calls[(cross[1], 0)]
     n_base = sd.tokenizer.model_max_length  # the prompt's 77 CLIP tokens, then the regions' own
     prompt_only = sdpa(call.query, call.key[:, :, :n_base], call.value[:, :, :n_base], None, None)
     assert torch.allclose(out, prompt_only, atol=1e-6)
@@ -326,28 +328,17 @@ def test_composes_with_regulation_and_astar(sd):
     assert torch.allclose(a[cond][:, :, outside], b[cond][:, :, outside], atol=1e-6)
 
 
-class _EveryStep(AttentionEdit):
-    """Test-only: per step, the call and attention output of one layer (after the other edits)."""
-
-    def __init__(self):
-        self.calls = {}
-
-    def mix_output(self, call, out):
-        self.calls[call.session.step] = (call, out.detach().clone())
-        return out
-
-
 def _acting_steps(pipe, layout, steps=4):
     """The steps at which the layout's region prompts act on the first cross-attention layer: those
     whose conditional output is not the plain attention over the prompt's own keys."""
-    probe = _EveryStep()
+    probe = _Outputs()
     with attnctl.control(pipe, layout) as ctl:
         first = next(layer for layer in ctl.layers if layer.kind == "cross")
         ctl.add_edit([first], probe)
         _run(pipe, "sd", num_inference_steps=steps)
     n_base = pipe.tokenizer.model_max_length
     acting = []
-    for step, (call, out) in sorted(probe.calls.items()):
+    for (_, step), (call, out) in sorted(probe.calls.items()):
         plain = sdpa(call.query, call.key[:, :, :n_base], call.value[:, :, :n_base], None, None)
         cond = list(call.rows.cond)
         if not torch.allclose(out[cond], plain[cond], atol=1e-6):
@@ -470,13 +461,13 @@ def test_subject_streams_are_zero_outside_and_merged_by_priority(ip_sd, subjects
 def test_subjects_stay_in_their_boxes_after_the_prompt_fraction(ip_sd, subjects):
     """prompt_fraction is for region prompts: the subject's stream is still the layout's (confined to
     its box) at the last step."""
-    probe = _EveryStep()
+    probe = _Outputs()
     layout = attnctl.Layout([attnctl.Region(LEFT, image=subjects[0])], prompt_fraction=0.3)
     with attnctl.control(ip_sd, layout) as ctl:
         first = next(layer for layer in ctl.layers if layer.kind == "cross")
         ctl.add_edit([first], probe)
         _run(ip_sd, "sd", num_inference_steps=4)
-    call, out = probe.calls[3]
+    call, out = probe.calls[(first.name, 3)]
     outside = ~box_cells(LEFT, call.layout.height, call.layout.width)
     text = sdpa(call.query, call.key, call.value, None, None)
     assert call.image_streams == [] and torch.equal(out[:, :, outside], text[:, :, outside])
