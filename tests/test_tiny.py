@@ -207,3 +207,26 @@ def test_denoiser_config_overrides():
     assert len(pipe.transformer.blocks) == 3 and pipe.transformer.config.attention_head_dim == 16
     with pytest.raises(ValueError, match="not WanTransformer3DModel config entries"):
         tiny_pipeline("wan", depth=3)
+
+
+def test_overrides_of_entries_left_at_their_defaults_are_honoured():
+    """Entries the tiny model was built with at their defaults (diffusers' `_use_default_values`)
+    take an override too: SD3 with SD3.5's RMS q/k norms and dual (image-only) attention."""
+    sd35 = tiny_pipeline("sd3", qk_norm="rms_norm", dual_attention_layers=(0,))
+    block = sd35.transformer.transformer_blocks[0]
+    assert sd35.transformer.config.qk_norm == "rms_norm"
+    assert type(block.attn.norm_q).__name__ == "RMSNorm" and block.attn2 is not None
+    assert getattr(sd35.transformer.transformer_blocks[1], "attn2", None) is None
+    flux = tiny_pipeline("flux", out_channels=8)
+    assert flux.transformer.config.out_channels == 8 and flux.transformer.proj_out.out_features == 8
+
+
+def test_builds_in_two_threads_give_the_same_weights():
+    import concurrent.futures
+
+    alone = tiny_pipeline("flux").transformer.state_dict()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        built = list(pool.map(lambda _: tiny_pipeline("flux").transformer.state_dict(), range(4)))
+    for state in built:
+        assert state.keys() == alone.keys()
+        assert all(torch.equal(state[k], alone[k]) for k in alone)

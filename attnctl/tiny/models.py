@@ -24,7 +24,10 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,8 +45,7 @@ def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
     `denoiser_config` overrides entries of the UNet/transformer config, e.g.
     `tiny_pipeline("wan", num_layers=8, attention_head_dim=64)` for a deeper model in benchmarks."""
     builder = _BUILDERS.get(_check_family(family))
-    # Building seeds torch's global RNG per component; keep the caller's RNG stream untouched.
-    with torch.random.fork_rng(devices=[]):
+    with _private_rng():
         pipe = builder(seed)
         if denoiser_config:
             name = "unet" if hasattr(pipe, "unet") else "transformer"
@@ -54,7 +56,9 @@ def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
                     f"{unknown} are not {type(old).__name__} config entries; known: {sorted(old.config)}"
                 )
             torch.manual_seed(seed)
-            pipe.register_modules(**{name: type(old).from_config({**old.config, **denoiser_config})})
+            # Overrides as keyword arguments: in a config dict, diffusers would reset the entries the
+            # model was built with at their defaults (`_use_default_values`) and drop such overrides.
+            pipe.register_modules(**{name: type(old).from_config(old.config, **denoiser_config)})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -106,7 +110,7 @@ def add_tiny_ip_adapter(pipe: Any, seed: int = 0, image_size: int = 32) -> Any:
 
     unet = pipe.unet
     cross, embed_dim, tokens = unet.config.cross_attention_dim, 32, 4
-    with torch.random.fork_rng(devices=[]):
+    with _private_rng():
         torch.manual_seed(seed)
         encoder = CLIPVisionModelWithProjection(
             CLIPVisionConfig(
@@ -165,6 +169,19 @@ def hunyuan_prompt_template() -> dict[str, Any]:
 def _template_crop_start(template: str) -> int:
     tokenizer = build_llama_tokenizer(default_corpus())
     return len(tokenizer(template.partition("{}")[0])["input_ids"])
+
+
+_BUILDING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _private_rng() -> Iterator[None]:
+    """The random stream of one build: diffusers and transformers modules initialise their weights
+    from torch's global generator (they take no generator), so the builders seed it per component;
+    the lock keeps builds in other threads from drawing from it meanwhile (two threads building at
+    once get the same weights as one), and the caller's stream is restored afterwards."""
+    with _BUILDING, torch.random.fork_rng(devices=[]):
+        yield
 
 
 def _check_family(family: str) -> str:
