@@ -13,8 +13,8 @@ from .core.controls import Control
 from .core.layers import LayerSelection
 from .core.session import Session, control
 from .pipelines.generate import Generation, generate
-from .pipelines.guidance import AStar, AttendAndExcite
 from .processors.draft import DraftAttention
+from .processors.guidance import AStar, AttendAndExcite
 from .processors.layout import Layout, Region
 from .processors.maps import AttentionMaps
 from .processors.regulation import AttentionRegulation, AttentionRegulationProcessor

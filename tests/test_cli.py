@@ -174,7 +174,7 @@ def test_generate_prints_only_what_it_wrote(tmp_path):
 
 
 def test_generate_bad_values_end_with_one_line(tmp_path, monkeypatch):
-    import attnctl.cli
+    import attnctl.cli.generate
 
     a_file = tmp_path / "a-file"
     a_file.write_text("")
@@ -203,7 +203,7 @@ def test_generate_bad_values_end_with_one_line(tmp_path, monkeypatch):
     def no_loading(model):
         raise AssertionError("loaded a model")
 
-    monkeypatch.setattr(attnctl.cli, "_load", no_loading)
+    monkeypatch.setattr(attnctl.cli.generate, "load_model", no_loading)
     for args, message in early:
         result = runner.invoke(app, ["generate", *args])
         assert result.exit_code == 2 and message in result.output

@@ -15,7 +15,7 @@ from attnctl.core.attention import AttentionEdit
 from attnctl.core.controls import Control
 from attnctl.core.tokens import token_positions
 from attnctl.families.unet import UNetAdapter
-from attnctl.pipelines import guidance
+from attnctl.processors import guidance
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"

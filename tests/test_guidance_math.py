@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnctl.pipelines.guidance_math import (
+from attnctl.processors.guidance_math import (
     REFINEMENT_THRESHOLDS,
     astar_loss,
     binarize,

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnctl.bench.draft import run_kernel_bench
+from attnctl.cli.bench import draft as bench_draft
 from attnctl.kernels import DraftLayout, draft_attention, draft_block_mask, patch_permutation
 from attnctl.kernels import draft as draft_mod
 from attnctl.kernels import sparse as sparse_mod
-from attnctl.kernels.bench import draft as bench_draft
-from attnctl.kernels.bench import run_kernel_bench
 
 FAST_BACKENDS = ["dense", "gather", "flex_eager"]
 

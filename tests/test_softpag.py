@@ -217,7 +217,7 @@ def test_json_round_trip_and_validation(tmp_path):
 
 
 def test_bench_pag_reports_paired_ratios(tmp_path):
-    from attnctl.pipelines.bench import run_pag
+    from attnctl.bench.pag import run_pag
 
     report = run_pag(("sd3",), samples=1, json_out=tmp_path / "pag.json", log=None)
     row = report["sd3"]

@@ -172,11 +172,11 @@ def test_confidence_intervals():
 def test_bench_compose_writes_json(tmp_path):
     from typer.testing import CliRunner
 
-    from attnctl.testbed.cli import _standalone_app
+    from attnctl.cli import app
 
     out = tmp_path / "compose.json"
     result = CliRunner().invoke(
-        _standalone_app(),
+        app,
         ["bench", "compose", "--prompts", "1", "--seeds", "2", "--steps", "2", "--json", str(out), "--quiet"],
     )
     assert result.exit_code == 0, result.output

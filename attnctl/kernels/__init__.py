@@ -1,7 +1,10 @@
-"""Sparse attention kernels: DraftAttention (arXiv 2505.14708) with flex, gather and dense backends."""
+"""Sparse attention kernels: DraftAttention (arXiv 2505.14708) with flex, gather and dense backends.
 
-from attnctl.kernels.draft import BACKENDS, DraftLayout, draft_attention, draft_block_mask, patch_permutation
-from attnctl.kernels.sparse import SparsePlan, flex_block_mask
+Tensors in, tensors out: nothing here imports attnctl outside this package."""
+
+from .draft import BACKENDS, draft_attention, draft_block_mask, patch_permutation
+from .layout import DraftLayout
+from .sparse import SparsePlan, flex_block_mask
 
 __all__ = [
     "BACKENDS",

@@ -1,6 +1,6 @@
 """Block-sparse attention backends for DraftAttention (arXiv 2505.14708; specs/draft-attention.md).
 
-All backends take q, k, v in the kernel layout of `draft.DraftLayout` ([batch, heads, length, d],
+All backends take q, k, v in the kernel layout of `layout.DraftLayout` ([batch, heads, length, d],
 blocks of `layout.block` tokens, padding slots zero) and a block mask [batch, heads, G, G] (True =
 query block attends to key block); padding keys are always masked out. A query row with no key
 left outputs zeros, as SDPA and FlexAttention do for fully masked rows.
@@ -25,20 +25,16 @@ left outputs zeros, as SDPA and FlexAttention do for fully masked rows.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
-import math
 import queue
-import threading
 import warnings
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from attnctl.kernels.draft import DraftLayout
+from .layout import DraftLayout
+from .memory import scratch, take, threads
 
 # Elements (rows x keys x head_dim) gathered per SDPA call on the gather path (4 MB each of keys and
 # values in fp32, per worker). Small enough that the gathered blocks are still near the core when
@@ -53,7 +49,7 @@ PAIR_MIN_SHARED = 2
 PAIR_ROUNDS = 8
 
 # Where compiled flex works, is it the faster choice? Not on CPU: with 128-token blocks its kernel
-# tiles keys by 128 while SDPA tiles by 512; `attnctl.kernels.bench` on the 2-core CPU, 32k tokens,
+# tiles keys by 128 while SDPA tiles by 512; `attnctl.bench.draft` on the 2-core CPU, 32k tokens,
 # 8 heads, 10% of blocks kept: gather 6.4x over dense SDPA, compiled flex 3.0x (and slower than
 # dense at 50%). Other devices: flex (its GPU kernels are the block-sparse path; not measured here).
 FLEX_PREFERRED: dict[str, bool] = {"cpu": False}
@@ -110,12 +106,12 @@ class SparsePlan:
 
     @functools.cached_property
     def _flex_mask(self):  # -> BlockMask
-        with threads(1):  # many tiny ops: see threads
+        with threads(1):  # many tiny ops: see memory.threads
             return flex_block_mask(self.keep, self.layout)
 
     @functools.cached_property
     def _groups(self) -> GatherWork:
-        with threads(1):  # many tiny ops: see threads
+        with threads(1):  # many tiny ops: see memory.threads
             return _gather_groups(self.keep, self.layout, pair=True)
 
     @functools.cached_property
@@ -378,7 +374,7 @@ def _attend_chunk(
     d, dv = q_blocks.shape[-1], out.shape[-1]
     flat_rows, source = rows.flatten(), cols.flatten()
     with threads(1):
-        # Into per-thread buffers reused by every chunk and call (see scratch): with fresh
+        # Into per-thread buffers reused by every chunk and call (see memory.scratch): with fresh
         # allocations the gather was ~4x slower than the copy.
         queries = take(q_blocks, 0, flat_rows, "gather_q").view(n, 1, -1, d)
         keys = take(k_blocks, 0, source, "gather_k").view(n, 1, c * block, d)
@@ -414,62 +410,6 @@ def _attend_chunk(
 @functools.cache
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attnctl-gather")
-
-
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run the enclosed ops on n intra-op threads (process-wide; restored after).
-
-    The gather path's copies are memory bound and its bookkeeping ops are tiny: on one thread they
-    are as fast (index_select of 94 MB: 31 ms on 1 thread vs 46 ms on 2, 2-core CPU under load),
-    and they skip the thread barrier that a busy shared CPU makes slow. SDPA keeps every thread.
-    """
-    saved = torch.get_num_threads()
-    if n == saved:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-class _Buffers(threading.local):
-    def __init__(self) -> None:
-        self.by_name: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-
-_BUFFERS = _Buffers()
-
-
-def scratch(
-    like: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """An uninitialised tensor of `shape` on `like`'s device, for use within one call only.
-
-    On CPU, a view of a buffer kept per thread and `name` and reused by later calls (each as large
-    as the largest request so far): fresh large CPU allocations page-fault on first touch, which on
-    the 2-core machine measured costs more than the copy into them (a 64 MB copy: 25 ms into fresh
-    memory, up to 190 ms into never-touched memory, 10 ms into a reused buffer). Elsewhere, where
-    caching allocators reuse memory anyway, a new tensor.
-    """
-    dtype = like.dtype if dtype is None else dtype
-    if like.device.type != "cpu":
-        return like.new_empty(shape, dtype=dtype)
-    numel = math.prod(shape)
-    buffer = _BUFFERS.by_name.get((name, dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffer = _BUFFERS.by_name[(name, dtype)] = like.new_empty(numel, dtype=dtype)
-    return buffer[:numel].view(shape)
-
-
-def take(src: torch.Tensor, dim: int, index: torch.Tensor, name: str) -> torch.Tensor:
-    """src.index_select(dim, index) into `scratch` (a new tensor where autograd records the op)."""
-    if torch.is_grad_enabled() and src.requires_grad:
-        return src.index_select(dim, index)
-    shape = src.shape[:dim] + index.shape + src.shape[dim + 1 :]
-    return torch.index_select(src, dim, index, out=scratch(src, shape, name))
 
 
 def _chunks(groups: list, block: int, dim: int):

@@ -137,10 +137,10 @@ def _images(result: Any) -> tuple[list[Any], bool]:
     """The images of a pipeline output as PIL (video pipelines: the first video's frames)."""
     from PIL import Image
 
-    from ..processors.maps import _to_pil
+    from ..processors.maps import to_pil
 
     images = getattr(result, "images", None)
     video = images is None
     if video:
         images = result.frames[0]
-    return [im if isinstance(im, Image.Image) else _to_pil(im) for im in images], video
+    return [im if isinstance(im, Image.Image) else to_pil(im) for im in images], video

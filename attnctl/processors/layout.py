@@ -580,9 +580,9 @@ def _all_positions(session: Any, prompt: str, word: str) -> list[int]:
 
 def render_layout(path: str | Path, image: Any, layout: Layout, size: int = 256) -> Path:
     """Save `layout_image(image, layout)` as a PNG."""
-    from .maps import _save
+    from .maps import save_image
 
-    return _save(layout_image(image, layout, size), path)
+    return save_image(layout_image(image, layout, size), path)
 
 
 def draw_boxes(image: Any, regions: list[Region]) -> Any:
@@ -608,9 +608,9 @@ def layout_image(image: Any, layout: Layout, size: int = 256) -> Any:
     """The image and, beside it, the image with the layout's boxes drawn and labelled (PIL)."""
     from PIL import Image
 
-    from .maps import _to_pil
+    from .maps import to_pil
 
-    base = _to_pil(image).convert("RGB")
+    base = to_pil(image).convert("RGB")
     height = max(1, round(size * base.size[1] / base.size[0]))
     base = base.resize((size, height))
     boxed = draw_boxes(base, layout.regions)

@@ -140,7 +140,7 @@ class MapStore:
 
     def save_grid(self, path: str | Path, image: Any = None, words: list[str] | None = None) -> Path:
         """Write `grid(image, words)` as a PNG."""
-        return _save(self.grid(image, words), path)
+        return save_image(self.grid(image, words), path)
 
 
 def _squeeze(m: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ def grid_image(maps: dict[str, torch.Tensor], image: Any = None, size: int = 256
 
     base = None
     if image is not None:
-        base = _to_pil(image).convert("RGB")
+        base = to_pil(image).convert("RGB")
         w0, h0 = base.size
         width, height = size, max(1, round(size * h0 / w0))
         base = base.resize((width, height))
@@ -191,14 +191,16 @@ def grid_image(maps: dict[str, torch.Tensor], image: Any = None, size: int = 256
     return sheet
 
 
-def _save(image: Any, path: str | Path) -> Path:
+def save_image(image: Any, path: str | Path) -> Path:
+    """Save a PIL image, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
 
 
-def _to_pil(image: Any) -> Any:
+def to_pil(image: Any) -> Any:
+    """A PIL image from a PIL image, or an image tensor / array (CHW or HWC, [0, 1] or [0, 255])."""
     from PIL import Image
 
     if isinstance(image, Image.Image):

@@ -27,18 +27,20 @@ def _shapes(prompt: str) -> list[str]:
 
 
 def _methods() -> dict[str, Callable[[str], list]]:
-    import attnctl
+    from ..processors.guidance import AStar, AttendAndExcite
+    from ..processors.regulation import AttentionRegulation
+    from ..processors.softpag import PAG, SoftPAG
 
     return {
         "none": lambda prompt: [],
-        "excite": lambda prompt: [attnctl.AttendAndExcite(_shapes(prompt))],
-        "astar": lambda prompt: [attnctl.AStar(_shapes(prompt))],
-        "regulation": lambda prompt: [attnctl.AttentionRegulation(_shapes(prompt))],
+        "excite": lambda prompt: [AttendAndExcite(_shapes(prompt))],
+        "astar": lambda prompt: [AStar(_shapes(prompt))],
+        "regulation": lambda prompt: [AttentionRegulation(_shapes(prompt))],
         # PAG on the mid block's self-attention (diffusers' default "mid"), scale 3
-        "pag": lambda prompt: [attnctl.PAG(["mid_block"])],
+        "pag": lambda prompt: [PAG(["mid_block"])],
         # Until a head search ran, a stated rule: half the heads (0 and 1 of 4) of every
         # self-attention layer at the 8x8 level the other methods read, u = 1, scale 3
-        "softpag": lambda prompt: [attnctl.SoftPAG({block: [0, 1] for block in SOFTPAG_BLOCKS})],
+        "softpag": lambda prompt: [SoftPAG({block: [0, 1] for block in SOFTPAG_BLOCKS})],
     }
 
 
@@ -145,9 +147,9 @@ def method_controls(method: str) -> Callable[[str], list]:
     """The function from a prompt to the controls of a method: a METHODS name, or softpag:RESULT (a
     head-search result JSON; every head it selected)."""
     if method.startswith(RESULT_METHOD) and method != RESULT_METHOD:
-        import attnctl
+        from ..processors.softpag import SoftPAG
 
-        control = attnctl.SoftPAG(method[len(RESULT_METHOD) :], u=1.0, scale=3.0)
+        control = SoftPAG(method[len(RESULT_METHOD) :], u=1.0, scale=3.0)
         return lambda prompt: [control]
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {sorted(METHODS)} or {RESULT_METHOD}RESULT.json")

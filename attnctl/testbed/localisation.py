@@ -47,7 +47,7 @@ def run_maps(
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Generate `n_prompts` x `n_seeds` images per object count, measure the in-box ratios, report."""
-    import attnctl
+    from ..core.session import control
 
     if n_prompts < 1 or n_seeds < 1:
         raise ValueError(f"n_prompts and n_seeds must be >= 1, got {n_prompts} and {n_seeds}")
@@ -72,7 +72,7 @@ def run_maps(
             for k in range(n_seeds):
                 seed = MAPS_SEED + 10_000 * size + 100 * slot + k
                 recorder = _LayerMaps(words)
-                with attnctl.control(pipe) as ctl:
+                with control(pipe) as ctl:
                     text = [layer for layer in ctl.layers if layer.kind in ("cross", "joint")]
                     ctl.add_edit(text, recorder)
                     out = pipe(

@@ -37,11 +37,9 @@ IOU = 0.5
 
 
 def _regions(prompt: str, boxes: list[tuple[float, ...]]) -> list:
-    import attnctl
+    from ..processors.layout import Region
 
-    return [
-        attnctl.Region(box, f"a {c} {s}") for (c, s), box in zip(parse_caption(prompt), boxes, strict=True)
-    ]
+    return [Region(box, f"a {c} {s}") for (c, s), box in zip(parse_caption(prompt), boxes, strict=True)]
 
 
 # Method name -> controls for a prompt and its boxes.
@@ -60,9 +58,9 @@ RATES = ("in_box", "centre_in_box", "all_in_box", "all_present", "binding")
 
 
 def _layout(prompt: str, boxes: list, **options: Any) -> Any:
-    import attnctl
+    from ..processors.layout import Layout
 
-    return attnctl.Layout(_regions(prompt, boxes), **options)
+    return Layout(_regions(prompt, boxes), **options)
 
 
 def sample_boxes(seed: int, n_objects: int) -> list[tuple[float, float, float, float]]:

@@ -17,21 +17,18 @@ important and the error meaningless.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import typer
 
-from attnctl.kernels.draft import BACKENDS, DraftLayout, _check_sparsity, _select_blocks, draft_attention
-from attnctl.kernels.sparse import SparsePlan
+from ..kernels import BACKENDS, DraftLayout, SparsePlan, draft_attention
+from ..kernels.draft import check_sparsity, select_blocks
 
 FRAME = (32, 64)  # tokens per frame (rows, columns) in the benchmark video: 2,048 tokens
 
@@ -122,69 +119,10 @@ def _check_cases(tokens: Sequence[int], sparsities: Sequence[float], backends: S
                 f"tokens={n!r} is not allowed: a positive multiple of {rows * cols} (frames of {rows}x{cols})"
             )
     for sparsity in sparsities:
-        _check_sparsity(sparsity)
+        check_sparsity(sparsity)
     for backend in backends:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not allowed: one of {', '.join(BACKENDS)}")
-
-
-def draft(
-    json_out: Path = typer.Option(..., "--json", help="Write the results here as JSON."),
-    tokens: list[str] = typer.Option(
-        ["16384,32768"], "--tokens", help="Sequence lengths (multiples of 2048), comma-separated or repeated."
-    ),
-    sparsity: list[str] = typer.Option(
-        ["0.5,0.75,0.9"], "--sparsity", help="Fractions of blocks dropped, comma-separated or repeated."
-    ),
-    heads: int = typer.Option(8, "--heads", min=1),
-    head_dim: int = typer.Option(64, "--head-dim", min=1),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Back-to-back dense and sparse runs per case."),
-    backend: list[str] = typer.Option(
-        ["flex,gather"], "--backend", help="Sparse backends to time, comma-separated or repeated."
-    ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
-    kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the kernel part."),
-    e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end Wan pipeline part."),
-    e2e_layers: int = typer.Option(
-        8, "--e2e-layers", min=1, help="Transformer blocks of the end-to-end Wan."
-    ),
-    e2e_frames: int = typer.Option(61, "--e2e-frames", min=1, help="Frames of the end-to-end video."),
-    e2e_size: int = typer.Option(512, "--e2e-size", min=16, help="Height and width of the end-to-end video."),
-    e2e_steps: int = typer.Option(8, "--e2e-steps", min=1, help="Denoising steps of the end-to-end run."),
-) -> dict[str, Any]:
-    """DraftAttention benchmark: kernels (dense SDPA vs block-sparse backends) and a Wan pipeline end to
-    end (dense vs DraftAttention(0.9)); prints tables, writes JSON."""
-    from attnctl.cli import check_json_out, fail, list_option
-
-    check_json_out(json_out)
-    cases = dict(
-        tokens=list_option(tokens, int, "--tokens"),
-        sparsities=list_option(sparsity, float, "--sparsity"),
-        backends=list_option(backend, str, "--backend"),
-    )
-    if e2e and e2e_size % 16:
-        fail(f"--e2e-size {e2e_size} is not allowed: a multiple of 16 (Wan's VAE and patch size)")
-    results: dict[str, Any] = {}
-    saved_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        if kernel:
-            results["kernel"] = run_kernel_bench(
-                **cases, heads=heads, head_dim=head_dim, repeats=repeats, echo=typer.echo
-            )
-        if e2e:
-            results["end_to_end"] = run_pipeline_bench(
-                frames=e2e_frames, size=e2e_size, steps=e2e_steps, num_layers=e2e_layers, echo=typer.echo
-            )
-    except ValueError as e:
-        fail(str(e))
-    finally:
-        torch.set_num_threads(saved_threads)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(results, indent=2))
-    typer.echo(f"wrote {json_out}")
-    return results
 
 
 def run_pipeline_bench(
@@ -204,20 +142,21 @@ def run_pipeline_bench(
     Times the denoising (pipeline call with latent output) and the VAE decode separately; end to
     end is their sum. Dense is timed before and after the sparse run (mean of both) so that a load
     change on a shared machine does not favour either side. PSNR compares the decoded videos."""
-    import attnctl
-    from attnctl.tiny import tiny_call_kwargs, tiny_pipeline, video_tokens
+    from ..core.session import control
+    from ..processors.draft import DraftAttention
+    from ..tiny import tiny_call_kwargs, tiny_pipeline, video_tokens
 
     pipe = tiny_pipeline("wan", num_layers=num_layers, attention_head_dim=head_dim)
     kwargs = tiny_call_kwargs(
         "wan", num_frames=frames, height=size, width=size, num_inference_steps=steps, output_type="latent"
     )
     n_tokens = video_tokens("wan", **kwargs)
-    control = attnctl.DraftAttention(sparsity=sparsity, dense_steps=dense_steps, backend=backend)
+    draft = DraftAttention(sparsity=sparsity, dense_steps=dense_steps, backend=backend)
     load_before = [round(x, 2) for x in os.getloadavg()]
 
     def run(*controls: Any) -> tuple[torch.Tensor, float, float]:
         start = time.perf_counter()
-        with attnctl.control(pipe, *controls):
+        with control(pipe, *controls):
             latents = pipe("a cat and a frog", generator=torch.Generator().manual_seed(0), **kwargs).frames
         denoise = time.perf_counter() - start
         start = time.perf_counter()
@@ -226,7 +165,7 @@ def run_pipeline_bench(
 
     echo(f"end to end: tiny Wan, {num_layers} blocks, {n_tokens} video tokens, {steps} steps ...")
     dense, dense_t1, decode_t1 = run()
-    sparse, sparse_t, decode_t2 = run(control)
+    sparse, sparse_t, decode_t2 = run(draft)
     _, dense_t2, decode_t3 = run()
     dense_t = (dense_t1 + dense_t2) / 2
     decode_t = statistics.median([decode_t1, decode_t2, decode_t3])
@@ -241,7 +180,7 @@ def run_pipeline_bench(
             "frames": frames,
             "size": size,
             "steps": steps,
-            "control": control.to_dict(),
+            "control": draft.to_dict(),
             "threads": torch.get_num_threads(),
             "load_average_before": load_before,
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -333,7 +272,7 @@ def _build_mask(
     """Draft + block selection + the backend's plan (what `draft_attention` builds per call)."""
     layout = DraftLayout.of(text=0, text_first=False, **shape)
     qk, kk = layout.to_kernel(q), layout.to_kernel(k)
-    keep = _select_blocks(layout, qk, kk, sparsity, 1.0 / math.sqrt(q.shape[-1]))
+    keep = select_blocks(layout, qk, kk, sparsity, 1.0 / math.sqrt(q.shape[-1]))
     plan = SparsePlan(backend, layout.kernel_block_mask(keep), layout)
     # Force the lazily built per-backend structures.
     _ = plan._groups if plan.backend == "gather" else plan._flex_mask

@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import typer
+import torch
+
+from ..core.session import control
+from ..processors.softpag import SoftPAG
 
 MODELS = ("testbed", "sd3")
 
@@ -26,10 +29,6 @@ def run_pag(
     log: Any = print,
 ) -> dict:
     """Time CFG and CFG + SoftPAG on each model; returns the report (also written to `json_out`)."""
-    import torch
-
-    import attnctl
-
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
         raise ValueError(f"models={list(models)} is not allowed: a non-empty subset of {list(MODELS)}")
@@ -41,7 +40,7 @@ def run_pag(
     for name in models:
         pipe, kwargs, layers = _setup(name)
         heads = {layer: [0] for layer in layers}
-        control = attnctl.SoftPAG(heads, u=1.0, scale=3.0, batch=batch)
+        control = SoftPAG(heads, u=1.0, scale=3.0, batch=batch)
         _generate(pipe, kwargs, 0, ())  # warm-up: first-call costs out of the timing
         _generate(pipe, kwargs, 0, (control,))
         plain, guided = [], []
@@ -73,11 +72,10 @@ def run_pag(
 
 def _setup(name: str) -> tuple[Any, dict, list[str]]:
     """The pipeline, its call settings and the perturbed layers (one head each) of a benchmark model."""
-    import attnctl
-    from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
+    from ..tiny import tiny_call_kwargs, tiny_pipeline
 
     if name == "testbed":
-        from attnctl.testbed import load_pipeline
+        from ..testbed import load_pipeline
 
         pipe = load_pipeline()
         kwargs = {"num_inference_steps": 25, "guidance_scale": 7.5}
@@ -85,7 +83,7 @@ def _setup(name: str) -> tuple[Any, dict, list[str]]:
         pipe = tiny_pipeline("sd3")
         kwargs = tiny_call_kwargs("sd3", num_inference_steps=10, height=128, width=128, output_type="latent")
     pipe.set_progress_bar_config(disable=True)
-    with attnctl.control(pipe) as ctl:
+    with control(pipe) as ctl:
         perturbable = [x for x in ctl.layers if x.kind in ("self", "joint")]
     # the layers PAG perturbs by default: SD's mid block; on a DiT, the middle block
     mid = [x.name for x in perturbable if x.block == "mid_block"]
@@ -96,41 +94,12 @@ def _setup(name: str) -> tuple[Any, dict, list[str]]:
 
 
 def _generate(pipe: Any, kwargs: dict, seed: int, controls: tuple) -> float:
-    import torch
-
-    import attnctl
-
     prompt = "a red circle and a blue square"
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     if controls:
-        with attnctl.control(pipe, *controls):
+        with control(pipe, *controls):
             pipe(prompt, generator=generator, **kwargs)
     else:  # CFG alone: the unmodified pipeline
         pipe(prompt, generator=generator, **kwargs)
     return time.perf_counter() - start
-
-
-def pag(
-    models: str = typer.Option(
-        ",".join(MODELS), help="Models, comma-separated: testbed (bundled), sd3 (tiny)."
-    ),
-    samples: int = typer.Option(8, help="Pairs (CFG, CFG + SoftPAG) timed back to back per model."),
-    batch: str = typer.Option("auto", help="SoftPAG's batch mode: auto (one batched forward) or split."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the report here."),
-    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's own choice)."),
-) -> None:
-    """Cost of CFG + SoftPAG over CFG alone, seconds per image (median of back-to-back pairs)."""
-    import torch
-
-    from ..cli import check_json_out, fail, split_commas
-
-    check_json_out(json_out)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        run_pag(tuple(split_commas(models)), samples, batch, json_out, typer.echo)
-    except ValueError as e:
-        fail(str(e))
-    if json_out:
-        typer.echo(f"wrote {json_out}")

@@ -1,0 +1,71 @@
+"""The `attnctl` command (Typer): one module per command group, their shared helpers in `common`.
+
+Nothing in attnctl imports this package but `__main__`; the console script calls `main`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import bench, generate, headhunter, layers, testbed, ui
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precise attention control for diffusers.",
+    context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
+)
+app.add_typer(bench.app, name="bench")
+app.command("generate")(generate.generate)
+app.command("ui")(ui.ui)
+app.command("layers")(layers.layers)
+app.command("headhunter")(headhunter.headhunter)
+app.add_typer(testbed.app, name="testbed")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from attnctl import __version__
+
+        typer.echo(f"attnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _entry(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _quiet_third_party()
+
+
+def _quiet_third_party() -> None:
+    """Commands print only what the user asked for: no diffusers/transformers notices, deprecation
+    warnings or loading bars. Only the command does this; attnctl used from Python leaves them be."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def main(args: list[str] | None = None) -> None:
+    """The `attnctl` command: a bad option value ends in one `error:` line (status 2), not a box."""
+    import sys
+
+    try:
+        code = app(args=args, prog_name="attnctl", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except typer.TyperException as e:  # typer's own click: usage errors and bad parameters
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

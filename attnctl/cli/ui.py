@@ -1,0 +1,46 @@
+"""`attnctl ui`: the web demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import MODEL_HELP, fail, load_model, read_controls
+
+
+def ui(
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (loopback by default)."),
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port (default: 7860, or the next free one)."
+    ),
+    controls_file: Path | None = typer.Option(
+        None, "--controls", help="A controls JSON file the page opens with (a saved config)."
+    ),
+    prompt: str = typer.Option(
+        "a red circle and a blue square", "--prompt", help="The prompt the page opens with."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
+    ),
+) -> None:
+    """Serve the web demo (Gradio, in the package's ui extra).
+
+    Never a share link, analytics off. Its `generate` endpoint takes (prompt, controls JSON, seed, steps) for gradio_client."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        fail("the web demo needs Gradio, in attnctl's ui extra: pip install -e '.[ui]' in a clone")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    controls = read_controls(controls_file) if controls_file else []
+    from attnctl.ui import launch
+
+    pipe = load_model(model)
+    try:
+        launch(model, pipe=pipe, host=host, port=port, prompt=prompt, controls=controls)
+    except OSError as e:  # e.g. the port is taken
+        fail(f"cannot serve on {host}:{port or 7860}: {e}")
