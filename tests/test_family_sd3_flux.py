@@ -199,26 +199,29 @@ def test_flux_fused_projections_and_reference_tokens():
         )
 
 
-def test_flux_kernel_is_the_layers_dispatch(monkeypatch):
-    import diffusers.models.attention_dispatch as dispatch_module
+def test_flux_seam_follows_a_backend_set_inside_the_block(monkeypatch):
+    """attnctl takes q, k, v at the model's own dispatch_attention_fn call, with the backend its
+    processor passes: one set inside control() (as set_attention_backend does, per processor) is
+    used, and the processors have their own back on exit."""
+    import diffusers.models.transformers.transformer_flux as flux_module
 
-    seen = {}
+    pipe = tiny_pipeline("flux")
+    seen = []
+    original = flux_module.dispatch_attention_fn
 
-    def dispatch(q, k, v, attn_mask=None, scale=None, *, backend=None, parallel_config=None, **fixed):
-        seen.update(shape=tuple(q.shape), backend=backend, parallel_config=parallel_config, scale=scale)
-        out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
-        return out.transpose(1, 2)  # [B, S, H, D], as diffusers' backends return
+    def spy(*args, backend=None, **kwargs):
+        seen.append(str(backend))
+        return original(*args, backend=backend, **kwargs)
 
-    monkeypatch.setattr(dispatch_module, "dispatch_attention_fn", dispatch)
-    processor = types.SimpleNamespace(_attention_backend="flash", _parallel_config=None)
-    kernel = FluxAdapter().kernel_for(processor)
-    processor._attention_backend = (
-        "_native_math"  # e.g. set_attention_backend inside control(): read per call
-    )
-    q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)  # [B, H, S, D]
-    out = kernel(q, k, v, None, None)
-    assert seen == {"shape": (2, 6, 4, 8), "backend": "_native_math", "parallel_config": None, "scale": None}
-    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn", spy)
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
+        for processor in pipe.transformer.attn_processors.values():
+            processor._attention_backend = "_native_math"
+        _run(pipe, "flux")
+    assert len(seen) == len(ctl.layers) * 2 and set(seen) == {"_native_math"}  # 2 steps
+    assert ctl.maps["cat"].shape == (8, 8)
+    assert flux_module.dispatch_attention_fn is spy
+    assert all(p._attention_backend is None for p in pipe.transformer.attn_processors.values())
 
 
 def test_word_past_the_calls_text_length_is_a_clear_error():

@@ -112,7 +112,7 @@ def test_region_and_layout_validation():
         attnctl.Layout(_regions(), sub_prompts=False, base_outside="all")
     with pytest.raises(ValueError, match="base_prompt_weight="):
         attnctl.Layout(_regions(), base_prompt_weight=1.5)
-    with pytest.raises(ValueError, match="WanPipeline"):
+    with pytest.raises(ValueError, match="Layout does not work on WanTransformer3DModel"):
         with attnctl.control(tiny_pipeline("wan"), attnctl.Layout(_regions())):
             pass
 
@@ -499,26 +499,22 @@ def test_subject_errors(sd, ip_sd, subjects):
 def test_joint_attention_never_builds_explicit_logits(family, monkeypatch):
     """The layout runs the model's own kernel per query group: no N x N logits and no mask."""
     from attnctl.core.attention import AttentionCall
-    from attnctl.families import adapter_for
 
     pipe = tiny_pipeline(family)
-    adapter = type(adapter_for(pipe.transformer))
-    original = adapter.kernel_for
     calls = []
+    init = AttentionCall.__init__
 
-    def spy(self, processor):
-        kernel = original(self, processor)
-
+    def spy(self, session, layer, prepared, default_kernel):
         def run(q, k, v, mask, scale):
             calls.append(mask)
-            return kernel(q, k, v, mask, scale)
+            return default_kernel(q, k, v, mask, scale)
 
-        return run
+        init(self, session, layer, prepared, run)
 
     def no_logits(self, rows=None):
         raise AssertionError("explicit logits were computed")
 
-    monkeypatch.setattr(adapter, "kernel_for", spy)
+    monkeypatch.setattr(AttentionCall, "__init__", spy)
     monkeypatch.setattr(AttentionCall, "logits", no_logits)
     with attnctl.control(pipe, attnctl.Layout(_regions())):
         _run(pipe, family)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, generate, headhunter, layers, testbed, ui
+from . import bench, families, generate, headhunter, layers, testbed, ui
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +20,7 @@ app.command("generate")(generate.generate)
 app.command("ui")(ui.ui)
 app.command("layers")(layers.layers)
 app.command("headhunter")(headhunter.headhunter)
+app.command("families")(families.families)
 app.add_typer(testbed.app, name="testbed")
 
 

@@ -1,4 +1,4 @@
-"""The one attention processor attnctl installs, and the protocol controls fill in.
+"""Attention calls and the protocol controls fill in (attnctl's processor, `processor.py`, runs them).
 
 A control contributes to an attention call through an `AttentionEdit`, overriding only what it needs
 (in the spirit of FlexAttention's score_mod / mask_mod):
@@ -22,15 +22,13 @@ imports it), or a stand-in with the same state, as `AttentionRegulationProcessor
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..families.base import FamilyAdapter, LayerInfo, Prepared
+from ..families.base import LayerInfo, Prepared
 from .denoiser import BatchRows
 
 # Elements of one logits chunk when text probabilities are recomputed (16 MiB in fp32; a chunk
@@ -206,33 +204,3 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
         if overrides(e, "observe"):
             e.observe(call)
     return out
-
-
-class AttnctlProcessor:
-    """Stands in for a layer's processor while controls are installed; calls the original when idle.
-
-    diffusers filters the keyword arguments it passes by the processor's `__call__` signature, so
-    this processor exposes the signature of the one it replaces.
-    """
-
-    def __init__(self, original: Any, session: Any, layer: LayerInfo, adapter: FamilyAdapter):
-        self.original = original
-        self.session = session
-        self.layer = layer
-        self.adapter = adapter
-        # Keep the model's attention backend choice on this layer (principle: fast path untouched).
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
-        call = functools.partial(type(self).__call__, self)
-        call.__signature__ = inspect.signature(original.__call__)  # type: ignore[attr-defined]
-        self.__call__ = call  # what inspect.signature(processor.__call__) sees
-
-    def __call__(self, attn: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        edits = self.session.edits_for(self.layer)
-        if not edits:
-            return self.original(attn, hidden_states, *args, **kwargs)
-        prepared = self.adapter.prepare(
-            self.session, self.layer, attn, hidden_states, *args, processor=self.original, **kwargs
-        )
-        call = AttentionCall(self.session, self.layer, prepared, self.adapter.kernel_for(self))
-        return prepared.finish(attend(call, edits))

@@ -20,10 +20,13 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..families import FamilyAdapter, LayerInfo, adapter_for
-from .attention import AttentionEdit, AttnctlProcessor
+from ..families.base import attention_modules
+from ..families.support import METHODS, SUPPORTED, status
+from .attention import AttentionEdit
 from .controls import Control
 from .denoiser import BatchRows, DenoiserHook, DenoiserWrapper
 from .layers import LayerSelection, SelectedLayer
+from .processor import AttnctlProcessor, open_seam
 from .tokens import TokenTruncatedError
 
 T = TypeVar("T")
@@ -89,6 +92,13 @@ class Session:
     # ---- installing -------------------------------------------------------------------------
     def install(self, controls: tuple[Control, ...]) -> None:
         self._check_not_controlled()
+        for c in controls:
+            mark, why = status(self.adapter, c.kind) if c.kind in METHODS else (SUPPORTED, "")
+            if mark != SUPPORTED:
+                raise ValueError(
+                    f"{c.kind} does not work on {type(self.denoisers[0]).__name__} ({self.adapter.name}): "
+                    f"{why} (`attnctl families` lists what works where)"
+                )
         self.controls = list(controls)
         for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
             self._snapshot_backends(denoiser)
@@ -103,7 +113,9 @@ class Session:
         for denoiser in self.denoisers:
             registry = getattr(denoiser, "_diffusers_hook", None)
             hooked = registry is not None and HOOK_NAME in getattr(registry, "hooks", {})
-            swapped = any(isinstance(p, AttnctlProcessor) for p in denoiser.attn_processors.values())
+            swapped = any(
+                isinstance(m.processor, AttnctlProcessor) for m in attention_modules(denoiser).values()
+            )
             if hooked or swapped:
                 raise ValueError(
                     f"attnctl.control: this {type(self.pipe).__name__} is already inside an attnctl.control "
@@ -188,7 +200,7 @@ class Session:
         """Put every processor's attention backend settings back on exit, even if changed meanwhile."""
         saved = [
             (proc, {a: vars(proc)[a] for a in ("_attention_backend", "_parallel_config") if a in vars(proc)})
-            for proc in denoiser.attn_processors.values()
+            for proc in (m.processor for m in attention_modules(denoiser).values())
             if hasattr(proc, "_attention_backend")
         ]
 
@@ -208,8 +220,11 @@ class Session:
         except AttributeError:
             return  # a second denoiser (e.g. Wan 2.2's transformer_2) may lack this layer
         original = module.processor
+        close = open_seam(original, adapter.seam) if adapter.seam is not None else None
         module.set_processor(AttnctlProcessor(original, self, layer, adapter))
         self._undo.append(lambda: module.set_processor(original))
+        if close is not None:
+            self._undo.append(close)
 
     def restore(self) -> None:
         """Undo everything installed, newest first. Runs every undo even if one fails."""

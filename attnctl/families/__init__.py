@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared
+from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
@@ -21,18 +21,20 @@ ADAPTERS: list[FamilyAdapter] = [
     HunyuanVideoAdapter(),
 ]
 
-SUPPORTED = (
-    "Stable Diffusion 1.x/2.x/XL (UNet2DConditionModel), SD3 (SD3Transformer2DModel), "
-    "FLUX (FluxTransformer2DModel), Wan (WanTransformer3DModel), CogVideoX (CogVideoXTransformer3DModel), "
-    "HunyuanVideo (HunyuanVideoTransformer3DModel)"
-)
-
 
 def adapter_for(denoiser: torch.nn.Module) -> FamilyAdapter:
+    """The adapter of a denoiser's family: by its class (or a base class), else by the processors of
+    its attention modules (a renamed or re-wrapped model of a known family)."""
+    classes = {c.__name__ for c in type(denoiser).__mro__}
     for adapter in ADAPTERS:
-        if adapter.matches(denoiser):
+        if classes & set(adapter.denoisers):
             return adapter
-    raise ValueError(f"attnctl does not support {type(denoiser).__name__}; supported families: {SUPPORTED}")
+    processors = {type(m.processor).__name__ for m in attention_modules(denoiser).values()}
+    for adapter in ADAPTERS:
+        if processors and processors <= set(adapter.processors):
+            return adapter
+    supported = "; ".join(f"{a.title} ({', '.join(a.denoisers)})" for a in ADAPTERS)
+    raise ValueError(f"attnctl does not support {type(denoiser).__name__}; supported families: {supported}")
 
 
-__all__ = ["ADAPTERS", "FamilyAdapter", "LayerInfo", "Layout", "Prepared", "adapter_for", "SUPPORTED"]
+__all__ = ["ADAPTERS", "FamilyAdapter", "LayerInfo", "Layout", "Prepared", "adapter_for"]

@@ -96,14 +96,20 @@ class FamilyAdapter:
     `denoisers` and `adapters` on it (typed Any: families sit below the session and never import it).
     """
 
-    name: str = ""
-    # Denoiser class names this adapter accepts (names, so that optional classes need no import).
+    name: str = ""  # short name: `tiny:<name>`, the support matrix
+    title: str = ""  # the models it covers, as people name them
+    # Denoiser class names this adapter accepts (names, so that optional classes need no import),
+    # and the processor class names a denoiser of another name must use throughout to be accepted.
     denoisers: tuple[str, ...] = ()
+    processors: tuple[str, ...] = ()
     latent_arg = "hidden_states"  # the denoiser's keyword for its latent input
     video = False  # whether the denoiser makes videos (frames > 1 in the token grid)
-
-    def matches(self, denoiser: torch.nn.Module) -> bool:
-        return type(denoiser).__name__ in self.denoisers
+    # Where attnctl takes q, k, v: at the kernel call inside the model's own processor, "dispatch"
+    # (diffusers' dispatch_attention_fn) or "sdpa" (F.scaled_dot_product_attention), placed by
+    # `seam_layout`; None: through `prepare`, which re-does the processor's work.
+    seam: str | None = None
+    # Methods (control kinds) that would apply to the family but attnctl cannot do on it, with why.
+    refuses: dict[str, str] = {}  # noqa: RUF012 - read only
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         """Every attention module of the denoiser, in model order."""
@@ -115,6 +121,14 @@ class FamilyAdapter:
         Called before each denoiser forward; sets `session.grid` (frames, height, width of the
         image tokens at full token resolution). The session itself reads the timestep, the batch
         and the text length (`encoder_hidden_states`)."""
+        raise NotImplementedError
+
+    def seam_layout(
+        self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int
+    ) -> Layout | None:
+        """Where the tokens sit in kernel call number `call` (0, 1, ...) of one processor call of
+        `layer`, whose q and k hold `queries` and `keys` tokens; None: a call no control sees (it runs
+        as the model made it, e.g. Wan I2V's attention to the image embedding)."""
         raise NotImplementedError
 
     def prepare(
@@ -166,10 +180,23 @@ class FamilyAdapter:
         text-key sequence; padding is in neither."""
         raise NotImplementedError(f"{type(self).__name__} does not give prompt spans yet")
 
+    def gives_prompt_spans(self) -> bool:
+        return type(self).prompt_span is not FamilyAdapter.prompt_span
+
     def variant(self, pipe: Any) -> str:
         """Which model of the family the pipeline holds, where published settings differ between them
         (e.g. "sd1", "sd2", "sdxl"); default: the family name."""
         return self.name
+
+
+def attention_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every attention module of a denoiser (one with a processor), by path, in model order. Not
+    `attn_processors`: some diffusers transformers (Lumina2, CogView4, Z-Image) do not have it."""
+    return {
+        name: m
+        for name, m in denoiser.named_modules()
+        if getattr(m, "processor", None) is not None and callable(getattr(m, "set_processor", None))
+    }
 
 
 def block_of(name: str) -> str:
@@ -197,35 +224,3 @@ def sdpa(
 ) -> torch.Tensor:
     """PyTorch SDPA on [B, H, S, D]: the kernel of the processors that call it directly."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def heads_to_dim1(x: torch.Tensor) -> torch.Tensor:
-    """[B, S, H, D] → [B, H, S, D]."""
-    return x.transpose(1, 2)
-
-
-def dispatch_kernel(processor: Any, parallel: bool = True) -> Callable:
-    """The kernel of processors that call diffusers' `dispatch_attention_fn` (Flux, Wan, HunyuanVideo).
-
-    Returns f(q, k, v, mask, scale) on [B, H, S, D] making the same call ([B, S, H, D] there) with
-    the processor's attention backend and (if `parallel`) its context-parallel config, read at call
-    time so that a later `set_attention_backend` is followed."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    def kernel(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
-    ) -> torch.Tensor:
-        out = dispatch_attention_fn(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            dropout_p=0.0,
-            is_causal=False,
-            scale=scale,
-            backend=getattr(processor, "_attention_backend", None),
-            parallel_config=getattr(processor, "_parallel_config", None) if parallel else None,
-        )
-        return out.transpose(1, 2)
-
-    return kernel

@@ -13,14 +13,17 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, block_of
 from .wan import check_grid
 
 
 class CogVideoXAdapter(FamilyAdapter):
     name = "cogvideox"
+    title = "CogVideoX 1.0 / 1.5"
     denoisers = ("CogVideoXTransformer3DModel",)
+    processors = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
     video = True
+    seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []
@@ -38,57 +41,14 @@ class CogVideoXAdapter(FamilyAdapter):
         # CogVideoXPatchEmbed: frames // p_t with a temporal patch (1.5), all frames without (1.0)
         session.grid = (frames if p_t is None else frames // p_t, height // p, width // p)
 
-    def prepare(
-        self,
-        session: Any,
-        layer: LayerInfo,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Prepared:
-        # Mirrors diffusers' CogVideoXAttnProcessor2_0 (and its fused twin) up to the SDPA call.
-        text_len = encoder_hidden_states.size(1)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch, length, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
-
-        frames, height, width = check_grid(session.grid, length - text_len, layer)
-        video = slice(text_len, length)
-        layout = Layout(
-            image_q=video, image_k=video, text_k=slice(0, text_len), frames=frames, height=height, width=width
+    def seam_layout(self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int) -> Layout:
+        # [text ; video], text first
+        text = session.text_len
+        frames, height, width = check_grid(session.grid, queries - text, layer)
+        video = slice(text, queries)
+        return Layout(
+            image_q=video, image_k=video, text_k=slice(0, text), frames=frames, height=height, width=width
         )
-
-        def finish(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-            out = attn.to_out[1](attn.to_out[0](out))
-            text_out, video_out = out.split([text_len, length - text_len], dim=1)
-            return video_out, text_out
-
-        return Prepared(query, key, value, layout, finish, mask=attention_mask)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         # The transformer is built for a fixed text length (226 in the released models), which the

@@ -17,13 +17,12 @@ own processor.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel, heads_to_dim1
+from .base import FamilyAdapter, LayerInfo, Layout, block_of
 from .wan import check_grid, video_grid
 
 # HunyuanVideoPipeline's default `max_sequence_length` (text tokens kept after the crop).
@@ -32,8 +31,11 @@ DEFAULT_TEXT_LEN = 256
 
 class HunyuanVideoAdapter(FamilyAdapter):
     name = "hunyuanvideo"
+    title = "HunyuanVideo"
     denoisers = ("HunyuanVideoTransformer3DModel",)
+    processors = ("HunyuanVideoAttnProcessor2_0", "AttnProcessor2_0")
     video = True
+    seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []
@@ -52,84 +54,12 @@ class HunyuanVideoAdapter(FamilyAdapter):
             latents.shape[2:], (config.patch_size_t, config.patch_size, config.patch_size)
         )
 
-    def prepare(
-        self,
-        session: Any,
-        layer: LayerInfo,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Prepared:
-        # Mirrors diffusers' HunyuanVideoAttnProcessor2_0 up to the attention kernel ([B, S, H, D] there).
-        n = hidden_states.shape[1]  # video tokens
-        text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        single = attn.add_q_proj is None and encoder_hidden_states is not None
-        if single:
-            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            if single:  # the text part of the concatenation gets no RoPE
-                query = torch.cat(
-                    [apply_rotary_emb(query[:, :n], image_rotary_emb, sequence_dim=1), query[:, n:]], 1
-                )
-                key = torch.cat(
-                    [apply_rotary_emb(key[:, :n], image_rotary_emb, sequence_dim=1), key[:, n:]], 1
-                )
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
-            query = torch.cat([query, text_q], dim=1)
-            key = torch.cat([key, text_k], dim=1)
-            value = torch.cat([value, text_v], dim=1)
-
-        frames, height, width = check_grid(session.grid, n, layer)
-        layout = Layout(
-            image_q=slice(0, n),
-            image_k=slice(0, n),
-            text_k=slice(n, n + text_len) if text_len else None,
-            frames=frames,
-            height=height,
-            width=width,
-        )
-        dtype = query.dtype
-
-        def finish(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            out = out.transpose(1, 2).flatten(2, 3).to(dtype)
-            if not text_len:
-                return out, None
-            video_out, text_out = out[:, :n], out[:, n:]
-            if getattr(attn, "to_out", None) is not None:
-                video_out = attn.to_out[1](attn.to_out[0](video_out))
-            if getattr(attn, "to_add_out", None) is not None:
-                text_out = attn.to_add_out(text_out)
-            return video_out, text_out
-
-        return Prepared(
-            heads_to_dim1(query), heads_to_dim1(key), heads_to_dim1(value), layout, finish, attention_mask
-        )
-
-    def kernel_for(self, processor: Any) -> Callable:
-        return dispatch_kernel(processor)
+    def seam_layout(self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int) -> Layout:
+        # [video ; text], video first, in double and single blocks alike
+        text = session.text_len or 0
+        frames, height, width = check_grid(session.grid, queries - text, layer)
+        video = slice(0, queries - text)
+        return Layout(video, video, slice(queries - text, keys) if text else None, frames, height, width)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         template, crop = prompt_template(pipe)

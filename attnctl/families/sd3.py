@@ -14,12 +14,15 @@ from typing import Any
 import torch
 
 from ..core.tokens import TokenTruncatedError, token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, block_of
 
 
 class SD3Adapter(FamilyAdapter):
     name = "sd3"
+    title = "Stable Diffusion 3 / 3.5"
     denoisers = ("SD3Transformer2DModel",)
+    processors = ("JointAttnProcessor2_0",)
+    seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []
@@ -36,72 +39,16 @@ class SD3Adapter(FamilyAdapter):
         patch = _patch_size(session, self)
         session.grid = (1, sample.shape[-2] // patch, sample.shape[-1] // patch)
 
-    def prepare(
-        self,
-        session: Any,
-        layer: LayerInfo,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Prepared:
-        # Mirrors diffusers' JointAttnProcessor2_0 up to its SDPA call. That processor ignores
-        # `attention_mask`, so no mask is passed on.
-        batch, n = hidden_states.shape[:2]
-        if attn.fused_projections:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (
-            x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        text_k = None
-        if encoder_hidden_states is not None:
-            if attn.fused_projections:
-                text_q, text_key, text_v = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                text_q = attn.add_q_proj(encoder_hidden_states)
-                text_key = attn.add_k_proj(encoder_hidden_states)
-                text_v = attn.add_v_proj(encoder_hidden_states)
-            text_q, text_key, text_v = (
-                x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (text_q, text_key, text_v)
-            )
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
-            # SD3 puts the image tokens first, the text tokens after them
-            query = torch.cat([query, text_q], dim=2)
-            key = torch.cat([key, text_key], dim=2)
-            value = torch.cat([value, text_v], dim=2)
-            text_k = slice(n, key.shape[2])
-
+    def seam_layout(self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int) -> Layout:
+        # attn: [image ; text], image first; attn2 (SD3.5): the image tokens alone
         _, h, w = session.grid
-        if h * w != n:
+        n = h * w
+        if queries < n or (layer.kind == "self" and queries != n):
             raise ValueError(
-                f"{layer.name}: {n} image tokens do not fill the {h}x{w} token grid of the latent"
+                f"{layer.name}: {queries} tokens do not hold the {h}x{w} token grid of the latent"
             )
-        layout = Layout(image_q=slice(0, n), image_k=slice(0, n), text_k=text_k, frames=1, height=h, width=w)
-        dtype = query.dtype
-
-        def finish(out: torch.Tensor) -> Any:
-            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(dtype)
-            if encoder_hidden_states is None:
-                return attn.to_out[1](attn.to_out[0](out))
-            out, text_out = out[:, :n], out[:, n:]
-            if not attn.context_pre_only:
-                text_out = attn.to_add_out(text_out)
-            return attn.to_out[1](attn.to_out[0](out)), text_out
-
-        return Prepared(query, key, value, layout, finish)
+        text = slice(n, keys) if layer.kind == "joint" else None
+        return Layout(image_q=slice(0, n), image_k=slice(0, n), text_k=text, frames=1, height=h, width=w)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         """CLIP positions (0..76) plus T5 positions offset by the CLIP length, when T5 is loaded.

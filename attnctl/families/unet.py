@@ -18,6 +18,7 @@ from .base import FamilyAdapter, ImageStream, Layout, Prepared, block_of, grid_f
 
 class UNetAdapter(FamilyAdapter):
     name = "sd"
+    title = "Stable Diffusion 1.x / 2.x / XL"
     denoisers = ("UNet2DConditionModel",)
     latent_arg = "sample"
 

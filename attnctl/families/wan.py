@@ -14,22 +14,25 @@ the model's own kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, Prepared, block_of, dispatch_kernel, heads_to_dim1
+from .base import FamilyAdapter, LayerInfo, Layout, block_of
 
-# diffusers' WanAttnProcessor treats the last 512 context tokens of an I2V call as text.
+# WanPipeline's default max_sequence_length (I2V requires it: diffusers treats the last 512 context
+# tokens of an I2V call as text).
 WAN_TEXT_CONTEXT = 512
 
 
 class WanAdapter(FamilyAdapter):
     name = "wan"
+    title = "Wan 2.1 / 2.2"
     denoisers = ("WanTransformer3DModel",)
+    processors = ("WanAttnProcessor",)
     video = True
+    seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []
@@ -45,60 +48,16 @@ class WanAdapter(FamilyAdapter):
         # session's text length (from `encoder_hidden_states`) is text only.
         session.grid = video_grid(inputs["hidden_states"].shape[2:], patch_size(session))
 
-    def prepare(
-        self,
-        session: Any,
-        layer: LayerInfo,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Prepared:
-        # Mirrors diffusers' WanAttnProcessor up to the attention kernel (tensors [B, S, H, D] there).
-        image_context = None
-        if attn.add_k_proj is not None:
-            split = encoder_hidden_states.shape[1] - WAN_TEXT_CONTEXT
-            image_context = encoder_hidden_states[:, :split]
-            encoder_hidden_states = encoder_hidden_states[:, split:]
-        cross = encoder_hidden_states is not None
-        query, key, value = _qkv(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _rope(query, *rotary_emb)
-            key = _rope(key, *rotary_emb)
-
-        n = query.shape[1]
-        frames, height, width = check_grid(session.grid, n, layer)
-        layout = Layout(
-            image_q=slice(0, n),
-            image_k=slice(0, 0) if cross else slice(0, n),
-            text_k=slice(0, key.shape[1]) if cross else None,
-            frames=frames,
-            height=height,
-            width=width,
-        )
-        backend = getattr(attn.processor, "_attention_backend", None)
-
-        def finish(out: torch.Tensor) -> torch.Tensor:
-            out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-            if image_context is not None:
-                out = out + _image_context_attention(attn, query, image_context, backend)
-            return attn.to_out[1](attn.to_out[0](out))
-
-        return Prepared(
-            heads_to_dim1(query), heads_to_dim1(key), heads_to_dim1(value), layout, finish, attention_mask
-        )
-
-    def kernel_for(self, processor: Any) -> Callable:
-        # WanAttnProcessor passes its parallel config only to self-attention (diffusers PR #12909).
-        layer = getattr(processor, "layer", None)
-        parallel = layer is None or layer.kind == "self"
-        return dispatch_kernel(processor, parallel=parallel)
+    def seam_layout(
+        self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int
+    ) -> Layout | None:
+        frames, height, width = check_grid(session.grid, queries, layer)
+        video = slice(0, queries)
+        if layer.kind == "self":
+            return Layout(video, video, None, frames, height, width)
+        if keys != session.text_len:
+            return None  # I2V's attention to the image embedding, beside the text attention
+        return Layout(video, slice(0, 0), slice(0, keys), frames, height, width)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         # WanPipeline truncates to max_sequence_length, 512 by default (and I2V requires 512).
@@ -124,52 +83,3 @@ def check_grid(grid: tuple[int, int, int], tokens: int, layer: LayerInfo) -> tup
             f"{grid[0] * grid[1] * grid[2]}; attnctl needs the whole sequence on each device"
         )
     return grid
-
-
-def _qkv(
-    attn: torch.nn.Module, hidden_states: torch.Tensor, context: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Same projections as diffusers' `_get_qkv_projections`, fused or not.
-    if context is None:
-        context = hidden_states
-    if getattr(attn, "fused_projections", False):
-        if not attn.is_cross_attention:
-            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
-    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-
-
-def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    # Wan's interleaved RoPE, as in WanAttnProcessor: pairs (x[2i], x[2i+1]) are rotated.
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-def _image_context_attention(
-    attn: torch.nn.Module, query: torch.Tensor, image_context: torch.Tensor, backend: Any
-) -> torch.Tensor:
-    """Wan I2V: attention from the video queries [B, S, H, D] to the image-embedding tokens, unchanged."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    if getattr(attn, "fused_projections", False):
-        key, value = attn.to_added_kv(image_context).chunk(2, dim=-1)
-    else:
-        key, value = attn.add_k_proj(image_context), attn.add_v_proj(image_context)
-    key = attn.norm_added_k(key).unflatten(2, (attn.heads, -1))
-    value = value.unflatten(2, (attn.heads, -1))
-    out = dispatch_attention_fn(
-        query,
-        key,
-        value,
-        attn_mask=None,
-        dropout_p=0.0,
-        is_causal=False,
-        backend=backend,
-        parallel_config=None,
-    )
-    return out.flatten(2, 3).type_as(query)

@@ -16,7 +16,6 @@ import torch
 from ..core.attention import AttentionCall, AttentionEdit
 from ..core.controls import Control, check, param
 from ..core.session import in_steps
-from ..families import ADAPTERS
 from ..families.base import LayerInfo, sdpa
 from ..kernels import BACKENDS, draft_attention
 
@@ -75,7 +74,6 @@ class DraftAttention(Control):
         self.dense_blocks = tuple(self.dense_blocks)
 
     def install(self, session: Any) -> None:
-        _check_video(session)
         video = [layer for layer in session.layers if layer.kind in ("self", "joint")]
         if self.layers is not None:
             chosen = {layer.name for layer in session.select(self.layers, kinds=("self", "joint"))}
@@ -85,17 +83,6 @@ class DraftAttention(Control):
         check(not too_far, "dense_blocks", list(self.dense_blocks), f"block indices below {len(blocks)}")
         dense = {blocks[b] for b in self.dense_blocks}
         session.add_edit([layer for layer in video if layer.block not in dense], _Sparse(self))
-
-
-def _check_video(session: Any) -> None:
-    """DraftAttention's blocks are regions of video frames (the paper sparsifies video DiTs); on an
-    image model it would only change the image, so it is refused."""
-    if not session.adapter.video:
-        videos = ", ".join(a.name for a in ADAPTERS if a.video)
-        raise ValueError(
-            f"DraftAttention applies to video models ({videos}), not to this image model "
-            f"({type(session.denoisers[0]).__name__}); leave it out of control(...) for image models"
-        )
 
 
 class _Sparse(AttentionEdit):

@@ -47,7 +47,6 @@ from .layout_math import (
 )
 
 MODES = ("crop_merge", "mask_and_sum")
-IMAGE_FAMILIES = ("sd", "sd3", "flux")  # adapters whose image tokens are one frame
 BASE_OUTSIDE = ("auto", "all", "other_regions")
 REGION_TOKENS = ("words", "span", "all")
 BOX_RULE = "(x0, y0, x1, y1) normalised to the image, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
@@ -227,10 +226,6 @@ class Layout(Control):
         )
 
     def install(self, session: Any) -> None:
-        if session.adapter.name not in IMAGE_FAMILIES:
-            raise ValueError(
-                f"Layout works on image pipelines (SD 1.x/2.x/XL, SD3, FLUX), not {type(session.pipe).__name__}"
-            )
         acting = session.select(self.layers, kinds=("cross", "joint"))
         subjects = [r for r in self.regions if r.image is not None]
         if subjects:

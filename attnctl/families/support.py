@@ -1,0 +1,66 @@
+"""The support matrix: which method works on which family, from one registry.
+
+`attnctl families` prints it, the README's table is generated from it, `control()` refuses a pair
+that is not ✓ before installing anything, and the tests run every ✓ pair on the family's tiny model
+and check the refusal of every other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Every control that acts on a model, by its kind (the control's class name).
+METHODS = (
+    "AttentionMaps",
+    "AttentionRegulation",
+    "AttendAndExcite",
+    "AStar",
+    "SoftPAG",
+    "PAG",
+    "Layout",
+    "DraftAttention",
+)
+# Methods that read where a prompt's words and its start/end tokens sit among the text keys.
+NEED_SPANS = ("AttentionRegulation", "AttendAndExcite", "AStar", "Layout")
+# Methods that perturb attention of image queries to image keys.
+NEED_SELF = ("SoftPAG", "PAG")
+
+SUPPORTED, NOT_APPLICABLE, MISSING = "✓", "–", "✗"
+
+
+def status(adapter: Any, method: str) -> tuple[str, str]:
+    """(SUPPORTED, "") where `method` works on the adapter's family; (NOT_APPLICABLE, why) where it
+    does not apply to such a model; (MISSING, why) where it would apply but attnctl cannot do it."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed: one of {', '.join(METHODS)}")
+    if method == "DraftAttention" and not adapter.video:
+        return NOT_APPLICABLE, "an image model: DraftAttention's blocks are regions of video frames"
+    if method == "Layout" and adapter.video:
+        return NOT_APPLICABLE, "a video model: Layout's boxes are regions of one image"
+    if method in adapter.refuses:
+        return MISSING, adapter.refuses[method]
+    if method in NEED_SPANS and not adapter.gives_prompt_spans():
+        return MISSING, "attnctl does not know where this family's prompt start/end tokens sit yet"
+    return SUPPORTED, ""
+
+
+def matrix(adapters: list[Any]) -> list[tuple[Any, dict[str, tuple[str, str]]]]:
+    """(adapter, {method: status}) for each adapter, in registry order."""
+    return [(a, {m: status(a, m) for m in METHODS}) for a in adapters]
+
+
+def markdown(adapters: list[Any]) -> str:
+    """The matrix as a Markdown table, ✗ and – cells followed by a numbered reason below it."""
+    reasons: list[str] = []
+    lines = ["| family | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for adapter, row in matrix(adapters):
+        cells = []
+        for mark, why in row.values():
+            if mark != SUPPORTED:
+                if why not in reasons:
+                    reasons.append(why)
+                mark = f"{mark}{reasons.index(why) + 1}"
+            cells.append(mark)
+        lines.append(f"| {adapter.title} (`{adapter.name}`) | " + " | ".join(cells) + " |")
+    lines += ["", *(f"{i}. {why}" for i, why in enumerate(reasons, 1))]
+    return "\n".join(lines)

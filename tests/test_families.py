@@ -1,0 +1,267 @@
+"""Every family, on its tiny model, against the support matrix (`attnctl.families.support`).
+
+Per family: AttentionMaps equal an explicit softmax computed from q and k that this test captures
+itself (by wrapping the kernel the layer's processor calls, for a plain run), observing leaves the
+output bit-identical, restore is exact, every ✓ method runs and changes what it should, and every
+other method is refused at `control()` entry with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnctl
+from attnctl.core.layers import working_layers
+from attnctl.families import ADAPTERS, adapter_for
+from attnctl.families.base import attention_modules
+from attnctl.families.support import METHODS, SUPPORTED, markdown, status
+from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline, video_tokens
+
+PROMPT = "a cat and a frog"
+
+
+def _image_first(queries, keys, n):
+    return slice(0, n), slice(n, keys)
+
+
+def _text_first(queries, keys, n):
+    return slice(keys - n, keys - n + n), slice(0, keys - n)
+
+
+def _cross(queries, keys, n):
+    return slice(0, queries), slice(0, keys)
+
+
+# Where image queries and text keys sit in the kernel call of a layer attending to text, written
+# here from the models' code (not from attnctl's adapters): (queries, keys, image tokens) -> slices.
+TOKEN_ORDER = {
+    "sd": _cross,
+    "sdxl": _cross,
+    "sd3": _image_first,
+    "flux": _text_first,
+    "wan": _cross,
+    "cogvideox": _text_first,
+    "hunyuanvideo": _image_first,
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    name = request.param
+    pipe = tiny_pipeline(name)
+    return name, pipe, _run(pipe, name)
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
+def _run(pipe, family, **overrides):
+    out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs(family, **overrides))
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+def test_every_adapter_has_a_tiny_model_and_a_token_order():
+    covered = {adapter_for(_denoiser(tiny_pipeline(f))).name for f in FAMILIES}
+    assert covered == {a.name for a in ADAPTERS}
+    assert set(TOKEN_ORDER) == set(FAMILIES)
+
+
+def test_readme_shows_the_generated_support_matrix():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = markdown(ADAPTERS)
+    assert table in readme, (
+        f"README's support matrix is out of date; `attnctl families --markdown` gives:\n{table}"
+    )
+
+
+def test_dit_default_layers_are_every_text_layer(family):
+    """The default layer rule: the text-attending level at latent/4, else the lowest one above it.
+    A DiT attends at one token grid in every layer, so the rule takes them all."""
+    name, pipe, _ = family
+    with attnctl.control(pipe) as ctl:
+        text = [x for x in ctl.layers if x.kind in ("cross", "joint")]
+    chosen = working_layers(ctl.layers, 16, 16)
+    assert chosen and len({x.downsample for x in chosen}) == 1  # one level of a UNet
+    if name not in ("sd", "sdxl"):
+        assert chosen == text
+
+
+@contextlib.contextmanager
+def _kernel_calls(pipe, layer_name):
+    """q, k [B, H, S, D], mask and scale of every attention-kernel call inside one layer, and which
+    CFG branch the denoiser ran it for: the test's own capture, whatever attnctl does."""
+    denoiser = _denoiser(pipe)
+    module = denoiser.get_submodule(layer_name)
+    defining = sys.modules[type(module.processor).__call__.__module__]
+    calls, state = [], {"inside": False, "branch": None}
+    hooks = [
+        module.register_forward_pre_hook(lambda *_: state.update(inside=True)),
+        module.register_forward_hook(lambda *_: state.update(inside=False)),
+    ]
+    dispatch = getattr(defining, "dispatch_attention_fn", None)
+    original_context = getattr(denoiser, "cache_context", None)
+
+    @contextlib.contextmanager
+    def cache_context(name, *args, **kwargs):
+        state["branch"] = name
+        with original_context(name, *args, **kwargs):
+            yield
+
+    def record(q, k, mask, scale, heads_first):
+        if state["inside"]:
+            q, k = (q, k) if heads_first else (q.transpose(1, 2), k.transpose(1, 2))
+            calls.append((q.detach().float(), k.detach().float(), mask, scale, state["branch"]))
+
+    def sdpa(q, k, v, attn_mask=None, *args, scale=None, **kwargs):
+        record(q, k, attn_mask, scale, True)
+        return original_sdpa(q, k, v, attn_mask, *args, scale=scale, **kwargs)
+
+    def dispatch_attention_fn(q, k, v, attn_mask=None, *args, scale=None, **kwargs):
+        record(q, k, attn_mask, scale, False)
+        return dispatch(q, k, v, attn_mask, *args, scale=scale, **kwargs)
+
+    original_sdpa = F.scaled_dot_product_attention
+    if original_context is not None:
+        denoiser.cache_context = cache_context
+    if dispatch is not None:
+        defining.dispatch_attention_fn = dispatch_attention_fn
+    else:
+        F.scaled_dot_product_attention = sdpa
+    try:
+        yield calls
+    finally:
+        F.scaled_dot_product_attention = original_sdpa
+        if dispatch is not None:
+            defining.dispatch_attention_fn = dispatch
+        vars(denoiser).pop("cache_context", None)
+        for h in hooks:
+            h.remove()
+
+
+def _explicit_map(calls, family, positions, image_tokens):
+    """The word's map from captured q and k: softmax over all keys (mask included), image queries
+    to the word's text keys, averaged over heads, the word's tokens, conditional rows and calls."""
+    maps = []
+    for q, k, mask, scale, branch in calls:
+        if branch == "uncond":
+            continue
+        batched = branch in (None, "cond_uncond")  # CFG stacked as [uncond, cond]
+        rows = [q.shape[0] - 1] if q.shape[0] == 2 and batched else list(range(q.shape[0]))
+        image, text = TOKEN_ORDER[family](q.shape[2], k.shape[2], image_tokens or q.shape[2])
+        logits = q[rows] @ k[rows].transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        if mask is not None:
+            mask = mask[:, None, None, :] if mask.dim() == 2 else mask
+            mask = mask[rows] if mask.shape[0] > 1 else mask
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        probs = logits.softmax(-1)[:, :, image, text]
+        maps.append(probs[..., positions].mean(-1).mean(1).mean(0))
+    return torch.stack(maps).mean(0)
+
+
+def test_maps_equal_an_explicit_softmax(family):
+    name, pipe, _ = family
+    with attnctl.control(pipe) as ctl:
+        layers = [x for x in ctl.layers if x.kind in ("cross", "joint")]
+    positions = adapter_for(_denoiser(pipe)).text_positions(pipe, PROMPT, "frog")
+    image_tokens = None if name in ("sd", "sdxl") else video_tokens(name)
+    for layer in (layers[0], layers[-1]):  # e.g. FLUX: a double- and a single-stream block
+        with _kernel_calls(pipe, layer.name) as calls:
+            _run(pipe, name, num_inference_steps=1)
+        with attnctl.control(pipe, attnctl.AttentionMaps(["frog"], layers=[layer.name])) as ctl:
+            _run(pipe, name, num_inference_steps=1)
+        expected = _explicit_map(calls, name, positions, image_tokens)
+        got = ctl.maps["frog"].flatten()
+        assert got.shape == expected.shape, layer.name
+        assert torch.corrcoef(torch.stack([got, expected]))[0, 1] >= 0.99, layer.name
+        assert (got - expected).norm() <= 1e-3 * expected.norm(), layer.name
+
+
+def test_observing_leaves_the_output_bit_identical(family):
+    name, pipe, base = family
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat", "frog"])) as ctl:
+        out = _run(pipe, name)
+    assert torch.equal(out, base)
+    assert ctl.maps["frog"].sum() > 0
+
+
+def _state(pipe):
+    """What a session may touch: processors, hooks, instance attributes of every module and of the
+    pipeline's objects, and the kernel names in the processors' modules."""
+    denoiser = _denoiser(pipe)
+    modules = {
+        name: (m.processor, dict(vars(m.processor))) for name, m in attention_modules(denoiser).items()
+    }
+    defining = {sys.modules[type(p).__call__.__module__] for p, _ in modules.values()}
+    return {
+        "processors": modules,
+        "module_attrs": {n: dict(vars(m)) for n, m in denoiser.named_modules()},
+        "pipe_attrs": dict(vars(pipe)),
+        "scheduler_attrs": set(vars(pipe.scheduler)),
+        "kernels": {
+            (m.__name__, a): getattr(m, a, None) for m in defining for a in ("dispatch_attention_fn", "F")
+        },
+        "sdpa": F.scaled_dot_product_attention,
+    }
+
+
+def _applicable(pipe, name):
+    adapter = adapter_for(_denoiser(pipe))
+    return [m for m in METHODS if status(adapter, m)[0] == SUPPORTED]
+
+
+def _control(method, pipe):
+    with attnctl.control(pipe) as ctl:
+        perturbable = next(x for x in ctl.layers if x.kind in ("self", "joint"))
+    return {
+        "AttentionMaps": lambda: attnctl.AttentionMaps(["cat", "frog"]),
+        "AttentionRegulation": lambda: attnctl.AttentionRegulation(["cat", "frog"]),
+        "AttendAndExcite": lambda: attnctl.AttendAndExcite(["cat", "frog"]),
+        "AStar": lambda: attnctl.AStar(["cat", "frog"]),
+        "SoftPAG": lambda: attnctl.SoftPAG({perturbable.name: [0]}, u=0.5, scale=3.0),
+        "PAG": lambda: attnctl.PAG([perturbable.name], scale=3.0),
+        "Layout": lambda: attnctl.Layout(
+            [attnctl.Region([0, 0, 0.5, 1], "a cat"), attnctl.Region([0.5, 0, 1, 1], "a frog")]
+        ),
+        "DraftAttention": lambda: attnctl.DraftAttention(sparsity=0.5, pool=(1, 1), dense_steps=0.0),
+    }[method]()
+
+
+def test_restore_is_exact_after_every_method_together(family):
+    name, pipe, base = family
+    before = _state(pipe)
+    # SoftPAG and PAG are two ways to the same perturbed branch: one of them
+    controls = [_control(m, pipe) for m in _applicable(pipe, name) if m != "PAG"]
+    with attnctl.control(pipe, *controls):
+        _run(pipe, name)
+    after = _state(pipe)
+    assert after == before
+    assert torch.equal(_run(pipe, name), base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method(family, method):
+    name, pipe, base = family
+    mark, why = status(adapter_for(_denoiser(pipe)), method)
+    control = _control(method, pipe)
+    if mark != SUPPORTED:
+        before = _state(pipe)
+        with pytest.raises(ValueError, match=f"{method} does not work on .*: {why[:20]}"):
+            with attnctl.control(pipe, control):
+                pass
+        assert _state(pipe) == before
+        return
+    with attnctl.control(pipe, control) as ctl:
+        out = _run(pipe, name)
+    assert torch.isfinite(out).all()
+    if method == "AttentionMaps":
+        assert torch.equal(out, base) and ctl.maps["cat"].sum() > 0
+    else:
+        assert not torch.equal(out, base), f"{method} changed nothing on {name}"
