@@ -156,6 +156,8 @@ def _explicit_map(calls, family, positions, image_tokens):
         batched = branch in (None, "cond_uncond")  # CFG stacked as [uncond, cond]
         rows = [q.shape[0] - 1] if q.shape[0] == 2 and batched else list(range(q.shape[0]))
         image, text = TOKEN_ORDER[family](q.shape[2], k.shape[2], image_tokens or q.shape[2])
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = q[rows] @ k[rows].transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
         if mask is not None:
             mask = mask[:, None, None, :] if mask.dim() == 2 else mask
