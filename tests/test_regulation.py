@@ -154,6 +154,16 @@ def _layout_unet(levels: tuple[str, ...], sample_size: int) -> UNet2DConditionMo
     )
 
 
+def test_a_method_needing_larger_maps_takes_the_next_level_up():
+    """SD 1.5 at 128 px: latent/4 is the 4x4 level, too small for Attention Regulation (sides >= 8),
+    so it takes the 8x8 level; the maps of the default rule stay at 4x4."""
+    layers = UNetAdapter().layers(_layout_unet(("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), 16))
+    sides = lambda chosen: {-(-16 // layer.downsample) for layer in chosen}  # noqa: E731
+    assert sides(working_layers(layers, 16, 16)) == {4}
+    assert sides(working_layers(layers, 16, 16, min_side=8)) == {8}
+    assert sides(working_layers(layers, 16, 16, min_side=32)) == {16}  # none that large: the finest
+
+
 @pytest.mark.parametrize(
     "levels, latent, side, blocks",
     [

@@ -105,13 +105,10 @@ class UNetAdapter(FamilyAdapter):
             width=w,
         )
         dtype = query.dtype
-        prepared = Prepared(
-            query, key, value, layout, lambda out: out, mask=attention_mask, image_streams=streams
-        )
 
         def finish(out: torch.Tensor) -> torch.Tensor:
             out = out.to(dtype)
-            for stream in prepared.image_streams:
+            for stream in streams:  # what edits left in the list (Layout adds its own by box)
                 out = add_image_stream(out, query, stream, attn.heads)
             out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
             out = attn.to_out[1](attn.to_out[0](out))
@@ -121,8 +118,9 @@ class UNetAdapter(FamilyAdapter):
                 out = out + residual
             return out / attn.rescale_output_factor
 
-        prepared.finish = finish
-        return prepared
+        # `finish` holds the stream list, not the Prepared: no reference cycle keeps this call's
+        # tensors alive after it returns
+        return Prepared(query, key, value, layout, finish, mask=attention_mask, image_streams=streams)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer, prompt, word, occurrence)

@@ -22,6 +22,7 @@ from ..families.base import LayerInfo, sdpa
 from ..families.unet import UNetAdapter
 from .regulation_math import (
     MEAN_WEIGHT,
+    MIN_SIDE,
     QUANTILE_WEIGHT,
     WEIGHT_DECAY,
     RegulationState,
@@ -44,7 +45,7 @@ class AttentionRegulation(Control):
         kind="layers",
         optional=True,
         help="Layer paths or block indices (None: the cross-attention level at latent/4, else the "
-        "lowest above it: up_blocks.1 and down_blocks.2 of SD at 512 px).",
+        "lowest above it with maps of at least 8 per side: up_blocks.1 and down_blocks.2 of SD at 512 px).",
     )
     edit_fraction: float = param(
         0.5,
@@ -66,7 +67,7 @@ class AttentionRegulation(Control):
     seed: int = param(0, low=0, help="Seed of the Gaussian bumps' initialisation.")
 
     def install(self, session: Any) -> None:
-        layers = WorkingLayers(session, self.layers)
+        layers = WorkingLayers(session, self.layers, min_side=MIN_SIDE)
         edit = _Regulator(self, layers, self._columns)
         session.add_edit(layers.candidates, edit)
         session.generation_hooks.append(edit.reset)
@@ -209,7 +210,7 @@ class AttentionRegulationProcessor:
         factor = getattr(pipe, "vae_scale_factor", 8)
         size = pipe.unet.config.sample_size * factor
         latent = ((height or size) // factor, (width or size) // factor)
-        chosen = working_layers(adapter.layers(pipe.unet), *latent)
+        chosen = working_layers(adapter.layers(pipe.unet), *latent, min_side=MIN_SIDE)
         return cls(
             cols, adapter.prompt_span(pipe, prompt)[1], num_steps=num_steps, latent_size=latent,
             layer_names=[f"{layer.name}.processor" for layer in chosen], **options,
