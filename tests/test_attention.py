@@ -44,11 +44,6 @@ class _Kernel(AttentionEdit):
         return 2 * call.value  # any kernel but the model's own
 
 
-class _Bias(AttentionEdit):
-    def logit_bias(self, call, logits):
-        return logits + torch.linspace(0, 3, logits.shape[-1])
-
-
 class _Observer(AttentionEdit):
     def __init__(self):
         self.calls = 0
@@ -71,14 +66,59 @@ def test_mix_applies_to_a_kernel_edits_output_and_observers_still_run():
     assert observer.calls == 1
 
 
+def _joint_call(masked: bool):
+    """A joint call of 2 rows (uncond, cond), 2 heads, [text (3) ; image (2 x 3)] tokens; with
+    `masked`, the last text key hidden by an additive mask."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 9, 4, generator=g) for _ in range(3))
+    layout = Layout(image_q=slice(3, 9), image_k=slice(3, 9), text_k=slice(0, 3), frames=1, height=2, width=3)
+    layer = LayerInfo("blocks.0.attn", "joint", 2, "blocks.0", 0)
+    mask = None
+    if masked:
+        mask = torch.zeros(1, 1, 1, 9)
+        mask[..., 2] = float("-inf")
+    prepared = Prepared(q, k, v, layout, finish=lambda out: out, mask=mask)
+    rows = BatchRows(uncond=(0,), cond=(1,))
+    return AttentionCall(types.SimpleNamespace(rows=rows), layer, prepared, sdpa)
+
+
+class _TextEdit(AttentionEdit):
+    """Biases the text logits, then puts the first text key's probability back (AR's form)."""
+
+    def logit_bias(self, call, logits):
+        return logits + torch.tensor([1.5, -0.5, 2.0])
+
+    def post_softmax(self, call, probs, unedited):
+        probs = probs.clone()
+        probs[..., 0] = unedited[..., 0]
+        return probs
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_text_column_edits_equal_the_explicit_softmax(masked):
+    """Logit and probability edits change the output through the text columns and the rows'
+    softmax denominators only; the result equals the whole edited softmax, computed explicitly."""
+    call = _joint_call(masked)
+    out = attend(call, [_TextEdit()])
+    q, k, v = call.query[1], call.key[1], call.value[1]
+    logits = q @ k.transpose(-1, -2) * call.scale + (0 if call.mask is None else call.mask[0])
+    unedited = logits.softmax(-1)
+    logits[:, 3:, :3] += torch.tensor([1.5, -0.5, 2.0])
+    probs = logits.softmax(-1)
+    probs[:, 3:, 0] = unedited[:, 3:, 0]
+    assert torch.allclose(out[1], probs @ v, atol=1e-5)
+    plain = sdpa(call.query, call.key, call.value, call.mask, None)
+    assert torch.equal(out[0], plain[0])  # the unconditional row: the kernel's output
+    assert torch.equal(out[1, :, :3], plain[1, :, :3])  # text queries are not edited
+    assert torch.allclose(call.text_probs([0, 1]), probs[:, 3:, :2].mean(0)[None], atol=1e-6)
+
+
 def test_mix_sees_the_logit_edited_conditional_rows():
-    call, mix = _call(), _Mix([1, 2])
-    out = attend(call, [mix, _Bias()])
-    plain = sdpa(call.query, call.key, call.value, None, None)
-    biased = (_Bias().logit_bias(call, call.logits([1])).softmax(-1) @ call.value[[1]])[0]
-    assert torch.allclose(mix.seen[1], biased, atol=1e-6)
-    assert torch.equal(mix.seen[[0, 2]], plain[[0, 2]])
-    assert torch.allclose(out, _mixed(mix.seen, call.value, [1, 2]))
+    call, mix = _joint_call(False), _Mix([1])
+    out = attend(call, [mix, _TextEdit()])
+    expected = attend(_joint_call(False), [_TextEdit()])
+    assert torch.equal(mix.seen, expected)
+    assert torch.allclose(out, _mixed(expected, call.value, [1]))
 
 
 class _NoMix(AttentionEdit):
@@ -143,11 +183,11 @@ def test_key_bias_enters_explicit_logits_and_text_probs():
         image_q=slice(0, 6), image_k=slice(0, 0), text_k=slice(0, 6), frames=1, height=2, width=3
     )
     call.edits = [_HideLastKeys()]
-    logits = call.logits([1])
+    logits = call.text_logits([1])
     assert torch.isinf(logits[0, :, :3, 4:]).all() and torch.isfinite(logits[0, :, 3:]).all()
     probs = call.text_probs([4, 5, 0])
     assert torch.equal(probs[0, :3, :2], torch.zeros(3, 2))
-    expected = (call.logits([1]).softmax(-1).mean(1))[0][:, [4, 5, 0]]
+    expected = (logits.softmax(-1).mean(1))[0][:, [4, 5, 0]]
     assert torch.allclose(probs[0], expected, atol=1e-6)
 
 

@@ -2,8 +2,9 @@
 
 A control contributes to an attention call through an `AttentionEdit`, overriding only what it needs
 (in the spirit of FlexAttention's score_mod / mask_mod):
-- `logit_bias(call, logits)`: edit the pre-softmax logits (Attention Regulation, layout masks);
-- `post_softmax(call, probs, logits)`: edit the probabilities (AR restores start/end columns);
+- `logit_bias(call, logits)`: edit the pre-softmax logits of image queries to text keys (Attention
+  Regulation's bias);
+- `post_softmax(call, probs, unedited)`: edit those probabilities (AR restores start/end columns);
 - `kernel(call)`: compute the output with another kernel (DraftAttention);
 - `mix_output(call, out)`: mix the output O with the values V per batch row / head, after the kernel
   and the logit / probability edits, whichever kernel ran (SoftPAG: O' = (1-u)·O + u·V);
@@ -12,9 +13,9 @@ A control contributes to an attention call through an `AttentionEdit`, overridin
   (-inf: hidden), like FlexAttention's mask_mod; it is asked per query block, so no N x N tensor is
   needed. Explicit logits and `text_probs` include it; an edit that gives one also gives the
   kernel that honours it (layout masks).
-Explicit probabilities are computed only when an edit changes logits or probabilities; observers
-alone keep the model's own attention kernel and recompute just the text columns they read, in
-query chunks, so no N x N matrix is ever kept.
+The model's own kernel always runs; logit and probability edits change its output through the text
+columns they touch and each row's softmax denominator, and observers read just the text columns
+they ask for, so no N x N matrix is ever built.
 
 `session` arguments are the live `Session` (typed Any: this module sits below the session, which
 imports it), or a stand-in with the same state, as `AttentionRegulationProcessor` passes.
@@ -44,9 +45,12 @@ class AttentionEdit:
         return True
 
     def logit_bias(self, call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of the conditional rows' image queries to the text keys, [Bc, H, N_image, T] fp32."""
         return logits
 
-    def post_softmax(self, call: AttentionCall, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def post_softmax(self, call: AttentionCall, probs: torch.Tensor, unedited: torch.Tensor) -> torch.Tensor:
+        """Probabilities of the same entries after the logit edits (softmax over all keys), and before
+        any edit; [Bc, H, N_image, T]. Rows need not sum to 1 afterwards."""
         return probs
 
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
@@ -84,22 +88,16 @@ class AttentionCall:
         self.default_kernel = default_kernel
         self.image_streams = prepared.image_streams  # IP-Adapter streams the family adds after attend()
         self.rows: BatchRows = session.rows  # which batch rows are uncond / cond / perturbed
-        self.probs: torch.Tensor | None = None  # set when probabilities were computed explicitly
+        # edited probabilities of the conditional rows' image queries to the text keys, set by attend()
+        self.probs: torch.Tensor | None = None
         self.edits: list[AttentionEdit] = []  # the edits taking part in this call (set by attend)
         self._text_probs: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def cond_rows(self) -> list[int]:
         """Batch rows of this call that belong to the conditional (prompted) branch."""
         return list(self.rows.cond)
-
-    def logits(self, rows: list[int] | None = None) -> torch.Tensor:
-        """Explicit pre-softmax logits [B, H, Sq, Sk] of the given batch rows (default: all), mask and
-        the edits' key biases included."""
-        q, k = (self.query, self.key) if rows is None else (self.query[rows], self.key[rows])
-        logits = (q @ k.transpose(-1, -2)) * self.scale
-        bias = self.bias(rows, slice(0, q.shape[2]), logits.dtype)
-        return logits if bias is None else logits + bias
 
     def bias(self, rows: list[int] | None, queries: slice, dtype: torch.dtype) -> torch.Tensor | None:
         """The additive bias over keys for query positions `queries` of `rows` (None: all rows): the
@@ -121,43 +119,90 @@ class AttentionCall:
             total = total + p
         return total
 
+    def text_logits(self, rows: list[int]) -> torch.Tensor:
+        """Logits from the image queries to the text keys of `rows`, mask and key biases included:
+        [len(rows), H, N_image, T], fp32 (products of the model-dtype q and k, summed in fp32)."""
+        image, text = self.layout.image_q, self._text_keys()
+        q, k = self.query[rows][:, :, image].float(), self.key[rows][:, :, text].float()
+        logits = (q @ k.transpose(-1, -2)) * self.scale
+        bias = self.bias(rows, image, torch.float32)
+        return logits if bias is None else logits + bias[..., text]
+
+    def image_lse(self, rows: list[int]) -> torch.Tensor:
+        """log Σ_keys exp(logit) of each image query of `rows` over all keys, mask and key biases
+        included: [len(rows), H, N_image], fp32. The softmax denominators, so that a change to a few
+        columns (maps read them, Attention Regulation biases them) needs no N x N tensor.
+
+        On CPU without key biases and gradients, from PyTorch's flash kernel, which returns them
+        (products in fp32 whatever the dtype); else in query chunks of bounded memory."""
+        key = ("lse", *rows)
+        if key in self._cache:
+            return self._cache[key]
+        image = self.layout.image_q
+        q, k = self.query[rows][:, :, image], self.key[rows]
+        biased = any(overrides(e, "key_bias") for e in self.edits)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if q.device.type == "cpu" and not biased and not grad and q.dtype in (torch.float32, torch.bfloat16):
+            mask = self.bias(rows, image, q.dtype)
+            lse = _flash_lse(q, k, self.value[rows], mask, self.scale)
+        else:
+            b, h, n, _ = q.shape
+            chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+            parts = []
+            for s in range(0, n, chunk):
+                logits = (q[:, :, s : s + chunk].float() @ k.float().transpose(-1, -2)) * self.scale
+                start = image.start + s
+                bias = self.bias(rows, slice(start, start + logits.shape[2]), torch.float32)
+                parts.append((logits if bias is None else logits + bias).logsumexp(-1))
+            lse = torch.cat(parts, dim=2) if parts else q.new_zeros(b, h, 0, dtype=torch.float32)
+        self._cache[key] = lse
+        return lse
+
     def text_probs(self, columns: list[int]) -> torch.Tensor:
         """Head-averaged probabilities from image queries to the given text keys, for the conditional
         rows: [len(cond_rows), N_image, C], fp32.
 
         `columns` index the text keys (0 = first text token). The softmax runs over all keys, as the
-        model's own attention does; rows are computed in chunks and only the asked columns are kept.
-        Differentiable, so latent guidance can take gradients through it.
+        model's own attention does (`image_lse`); only the asked columns are computed. After a logit
+        or probability edit, the edited probabilities. Differentiable, so latent guidance can take
+        gradients through it.
         """
         key = tuple(columns)
         if key in self._text_probs:
             return self._text_probs[key]
-        text = self.layout.text_k
-        if text is None:
-            raise ValueError(f"layer {self.layer.name} has no text keys")
-        cols = torch.tensor([text.start + c for c in columns], device=self.key.device)
-        rows = self.cond_rows
-        if self.probs is not None:  # already computed explicitly for the conditional rows
-            result = self.probs[:, :, self.layout.image_q].index_select(-1, cols).float().mean(1)
+        self._text_keys()
+        cols = torch.tensor(columns, device=self.key.device, dtype=torch.long)
+        if self.probs is not None:  # edited text probabilities of the conditional rows
+            result = self.probs.index_select(-1, cols).mean(1)
         else:
-            q = self.query[rows][:, :, self.layout.image_q]
-            k = self.key[rows].float()
-            b, h, n, _ = q.shape
-            chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
-            parts = []
-            for s in range(0, n, chunk):
-                logits = (q[:, :, s : s + chunk].float() @ k.transpose(-1, -2)) * self.scale
-                start = self.layout.image_q.start + s
-                bias = self.bias(rows, slice(start, start + logits.shape[2]), torch.float32)
-                if bias is not None:
-                    logits = logits + bias
-                lse = logits.logsumexp(-1, keepdim=True)
-                parts.append((logits.index_select(-1, cols) - lse).exp().mean(1))
-            result = (
-                torch.cat(parts, dim=1) if parts else q.new_zeros(b, 0, len(columns), dtype=torch.float32)
-            )
+            rows = self.cond_rows
+            image, text = self.layout.image_q, self.layout.text_k
+            q = self.query[rows][:, :, image].float()
+            k = self.key[rows].index_select(2, cols + text.start).float()
+            logits = (q @ k.transpose(-1, -2)) * self.scale
+            bias = self.bias(rows, image, torch.float32)
+            if bias is not None:
+                logits = logits + bias.index_select(-1, cols + text.start)
+            result = (logits - self.image_lse(rows)[..., None]).exp().mean(1)
         self._text_probs[key] = result
         return result
+
+    def _text_keys(self) -> slice:
+        if self.layout.text_k is None:
+            raise ValueError(f"layer {self.layer.name} has no text keys")
+        return self.layout.text_k
+
+
+def _flash_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """The log-sum-exp PyTorch's CPU flash-attention kernel returns beside its output."""
+    if mask is not None:
+        mask = mask.to(q.dtype).expand(q.shape[0], -1, q.shape[2], -1)
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+    )
+    return lse
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -170,9 +215,11 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
     """Run one attention call with the edits' contributions; returns [B, H, Sq, D].
 
     Order: the kernel (an edit's, else the model's own), then logit and probability edits, then output
-    mixes, then observers. Logit and probability edits apply to the conditional rows only (given to
-    them as [Bc, H, Sq, Sk]); the other rows keep the kernel's output, so the unconditional branch
-    stays bit-identical. Output mixes see every row and choose their own (e.g. `call.rows.perturbed`).
+    mixes, then observers. Logit and probability edits act on the conditional rows' image queries and
+    text keys (given to them as [Bc, H, N_image, T]); the change they make to the kernel's output is
+    added exactly from those columns and the rows' softmax denominators (`image_lse`), so no N x N
+    tensor is built, and every other row and query keeps the kernel's output bit for bit. Output
+    mixes see every row and choose their own (e.g. `call.rows.perturbed`).
     """
     call.edits = edits
     biases = [e for e in edits if overrides(e, "logit_bias")]
@@ -187,16 +234,7 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
         out = call.default_kernel(call.query, call.key, call.value, call.mask, call.kernel_scale)
     rows = call.cond_rows
     if (biases or posts) and rows:
-        unedited = call.logits(rows)
-        logits = unedited
-        for e in biases:
-            logits = e.logit_bias(call, logits)
-        probs = logits.softmax(-1)
-        for e in posts:
-            probs = e.post_softmax(call, probs, unedited)
-        call.probs = probs
-        edited = probs.to(call.value.dtype) @ call.value[rows]
-        out = out.index_copy(0, torch.tensor(rows, device=out.device), edited)
+        out = _edit_text_columns(call, out, rows, biases, posts)
     for e in edits:
         if overrides(e, "mix_output"):
             out = e.mix_output(call, out)
@@ -204,3 +242,32 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
         if overrides(e, "observe"):
             e.observe(call)
     return out
+
+
+def _edit_text_columns(
+    call: AttentionCall, out: torch.Tensor, rows: list[int], biases: list, posts: list
+) -> torch.Tensor:
+    """The kernel's output of the conditional rows' image queries after logit edits (b) and
+    probability edits on the text columns T: with p = softmax(l) of the whole row and Z'/Z =
+    1 - Σ_T p + Σ_T e^(l+b-lse), the other keys' probabilities are scaled by Z/Z', so
+    O' = (O - p_T V_T) Z/Z' + p'_T V_T, p'_T the edited text probabilities."""
+    image, text = call.layout.image_q, call._text_keys()
+    unedited_logits = call.text_logits(rows)
+    logits = unedited_logits
+    for e in biases:
+        logits = e.logit_bias(call, logits)
+    lse = call.image_lse(rows)[..., None]
+    unedited = (unedited_logits - lse).exp()
+    numerators = (logits - lse).exp()
+    ratio = 1 - unedited.sum(-1, keepdim=True) + numerators.sum(-1, keepdim=True)  # Z'/Z
+    probs = numerators / ratio
+    for e in posts:
+        probs = e.post_softmax(call, probs, unedited)
+    call.probs = probs
+    values = call.value[rows][:, :, text].float()
+    index = torch.tensor(rows, device=out.device)
+    before = out.index_select(0, index)[:, :, image].float()
+    edited = (before - unedited @ values) / ratio + probs @ values
+    rows_out = out.index_select(0, index)
+    rows_out[:, :, image] = edited.to(out.dtype)
+    return out.index_copy(0, index, rows_out)

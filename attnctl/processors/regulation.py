@@ -103,16 +103,14 @@ class _Regulator(AttentionEdit):
         return editing and self.layers.includes(session, layer)
 
     def logit_bias(self, call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
-        targets, restore = self.columns.get(call.session)
+        targets, _ = self.columns.get(call.session)
         layout = call.layout
-        text, image = layout.text_k, layout.image_q
         edited = logits.clone()
         for i in range(logits.shape[0]):  # one conditional image at a time: its own target columns
             state = self.states.setdefault(f"{call.layer.name}/{i}", RegulationState(seed=self.spec.seed))
             state.step = call.session.step
-            rows = logits[i, :, image, text].reshape(-1, layout.image_tokens, text.stop - text.start)
             info = regulation_bias(
-                rows,
+                logits[i],
                 targets[i],
                 height=layout.height,
                 width=layout.width,
@@ -125,9 +123,9 @@ class _Regulator(AttentionEdit):
                 mean_weight=self.spec.mean_weight,
                 weight_decay=self.spec.weight_decay,
             )
-            cols = torch.tensor([text.start + c for c in targets[i]], device=logits.device)
+            cols = torch.tensor(targets[i], device=logits.device)
             bias = info.bias.to(logits.dtype).reshape(logits.shape[1], layout.image_tokens, len(cols))
-            edited[i, :, image] = edited[i, :, image].index_add(-1, cols, bias)
+            edited[i] = edited[i].index_add(-1, cols, bias)
             if hasattr(call.session, "log"):
                 call.session.log.setdefault("AttentionRegulation", []).append(
                     {
@@ -140,16 +138,13 @@ class _Regulator(AttentionEdit):
                 )
         return edited
 
-    def post_softmax(self, call: AttentionCall, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def post_softmax(self, call: AttentionCall, probs: torch.Tensor, unedited: torch.Tensor) -> torch.Tensor:
         # AR puts the start/end-of-text columns back to their unedited probabilities (rows then no
         # longer sum to 1): part of the method, reproduced as published.
         _, restore = self.columns.get(call.session)
-        unedited = logits.softmax(-1)
-        text = call.layout.text_k
         probs = probs.clone()
         for i, cols in enumerate(restore):
-            idx = [text.start + c for c in cols]
-            probs[i, ..., idx] = unedited[i, ..., idx]
+            probs[i, ..., cols] = unedited[i, ..., cols]
         return probs
 
 

@@ -1,0 +1,173 @@
+"""Real sizes: each control's peak memory and time against the plain pipeline, at the width users run.
+
+Cost does not depend on the weights, so the denoiser has a real model's attention width and token
+count with random weights; a few blocks stand for the full depth (every block costs the same).
+Each variant runs in its own process (peak resident set after a reset, as `maps_memory.py`), after a
+warm-up call; plain runs before and after the variants, and every ratio is against their mean.
+
+    python benchmarks/realscale.py --model flux --json out.json [--variants plain,maps,regulation]
+
+flux: FLUX.1's attention width (24 heads x 128) with 2 double- and 2 single-stream blocks, 4,096
+image tokens (1024 px) and 512 text tokens, bf16, one denoising step, latent output. The text
+encoders are attnctl's tiny ones (their cost is not under test), so the context embedding is 32 wide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from maps_memory import MIB, MMAP_THRESHOLD, _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402
+
+PROMPT = "a cat and a frog"
+MODELS = {
+    "flux": {
+        "family": "flux",
+        "config": {
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "axes_dims_rope": (16, 56, 56),
+        },
+        "call": {"height": 256, "width": 256, "max_sequence_length": 512},  # tiny VAE: 4 px a token side
+        "dtype": "bfloat16",
+    },
+}
+VARIANTS = ("plain", "maps", "regulation", "excite", "astar", "softpag", "layout")
+
+
+def controls(variant: str, layers: list) -> list:
+    import attnctl
+
+    words = ["cat", "frog"]
+    first = layers[0].name
+    return {
+        "plain": [],
+        "maps": [attnctl.AttentionMaps(words)],
+        "regulation": [attnctl.AttentionRegulation(words)],
+        "excite": [attnctl.AttendAndExcite(words, max_refinement=3)],
+        "astar": [attnctl.AStar(words)],
+        "softpag": [attnctl.SoftPAG({first: list(range(12))}, u=1.0, scale=3.0)],
+        "layout": [
+            attnctl.Layout(
+                [attnctl.Region([0, 0, 0.5, 1], "a cat"), attnctl.Region([0.5, 0, 1, 1], "a frog")]
+            )
+        ],
+    }[variant]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="flux")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS)
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.model, args.child, args.threads)))
+        return
+    variants = [v for v in args.variants.split(",") if v and v != "plain"]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        parser.error(f"--variants {','.join(bad)}: not one of {', '.join(VARIANTS)}")
+    runs = {"plain_before": _in_subprocess(args, "plain")}
+    for v in variants:
+        runs[v] = _in_subprocess(args, v)
+        print(f"{v}: {runs[v]['peak_mib']:.0f} MiB, {runs[v]['seconds']:.1f} s", flush=True)
+    runs["plain_after"] = _in_subprocess(args, "plain")
+    plain_peak = (runs["plain_before"]["peak_mib"] + runs["plain_after"]["peak_mib"]) / 2
+    plain_time = (runs["plain_before"]["seconds"] + runs["plain_after"]["seconds"]) / 2
+    rows = {
+        v: {"memory_ratio": runs[v]["peak_mib"] / plain_peak, "time_ratio": runs[v]["seconds"] / plain_time}
+        for v in variants
+    }
+    print(f"{args.model}: plain {plain_peak:.0f} MiB, {plain_time:.1f} s per step ({args.threads} thread(s))")
+    print(f"{'variant':<12}{'memory / plain':>16}{'time / plain':>14}")
+    for v, r in rows.items():
+        print(f"{v:<12}{r['memory_ratio']:>16.2f}{r['time_ratio']:>14.2f}")
+    if args.json:
+        report = {
+            "benchmark": "realscale",
+            "model": args.model,
+            **MODELS[args.model],
+            "runs": runs,
+            "ratios": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def _in_subprocess(args: argparse.Namespace, variant: str) -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    command = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        "--child",
+        variant,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        sys.exit(f"the '{variant}' run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(model: str, variant: str, threads: int) -> dict:
+    """Build the model, run one warm-up step, then measure one step."""
+    import torch
+
+    import attnctl
+    from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
+
+    torch.set_num_threads(threads)
+    spec = MODELS[model]
+    pipe = tiny_pipeline(spec["family"], **spec["config"]).to(getattr(torch, spec["dtype"]))
+    kwargs = tiny_call_kwargs(spec["family"], num_inference_steps=1, output_type="latent", **spec["call"])
+    with attnctl.control(pipe) as probe:
+        layers = [x for x in probe.layers if x.kind in ("self", "joint")]
+    chosen = controls(variant, layers)
+
+    def generate() -> attnctl.Session:
+        with attnctl.control(pipe, *chosen) as ctl:
+            pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+        return ctl
+
+    generate()  # warm-up
+    gc.collect()
+    _reset_peak_rss()
+    before = _rss_bytes()
+    start = time.process_time()
+    ctl = generate()
+    seconds = time.process_time() - start
+    peak = _peak_rss_bytes()
+    return {
+        "variant": variant,
+        "controls": [c.to_dict() for c in chosen],
+        "peak_mib": peak / MIB,
+        "before_mib": before / MIB,
+        "seconds": seconds,
+        "time": "CPU time of the measured call (process_time)",
+        "threads": threads,
+        "log": {k: len(v) for k, v in ctl.log.items()},
+    }
+
+
+if __name__ == "__main__":
+    main()
