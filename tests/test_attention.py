@@ -212,3 +212,22 @@ def test_recording_leaves_no_reference_cycle_holding_tensors(family):
         gc.enable()
     recorded = {id(t) for sums in ctl.maps._sums.values() for t in sums.values()}
     assert {id(t) for t in cyclic} <= recorded
+
+
+def test_text_probs_gradients_equal_the_explicit_softmax():
+    """Latent guidance differentiates through text_probs: the chunked log-sum-exp's backward, which
+    recomputes each chunk's probabilities, gives the gradients of the explicit softmax."""
+    call = _joint_call(masked=True)
+    call.query.requires_grad_(True)
+    call.key.requires_grad_(True)
+    probs = call.text_probs([0, 1])
+    weights = torch.linspace(1, 2, probs.numel()).view_as(probs)
+    (probs * weights).sum().backward()
+    got = call.query.grad.clone(), call.key.grad.clone()
+
+    q, k = (x.detach().clone().requires_grad_(True) for x in (call.query, call.key))
+    logits = q[[1]] @ k[[1]].transpose(-1, -2) * call.scale + call.mask
+    explicit = logits.softmax(-1)[:, :, 3:, :2].mean(1)
+    (explicit * weights).sum().backward()
+    assert torch.allclose(probs, explicit, atol=1e-6)
+    assert torch.allclose(got[0], q.grad, atol=1e-5) and torch.allclose(got[1], k.grad, atol=1e-5)

@@ -134,7 +134,8 @@ class AttentionCall:
         columns (maps read them, Attention Regulation biases them) needs no N x N tensor.
 
         On CPU without key biases and gradients, from PyTorch's flash kernel, which returns them
-        (products in fp32 whatever the dtype); else in query chunks of bounded memory."""
+        (products in fp32 whatever the dtype); else in query chunks of bounded memory, whose backward
+        recomputes each chunk's probabilities instead of keeping them (latent guidance)."""
         key = ("lse", *rows)
         if key in self._cache:
             return self._cache[key]
@@ -146,15 +147,11 @@ class AttentionCall:
             mask = self.bias(rows, image, q.dtype)
             lse = _flash_lse(q, k, self.value[rows], mask, self.scale)
         else:
-            b, h, n, _ = q.shape
-            chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
-            parts = []
-            for s in range(0, n, chunk):
-                logits = (q[:, :, s : s + chunk].float() @ k.float().transpose(-1, -2)) * self.scale
-                start = image.start + s
-                bias = self.bias(rows, slice(start, start + logits.shape[2]), torch.float32)
-                parts.append((logits if bias is None else logits + bias).logsumexp(-1))
-            lse = torch.cat(parts, dim=2) if parts else q.new_zeros(b, h, 0, dtype=torch.float32)
+
+            def bias_at(start: int, stop: int) -> torch.Tensor | None:
+                return self.bias(rows, slice(image.start + start, image.start + stop), torch.float32)
+
+            lse = _ChunkedLSE.apply(q, k, self.scale, bias_at)
         self._cache[key] = lse
         return lse
 
@@ -191,6 +188,47 @@ class AttentionCall:
         if self.layout.text_k is None:
             raise ValueError(f"layer {self.layer.name} has no text keys")
         return self.layout.text_k
+
+
+class _ChunkedLSE(torch.autograd.Function):
+    """lse = log Σ_k exp(q·k * scale + bias) per query, fp32, in query chunks of bounded memory.
+
+    Backward recomputes each chunk's probabilities p (as flash attention does), so no [N, S] tensor
+    outlives a chunk: ∂lse/∂q = scale · p K and ∂lse/∂k = scale · pᵀ Q, weighted by the incoming
+    gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, scale: float, bias_at: Callable) -> torch.Tensor:
+        ctx.scale, ctx.bias_at = scale, bias_at
+        ctx.save_for_backward(q, k)
+        parts = [logits.logsumexp(-1) for _, logits in _logit_chunks(q, k, scale, bias_at)]
+        lse = torch.cat(parts, dim=2) if parts else q.new_zeros(*q.shape[:3], dtype=torch.float32)
+        ctx.lse = lse
+        return lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        q, k = ctx.saved_tensors
+        kf = k.float()
+        grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        for part, logits in _logit_chunks(q, k, ctx.scale, ctx.bias_at):
+            weights = (logits - ctx.lse[:, :, part, None]).exp_().mul_(grad[:, :, part, None])
+            grad_q[:, :, part] = (weights @ kf) * ctx.scale
+            grad_k += (weights.transpose(-1, -2) @ q[:, :, part].float()) * ctx.scale
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None
+
+
+def _logit_chunks(q: torch.Tensor, k: torch.Tensor, scale: float, bias_at: Callable):
+    """(query slice, fp32 logits of those queries over all keys, bias included), chunk by chunk."""
+    b, h, n, _ = q.shape
+    kt = k.float().transpose(-1, -2)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+    for start in range(0, n, chunk):
+        part = slice(start, min(n, start + chunk))
+        logits = (q[:, :, part].float() @ kt) * scale
+        bias = bias_at(part.start, part.stop)
+        yield part, (logits if bias is None else logits + bias)
 
 
 def _flash_lse(
