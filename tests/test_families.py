@@ -239,8 +239,7 @@ def _control(method, pipe):
 def test_restore_is_exact_after_every_method_together(family):
     name, pipe, base = family
     before = _state(pipe)
-    # SoftPAG and PAG are two ways to the same perturbed branch: one of them
-    controls = [_control(m, pipe) for m in _applicable(pipe, name) if m != "PAG"]
+    controls = [_control(m, pipe) for m in _applicable(pipe, name)]
     with attnctl.control(pipe, *controls):
         _run(pipe, name)
     after = _state(pipe)

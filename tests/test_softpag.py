@@ -241,3 +241,23 @@ def test_composes_with_latent_guidance(guide):
             both = _run(pipe, "sd", **kwargs)
         assert both.shape == guided.shape and not torch.allclose(both, guided, atol=1e-4)
         assert ctl.log[guide]
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_softpag_and_pag_together_perturb_the_union_in_one_branch(family):
+    """One perturbed branch: PAG's layers (every head) and SoftPAG's heads, as one SoftPAG of them all."""
+    pipe = tiny_pipeline(family)
+    with attnctl.control(pipe) as probe:
+        first, second = [x for x in probe.layers if x.kind in ("self", "joint")][:2]
+    kwargs = tiny_call_kwargs(family)
+
+    def run(*controls):
+        with attnctl.control(pipe, *controls):
+            return pipe("a cat and a frog", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    both = run(attnctl.PAG([first.name]), attnctl.SoftPAG({second.name: [1]}))
+    union = run(attnctl.SoftPAG({first.name: list(range(first.heads)), second.name: [1]}))
+    assert torch.allclose(both, union, atol=1e-6)
+    assert not torch.equal(both, run(attnctl.PAG([first.name])))
+    with pytest.raises(ValueError, match="share one perturbed branch"):
+        run(attnctl.PAG([first.name], scale=2.0), attnctl.SoftPAG({second.name: [1]}))

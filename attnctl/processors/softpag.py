@@ -189,7 +189,16 @@ class PAG(Control):
 def _install(session: Any, heads: dict, u: float, target: str, scope: str, scale, adaptive, batch) -> None:
     if u == 0 or scale == 0:
         return  # O' = O, or ε_c - ε_p weighted 0: exactly the unguided run, at no cost
-    session.add_wrapper(PerturbedGuidance(scale, adaptive, batch))
+    # SoftPAG and PAG together: one perturbed branch, perturbing the union of their heads
+    shared = next((w for w in session.wrappers if isinstance(w, PerturbedGuidance)), None)
+    if shared is None:
+        session.add_wrapper(PerturbedGuidance(scale, adaptive, batch))
+    elif (shared.scale, shared.adaptive_scale, shared.batch) != (scale, adaptive, batch):
+        raise ValueError(
+            "SoftPAG and PAG in one control() share one perturbed branch, so their scale, adaptive_scale "
+            f"and batch must be equal; got {(shared.scale, shared.adaptive_scale, shared.batch)} and "
+            f"{(scale, adaptive, batch)}"
+        )
     layers = [layer for layer in session.layers if layer.name in heads]
     session.add_edit(layers, _PerturbHeads(heads, u, target, scope))
 
