@@ -59,9 +59,9 @@ def _outside(spec: FieldSpec):
     if spec.high is not None:
         bad.append(spec.high if spec.high_open else spec.high + (1 if spec.kind == "integer" else 1e-3))
     if spec.kind == "integer":
-        bad.append(1.5)
+        bad += [1.5, 2**63, -(2**63)]  # past a 64-bit integer: what torch and numpy take
     if spec.kind == "number":
-        bad.append(math.nan)
+        bad += [math.nan, math.inf, -math.inf]  # a non-finite value would make the image NaN
     return bad
 
 
@@ -163,3 +163,25 @@ def test_steps_beyond_the_run_raise_or_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _generate(pipe, attnctl.AttentionMaps(["cat"], steps=[0, 2]))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"kind": ["AStar"]}',
+        '[{"kind": "AStar", "concepts": ["cat"], "scale": Infinity}]',
+        '[{"kind": "AStar", "concepts": ["cat"], "scale": 1e400}]',
+        '[{"kind": "AStar", "concepts": ["cat"], "scale": [1]}]',
+        '[{"kind": "AStar", "concepts": {"cat": 1}}]',
+        "[" * 100_000 + "]" * 100_000,
+        '[{"kind": "Layout", "regions": [{"box": [0, 0, 1, 1], "prompt": "a", "priority": 1e30}]}]',
+    ],
+)
+def test_malformed_controls_json_is_one_value_error(text):
+    with pytest.raises(ValueError):
+        Control.list_from_json(text)
+
+
+def test_repeated_concepts_name_the_field():
+    with pytest.raises(ValueError, match=r"concepts=\['cat', 'Cat'\] is not allowed: distinct words"):
+        attnctl.AStar(["cat", "Cat"])

@@ -498,6 +498,7 @@ def test_subject_errors(sd, ip_sd, subjects):
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_joint_attention_never_builds_explicit_logits(family, monkeypatch):
     """The layout runs the model's own kernel per query group: no N x N logits and no mask."""
+    from attnctl.core import attention as attention_module
     from attnctl.core.attention import AttentionCall
 
     pipe = tiny_pipeline(family)
@@ -511,11 +512,12 @@ def test_joint_attention_never_builds_explicit_logits(family, monkeypatch):
 
         init(self, session, layer, prepared, run)
 
-    def no_logits(self, rows=None):
+    def no_logits(*args, **kwargs):
         raise AssertionError("explicit logits were computed")
 
     monkeypatch.setattr(AttentionCall, "__init__", spy)
-    monkeypatch.setattr(AttentionCall, "logits", no_logits)
+    monkeypatch.setattr(AttentionCall, "text_logits", no_logits)
+    monkeypatch.setattr(attention_module, "_logit_chunks", no_logits)
     with attnctl.control(pipe, attnctl.Layout(_regions())):
         _run(pipe, family)
     assert calls and all(mask is None for mask in calls)

@@ -9,12 +9,15 @@ allowed. What a control *does* lives in `install(session)`, called by `attnctl.c
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 _REGISTRY: dict[str, type[Control]] = {}
 
 
 KINDS = ("number", "integer", "bool", "choice", "text", "words", "layers", "steps", "regions", "data")
+# Integers are bounded by what torch and numpy take (seeds, counts): a signed 64-bit integer.
+INT_MAX = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +44,7 @@ class FieldSpec:
     def allowed(self) -> str:
         """The rule, in the words of the error a bad value gets."""
         if self.kind in ("number", "integer"):
-            lo = "-inf" if self.low is None else _num(self.low)
-            hi = "inf" if self.high is None else _num(self.high)
-            rule = f"{'an integer' if self.kind == 'integer' else 'a number'} in "
-            rule += f"{'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+            rule = _range_rule(self.kind == "integer", self.low, self.high, self.low_open, self.high_open)
         else:
             rule = {
                 "bool": "True or False",
@@ -62,12 +62,9 @@ class FieldSpec:
         if value is None:
             return self.optional
         if self.kind in ("number", "integer"):
-            types: tuple[type, ...] = (int,) if self.kind == "integer" else (int, float)
-            if not isinstance(value, types) or isinstance(value, bool) or value != value:
-                return False
-            if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-                return False
-            return self.high is None or (value < self.high if self.high_open else value <= self.high)
+            return _in_range(
+                value, self.kind == "integer", self.low, self.high, self.low_open, self.high_open
+            )
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "choice":
@@ -183,7 +180,7 @@ class Control:
             raise ValueError(f"a control is a dict with a 'kind', got {data!r}")
         data = dict(data)
         kind = data.pop("kind", None)
-        if kind not in _REGISTRY:
+        if not isinstance(kind, str) or kind not in _REGISTRY:
             raise ValueError(f"unknown control kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}")
         cls = _REGISTRY[kind]
         names = [f.name for f in dataclasses.fields(cls)]
@@ -204,10 +201,15 @@ class Control:
             data = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as e:
             raise ValueError(f"controls are not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("controls are not valid JSON: nested too deeply") from None
         data = [data] if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise ValueError(f"controls must be a JSON list of control dicts, got {type(data).__name__}")
-        return [Control.from_dict(d) for d in data]
+        try:
+            return [Control.from_dict(d) for d in data]
+        except (TypeError, RecursionError) as e:  # e.g. a list where a field takes a number
+            raise ValueError(f"controls JSON does not describe controls: {e}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -255,15 +257,38 @@ def check_number(
     integer: bool = False,
     low_open: bool = False,
 ) -> None:
-    """A real (or integer) number in [low, high] (or (low, high] with low_open)."""
-    types: tuple[type, ...] = (int,) if integer else (int, float)
-    ok = isinstance(value, types) and not isinstance(value, bool)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    lo = "-inf" if low is None else low
-    hi = "inf" if high is None else high
-    bracket = "(" if low_open else "["
-    kind = "an integer" if integer else "a number"
-    check(ok, name, value, f"{kind} in {bracket}{lo}, {hi}]")
+    """A finite real number (or a 64-bit integer) in [low, high] (or (low, high] with low_open)."""
+    check(
+        _in_range(value, integer, low, high, low_open), name, value, _range_rule(integer, low, high, low_open)
+    )
+
+
+def _in_range(
+    value: Any,
+    integer: bool,
+    low: float | None,
+    high: float | None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> bool:
+    """A finite number (an integer within INT_MAX either way) between the bounds."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    if not math.isfinite(value) if isinstance(value, float) else abs(value) > INT_MAX:
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return high is None or (value < high if high_open else value <= high)
+
+
+def _range_rule(
+    integer: bool, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> str:
+    """The words of a range: "a finite number in [0, inf)", "an integer in [1, 1000]"."""
+    if integer:
+        lo = _num(-INT_MAX) if low is None else _num(low)
+        hi = _num(INT_MAX) if high is None else _num(high)
+        return f"an integer in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+    lo = "(-inf" if low is None else f"{'(' if low_open else '['}{_num(low)}"
+    hi = "inf)" if high is None else f"{_num(high)}{')' if high_open else ']'}"
+    return f"a finite number in {lo}, {hi}"

@@ -115,7 +115,7 @@ class AttendAndExcite(Control):
         help="Refinement {step of a 50-step run: T}: refine towards L <= 1 - T there (scaled to the run).",
     )
     max_refinement: int = param(
-        REFINEMENT_MAX_ITERS, low=0, help="Refinement updates per step at most (0: none)."
+        REFINEMENT_MAX_ITERS, low=0, high=1000, help="Refinement updates per step at most (0: none)."
     )
     smooth: bool = _smooth()
     occurrence: int = _occurrence()
@@ -182,10 +182,16 @@ class AStar(Control):
         low_open=True,
         help="Retention masks keep pixels above this fraction of a map's range.",
     )
-    iterations: int = param(1, low=1, help="Latent updates per guided step.")
+    iterations: int = param(1, low=1, high=1000, help="Latent updates per guided step.")
     smooth: bool = _smooth()
     occurrence: int = _occurrence()
     softmax_over: str = _softmax_over()
+
+    def validate(self) -> None:
+        folded = [" ".join(c.lower().split()) for c in self.concepts]
+        check(
+            len(set(folded)) == len(folded), "concepts", self.concepts, "distinct words (each concept once)"
+        )
 
     def install(self, session: Any) -> None:
         _install(session, self, self.concepts)

@@ -54,7 +54,7 @@ class AttentionRegulation(Control):
         low_open=True,
         help="Edit the first fraction of the steps (reference: 0-24 of 50).",
     )
-    iterations: int = param(20, low=1, help="Gradient steps on the logit bias per layer and step.")
+    iterations: int = param(20, low=1, high=1000, help="Gradient steps on the logit bias per layer and step.")
     lr: float = param(100.0, low=0, low_open=True, help="Step size: w <- w - (rows * lr) grad.")
     smoothing: float = param(
         0.25, low=0, high=1, help="D = smoothing * D_prev + (1 - smoothing) * D_best between steps."
