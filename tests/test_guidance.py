@@ -405,3 +405,18 @@ def test_guidance_composes_with_pag_in_either_order(pipe):
         with attnctl.control(pipe, *controls):
             images.append(_run(pipe))
     assert (images[0] - images[1]).abs().max() <= 1e-6 and (images[0] - pag).abs().max() > 1e-4
+
+
+def test_an_update_that_makes_the_latent_non_finite_stops_the_run_and_restores(monkeypatch):
+    """A guidance step that would leave NaN in the latent ends the generation with one error naming
+    the control and the step; the pipeline is put back."""
+    from attnctl.processors import guidance as guidance_module
+
+    pipe = tiny_pipeline("sd")
+    processors = dict(pipe.unet.attn_processors)
+    monkeypatch.setattr(guidance_module, "step_sizes", lambda n, scale: [float("inf")] * n)
+    with pytest.raises(ValueError, match=r"AStar made the latent non-finite at step 0 \(scale=20.0"):
+        with attnctl.control(pipe, attnctl.AStar(["cat", "frog"])):
+            pipe("a cat and a frog", **tiny_call_kwargs("sd"))
+    assert pipe.unet.attn_processors == processors
+    assert "step" not in vars(pipe.scheduler)

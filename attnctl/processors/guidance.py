@@ -375,6 +375,11 @@ class _Guide(DenoiserWrapper):
                     )
                     # z <- z - a grad_z L with x = c z (the scaled model input): x <- x - a c^2 grad_x L
                     x[active] = (x[active] - alpha * scale**2 * grad.float()).to(x0.dtype)
+                    if not torch.isfinite(x[active]).all():
+                        raise ValueError(
+                            f"{type(self.spec).__name__} made the latent non-finite at step {session.step} "
+                            f"(scale={self.spec.scale}, loss {values}); lower its scale"
+                        )
                     for i, value in zip(active, values, strict=True):
                         log.append(
                             {"step": session.step, "image": i, "iteration": len(losses[i]), "loss": value}
