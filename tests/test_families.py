@@ -247,6 +247,32 @@ def test_restore_is_exact_after_every_method_together(family):
     assert torch.equal(_run(pipe, name), base)
 
 
+def _shape(pipe):
+    """What a twin pipeline can be compared on: each module's attribute names, its processors' and
+    hooks' classes."""
+    denoiser = _denoiser(pipe)
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    return {
+        "attrs": {n: sorted(vars(m)) for n, m in denoiser.named_modules()},
+        "processors": {n: type(m.processor).__name__ for n, m in attention_modules(denoiser).items()},
+        "hooks": None if registry is None else sorted(registry.hooks),
+        "pipe": sorted(vars(pipe)),
+        "scheduler": sorted(vars(pipe.scheduler)),
+    }
+
+
+def test_restore_leaves_what_a_run_without_attnctl_leaves(family):
+    """After a controlled run the pipeline is in the state a twin that never saw attnctl is in after
+    the same run (e.g. the hook registry a FLUX pipeline's own cache contexts create)."""
+    name = family[0]
+    pipe, twin = tiny_pipeline(name), tiny_pipeline(name)  # neither has run before
+    _run(twin, name)
+    controls = [_control(m, pipe) for m in _applicable(pipe, name)]
+    with attnctl.control(pipe, *controls):
+        _run(pipe, name)
+    assert _shape(pipe) == _shape(twin)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_method(family, method):
     name, pipe, base = family

@@ -123,10 +123,12 @@ class DenoiserHook(ModelHook):
         self.session = session
         self.adapter = adapter
         self.state = StateManager(_NoState)  # receives cache_context("cond"/"uncond") from pipelines
+        self.saw_context = False  # the pipeline entered the denoiser's cache_context itself
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         session = self.session
         context = self.state._context
+        self.saw_context |= context is not None
         session._begin_forward(
             module, self.adapter, context.name if context is not None else None, args, kwargs
         )

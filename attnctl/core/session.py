@@ -183,7 +183,8 @@ class Session:
         had_forward = "forward" in vars(denoiser)
         previous_forward = vars(denoiser).get("forward")
         registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-        registry.register_hook(DenoiserHook(self, adapter), HOOK_NAME)
+        hook = DenoiserHook(self, adapter)
+        registry.register_hook(hook, HOOK_NAME)
 
         def undo() -> None:
             registry.remove_hook(HOOK_NAME, recurse=False)
@@ -191,7 +192,9 @@ class Session:
                 denoiser.forward = previous_forward
             else:
                 vars(denoiser).pop("forward", None)
-            if not had_registry:
+            # A pipeline that enters the denoiser's cache_context (FLUX, Wan) makes the registry
+            # itself: then a run without attnctl would have left it too.
+            if not had_registry and not hook.saw_context:
                 del denoiser._diffusers_hook
 
         self._undo.append(undo)
