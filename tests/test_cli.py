@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -241,6 +242,30 @@ def test_bad_values_of_every_command_end_with_one_line(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert result.exception is None or isinstance(result.exception, SystemExit), args
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    """Every output option: the right kind where it exists, and a place that can be written (missing
+    parent folders are created when the output is written, so they are only tried here)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    cases = [
+        (["generate", "a cat", "--out", str(a_file / "out")], "is a file, not a folder"),
+        (["bench", "pag", "--json", str(a_file / "x.json")], "is a file, not a folder"),
+        (["headhunter", "--out", str(a_file / "x.json")], "is a file, not a folder"),
+        (["bench", "compose", "--json", str(a_file / "deeper" / "x.json")], "is a file, not a folder"),
+        (["generate", "a cat", "--out", "/proc/attnctl-out"], "cannot be written"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["bench", "maps", "--json", str(locked / "new" / "x.json")], "cannot be written"))
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert result.output.count("\n") == 1, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"] and not any(locked.iterdir())
 
 
 def test_list_options_take_commas_and_repeats(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from .common import check_json_out, check_model, fail, list_option, split_commas
+from .common import check_model, check_output, fail, list_option, split_commas
 
 app = typer.Typer(no_args_is_help=True, help="Performance and quality benchmarks (print and write JSON).")
 
@@ -137,7 +137,7 @@ def _prepare(sizes: str, json_out: Path | None, model: str | None, threads: int 
     if threads:
         torch.set_num_threads(threads)
     counts = tuple(list_option(sizes, int, "--sizes"))
-    check_json_out(json_out)
+    check_output(json_out)
     check_model(model)
     return counts
 
@@ -196,7 +196,7 @@ def draft(
 
     from attnctl.bench.draft import run_kernel_bench, run_pipeline_bench
 
-    check_json_out(json_out)
+    check_output(json_out)
     cases = dict(
         tokens=list_option(tokens, int, "--tokens"),
         sparsities=list_option(sparsity, float, "--sparsity"),
@@ -239,7 +239,7 @@ def pag(
 
     from attnctl.bench.pag import run_pag
 
-    check_json_out(json_out)
+    check_output(json_out)
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -83,10 +84,35 @@ def check_model(model: str | None, option: str = "--model") -> None:
         fail(f"{option} {model!r}: no such folder (give a local model folder, a hub id or tiny:<family>)")
 
 
-def check_json_out(path: Path | None, option: str = "--json") -> None:
-    """A report file to write must not name a folder (checked before any work)."""
-    if path is not None and path.is_dir():
-        fail(f"{option} {str(path)!r} is a folder; give a file name")
+def check_output(path: Path | None, option: str = "--json", folder: bool = False) -> None:
+    """An output path is checked before any work: a file (`folder`: a folder) where it exists, and
+    a place where one can be written. Missing parent folders are created when the output is written
+    (the one rule for every output option); here they are only tried, and removed again."""
+    if path is None:
+        return
+    if path.exists() and path.is_dir() != folder:
+        fail(
+            f"{option} {str(path)!r} is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file name'}"
+        )
+    target = path if folder else path.parent
+    missing = []
+    while not target.exists():
+        missing.append(target)
+        target = target.parent
+    if not target.is_dir():
+        fail(f"{option} {str(path)!r}: {str(target)!r} is a file, not a folder")
+    made = []
+    try:
+        for parent in reversed(missing):
+            parent.mkdir()
+            made.append(parent)
+        with tempfile.TemporaryFile(dir=made[-1] if made else target):
+            pass
+    except OSError as e:
+        fail(f"{option} {str(path)!r} cannot be written: {e.strerror or e}")
+    finally:
+        for parent in reversed(made):
+            parent.rmdir()
 
 
 def read_controls(path: Path) -> list[Any]:

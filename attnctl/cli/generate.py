@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from .common import MODEL_HELP, check_size, fail, load_model, read_controls, read_prompts
+from .common import MODEL_HELP, check_output, check_size, fail, load_model, read_controls, read_prompts
 
 
 def generate(
@@ -66,7 +66,7 @@ def generate(
         fail("give one PROMPT or --prompts FILE (one prompt per line)")
     texts = [prompt] if prompts is None else read_prompts(prompts)
     _check_map_words(words, texts, prompts)
-    _check_out_folder(out)
+    check_output(out, "--out", folder=True)
     layout = _layout(region) if region else None
     controls = [attnctl.AttentionMaps(words)] if words else []
     controls += [layout] if layout else []
@@ -112,11 +112,6 @@ def _check_map_words(words: list[str], texts: list[str], prompts: Path | None) -
                 f"the prompt {text!r}" if prompts is None else f"prompt {index} of {str(prompts)!r}: {text!r}"
             )
             fail(f"--maps {','.join(missing)}: not a word of {where}")
-
-
-def _check_out_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        fail(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
 
 
 def _layout(values: list[str]) -> Any:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import MODEL_HELP, check_json_out, fail, load_model, read_prompts, split_commas
+from .common import MODEL_HELP, check_output, fail, load_model, read_prompts, split_commas
 
 
 def headhunter(
@@ -64,7 +64,7 @@ def headhunter(
     if threads:
         torch.set_num_threads(threads)
     texts = search_prompts() if prompts is None else read_prompts(prompts)
-    check_json_out(out, "--out")
+    check_output(out, "--out")
     with processes() as procs:
         try:
             score = objective_from_name(objective, procs.device)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import fail
+from .common import check_output
 
 app = typer.Typer(help="The bundled shapes model: train it, check its detector.", no_args_is_help=True)
 
@@ -35,8 +35,7 @@ def train(
     from attnctl.testbed.train import TrainConfig
     from attnctl.testbed.train import train as run_training
 
-    if out.exists() and not out.is_dir():
-        fail(f"--out {str(out)!r} is a file; give a run folder (it is created if missing)")
+    check_output(out, "--out", folder=True)
 
     config = TrainConfig.smoke() if smoke else TrainConfig()
     config = replace(config, seed=seed)
