@@ -47,6 +47,7 @@ TOKEN_ORDER = {
     "wan": _cross,
     "cogvideox": _text_first,
     "hunyuanvideo": _image_first,
+    "sana": _cross,  # attn2: q = image tokens, k = the Gemma text (attn1 is linear, no kernel call)
 }
 
 

@@ -20,6 +20,8 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   cogvideox  text keys = T5 tokens 0..max_sequence_length-1, placed before the video tokens.
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
+  sana       text keys = `<bos>`, then the Gemma tokens of the lower-cased prompt after the complex
+             human instruction (CHI): key = p - (n_chi - 2) for a position p in CHI + prompt.
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ from typing import Any
 import torch
 from transformers import CLIPTokenizer, T5Tokenizer
 
-from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer, default_corpus
+from .tokenizers import (
+    build_clip_tokenizer,
+    build_gemma_tokenizer,
+    build_llama_tokenizer,
+    build_t5_tokenizer,
+    default_corpus,
+)
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "sana")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -191,7 +199,7 @@ def _check_family(family: str) -> str:
 
 
 # Pixels per transformer token side: VAE downsampling x patch size.
-_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16}
+_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16, "sana": 2}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -238,6 +246,16 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "width": 32,
         "num_frames": 5,
         "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "sana": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.5,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        # the default maps the size to the nearest 1024 px aspect-ratio bin (a 512x512 latent here)
+        "use_resolution_binning": False,
         "output_type": "pt",
     },
 }
@@ -619,6 +637,69 @@ def _build_hunyuanvideo(seed: int) -> Any:
     )
 
 
+def _build_sana(seed: int) -> Any:
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    gemma = build_gemma_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(  # 2x downsampling, 4 latent channels
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    config = Gemma2Config(
+        head_dim=16,
+        hidden_size=8,
+        intermediate_size=64,
+        max_position_embeddings=8192,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        num_key_value_heads=2,
+        vocab_size=len(gemma),
+        pad_token_id=gemma.pad_token_id,
+        eos_token_id=gemma.eos_token_id,
+        bos_token_id=gemma.bos_token_id,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(config).eval()
+    return SanaPipeline(
+        tokenizer=gemma,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -627,4 +708,5 @@ _BUILDERS = {
     "wan": _build_wan,
     "cogvideox": _build_cogvideox,
     "hunyuanvideo": _build_hunyuanvideo,
+    "sana": _build_sana,
 }
