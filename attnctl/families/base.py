@@ -166,6 +166,12 @@ class FamilyAdapter:
             out["encoder_attention_mask"] = torch.cat([mask, mask.new_ones(len(mask), tokens.shape[1])], 1)
         return out
 
+    def branch(self, call: int) -> str | None:
+        """The CFG branch ("cond" / "uncond") of the pipeline's denoiser forward number `call` (0, 1,
+        ...) of a step, for pipelines that run the branches as separate forwards without naming them
+        in a `cache_context` (e.g. Lumina 2); None: CFG's stacked [uncond, cond] halves, or all cond."""
+        return None
+
     def image_prompt_adapters(self, denoiser: torch.nn.Module) -> int:
         """How many IP-Adapters are loaded into the denoiser (0: none, or not supported)."""
         return 0
