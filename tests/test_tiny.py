@@ -25,6 +25,7 @@ PIPELINE_CLASS = {
     "cogvideox": "CogVideoXPipeline",
     "hunyuanvideo": "HunyuanVideoPipeline",
     "sana": "SanaPipeline",
+    "lumina2": "Lumina2Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
@@ -37,6 +38,7 @@ DENOISER_CALLS = {
     "cogvideox": (1, 2),
     "hunyuanvideo": (1, 1),
     "sana": (1, 2),
+    "lumina2": (2, 1),
 }
 
 

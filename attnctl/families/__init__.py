@@ -8,6 +8,7 @@ from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .lumina2 import Lumina2Adapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
@@ -21,6 +22,7 @@ ADAPTERS: list[FamilyAdapter] = [
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
     SanaAdapter(),
+    Lumina2Adapter(),
 ]
 
 

@@ -22,6 +22,8 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
              for a position p in `prompt_template["template"].format(prompt)`.
   sana       text keys = `<bos>`, then the Gemma tokens of the lower-cased prompt after the complex
              human instruction (CHI): key = p - (n_chi - 2) for a position p in CHI + prompt.
+  lumina2    text keys = Gemma tokens of `system_prompt + " <Prompt Start> " + prompt` (unpadded), then
+             the image tokens, per sample.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .tokenizers import (
     default_corpus,
 )
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "sana")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "sana", "lumina2")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -199,7 +201,15 @@ def _check_family(family: str) -> str:
 
 
 # Pixels per transformer token side: VAE downsampling x patch size.
-_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16, "sana": 2}
+_PATCH_PIXELS = {
+    "sd3": 4,
+    "flux": 4,
+    "wan": 16,
+    "cogvideox": 16,
+    "hunyuanvideo": 16,
+    "sana": 2,
+    "lumina2": 16,
+}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -256,6 +266,16 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "max_sequence_length": 32,
         # the default maps the size to the nearest 1024 px aspect-ratio bin (a 512x512 latent here)
         "use_resolution_binning": False,
+        "output_type": "pt",
+    },
+    "lumina2": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.0,
+        # the pipeline assumes an 8x VAE (vae_scale_factor = 8); 8x8 tokens, the least that
+        # Attention Regulation's maps need
+        "height": 128,
+        "width": 128,
+        "max_sequence_length": 64,
         "output_type": "pt",
     },
 }
@@ -700,6 +720,71 @@ def _build_sana(seed: int) -> Any:
     )
 
 
+def _build_lumina2(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        Lumina2Pipeline,
+        Lumina2Transformer2DModel,
+    )
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    gemma = build_gemma_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,  # grouped-query attention, as the real model (24 heads, 8 key/value heads)
+        multiple_of=16,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        scaling_factor=1.0,
+        axes_dim_rope=(4, 2, 2),
+        cap_feat_dim=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(  # 8x downsampling: Lumina2Pipeline hard-codes vae_scale_factor = 8
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    config = GemmaConfig(
+        head_dim=2,
+        hidden_size=8,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,  # the pipeline reads the second-to-last hidden state
+        num_key_value_heads=4,
+        vocab_size=len(gemma),
+        pad_token_id=gemma.pad_token_id,
+        eos_token_id=gemma.eos_token_id,
+        bos_token_id=gemma.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder = GemmaForCausalLM(config).eval()
+    return Lumina2Pipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=gemma,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -709,4 +794,5 @@ _BUILDERS = {
     "cogvideox": _build_cogvideox,
     "hunyuanvideo": _build_hunyuanvideo,
     "sana": _build_sana,
+    "lumina2": _build_lumina2,
 }
