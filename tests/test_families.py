@@ -49,6 +49,7 @@ TOKEN_ORDER = {
     "hunyuanvideo": _image_first,
     "sana": _cross,  # attn2: q = image tokens, k = the Gemma text (attn1 is linear, no kernel call)
     "lumina2": _text_first,  # layers.N.attn: [text unpadded, image] (equal text lengths in a call)
+    "cogview4": _text_first,  # attn1: cat([encoder_hidden_states, hidden_states])
 }
 
 

@@ -26,6 +26,7 @@ PIPELINE_CLASS = {
     "hunyuanvideo": "HunyuanVideoPipeline",
     "sana": "SanaPipeline",
     "lumina2": "Lumina2Pipeline",
+    "cogview4": "CogView4Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
@@ -39,6 +40,7 @@ DENOISER_CALLS = {
     "hunyuanvideo": (1, 1),
     "sana": (1, 2),
     "lumina2": (2, 1),
+    "cogview4": (2, 1),
 }
 
 

@@ -6,6 +6,7 @@ import torch
 
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
+from .cogview4 import CogView4Adapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .lumina2 import Lumina2Adapter
@@ -23,6 +24,7 @@ ADAPTERS: list[FamilyAdapter] = [
     HunyuanVideoAdapter(),
     SanaAdapter(),
     Lumina2Adapter(),
+    CogView4Adapter(),
 ]
 
 

@@ -24,6 +24,7 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
              human instruction (CHI): key = p - (n_chi - 2) for a position p in CHI + prompt.
   lumina2    text keys = Gemma tokens of `system_prompt + " <Prompt Start> " + prompt` (unpadded), then
              the image tokens, per sample.
+  cogview4   text keys = GLM tokens `[gMASK] <sop> prompt` left-padded to a multiple of 16: key = p + pad.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ from transformers import CLIPTokenizer, T5Tokenizer
 from .tokenizers import (
     build_clip_tokenizer,
     build_gemma_tokenizer,
+    build_glm_tokenizer,
     build_llama_tokenizer,
     build_t5_tokenizer,
     default_corpus,
 )
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "sana", "lumina2")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "sana", "lumina2", "cogview4")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -209,6 +211,7 @@ _PATCH_PIXELS = {
     "hunyuanvideo": 16,
     "sana": 2,
     "lumina2": 16,
+    "cogview4": 4,
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -276,6 +279,14 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "height": 128,
         "width": 128,
         "max_sequence_length": 64,
+        "output_type": "pt",
+    },
+    "cogview4": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
         "output_type": "pt",
     },
 }
@@ -785,6 +796,50 @@ def _build_lumina2(seed: int) -> Any:
     )
 
 
+def _build_cogview4(seed: int) -> Any:
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    glm = build_glm_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=4,
+        out_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=4,
+    )
+    config = GlmConfig(
+        hidden_size=32,
+        intermediate_size=8,
+        num_hidden_layers=2,  # the pipeline reads the second-to-last hidden state
+        num_attention_heads=4,
+        head_dim=8,
+        vocab_size=len(glm),
+        pad_token_id=glm.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder = GlmModel(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25,
+        max_shift=0.75,
+        base_image_seq_len=256,
+        use_dynamic_shifting=True,
+        time_shift_type="linear",
+    )
+    return CogView4Pipeline(
+        tokenizer=glm,
+        text_encoder=text_encoder,
+        vae=_small_vae(seed, scaling_factor=1.0, shift_factor=None),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -795,4 +850,5 @@ _BUILDERS = {
     "hunyuanvideo": _build_hunyuanvideo,
     "sana": _build_sana,
     "lumina2": _build_lumina2,
+    "cogview4": _build_cogview4,
 }
