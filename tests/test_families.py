@@ -47,6 +47,16 @@ TOKEN_ORDER = {
     "wan": _cross,
     "cogvideox": _text_first,
     "hunyuanvideo": _image_first,
+    "sana": _cross,  # attn2: q = image tokens, k = the Gemma text (attn1 is linear, no kernel call)
+    "lumina2": _text_first,  # layers.N.attn: [text unpadded, image] (equal text lengths in a call)
+    "cogview4": _text_first,  # attn1: cat([encoder_hidden_states, hidden_states])
+}
+
+
+# Pipelines that run CFG's branches as separate denoiser forwards without naming them in a
+# `cache_context`: the branch of each forward of a step, in order (from the pipelines' code).
+SEPARATE_BRANCHES = {
+    "lumina2": ("cond", "uncond"),  # Lumina2Pipeline: the prompt's forward, then the negative prompt's
 }
 
 
@@ -95,16 +105,26 @@ def test_dit_default_layers_are_every_text_layer(family):
 
 
 @contextlib.contextmanager
-def _kernel_calls(pipe, layer_name):
+def _kernel_calls(pipe, layer_name, family):
     """q, k [B, H, S, D], mask and scale of every attention-kernel call inside one layer, and which
     CFG branch the denoiser ran it for: the test's own capture, whatever attnctl does."""
     denoiser = _denoiser(pipe)
     module = denoiser.get_submodule(layer_name)
     defining = sys.modules[type(module.processor).__call__.__module__]
-    calls, state = [], {"inside": False, "branch": None}
+    calls, state = [], {"inside": False, "branch": None, "timestep": None, "forward": 0}
+
+    def forward_in_step(_, args, kwargs):
+        t = kwargs.get("timestep")
+        t = None if t is None else float(t.flatten()[0])
+        state["forward"] = 0 if t != state["timestep"] else state["forward"] + 1
+        state["timestep"] = t
+        if family in SEPARATE_BRANCHES:
+            state["branch"] = SEPARATE_BRANCHES[family][state["forward"]]
+
     hooks = [
         module.register_forward_pre_hook(lambda *_: state.update(inside=True)),
         module.register_forward_hook(lambda *_: state.update(inside=False)),
+        denoiser.register_forward_pre_hook(forward_in_step, with_kwargs=True),
     ]
     dispatch = getattr(defining, "dispatch_attention_fn", None)
     original_context = getattr(denoiser, "cache_context", None)
@@ -175,7 +195,7 @@ def test_maps_equal_an_explicit_softmax(family):
     positions = adapter_for(_denoiser(pipe)).text_positions(pipe, PROMPT, "frog")
     image_tokens = None if name in ("sd", "sdxl") else video_tokens(name)
     for layer in (layers[0], layers[-1]):  # e.g. FLUX: a double- and a single-stream block
-        with _kernel_calls(pipe, layer.name) as calls:
+        with _kernel_calls(pipe, layer.name, name) as calls:
             _run(pipe, name, num_inference_steps=1)
         with attnctl.control(pipe, attnctl.AttentionMaps(["frog"], layers=[layer.name])) as ctl:
             _run(pipe, name, num_inference_steps=1)

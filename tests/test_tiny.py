@@ -24,6 +24,9 @@ PIPELINE_CLASS = {
     "wan": "WanPipeline",
     "cogvideox": "CogVideoXPipeline",
     "hunyuanvideo": "HunyuanVideoPipeline",
+    "sana": "SanaPipeline",
+    "lumina2": "Lumina2Pipeline",
+    "cogview4": "CogView4Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
@@ -35,6 +38,9 @@ DENOISER_CALLS = {
     "wan": (2, 1),
     "cogvideox": (1, 2),
     "hunyuanvideo": (1, 1),
+    "sana": (1, 2),
+    "lumina2": (2, 1),
+    "cogview4": (2, 1),
 }
 
 

@@ -86,6 +86,7 @@ class Session:
         self.prompt: str | list[str] | None = None
         self.generation = 0  # counts pipeline calls (generations) seen in this session
         self._forwards_since_prompt = 0
+        self._forwards_in_step = 0
         self._edits: dict[str, list[AttentionEdit]] = {}
         self._undo: list[Callable[[], None]] = []
 
@@ -264,10 +265,13 @@ class Session:
         if t != self.timestep:
             self.step += 1
             self.timestep = t
+            self._forwards_in_step = 0
             if self.step == 0:
                 self._check_steps()
         self._read_batch(module, adapter, args, kwargs)
-        branch = self.branch or context
+        branch = self.branch or context or adapter.branch(self._forwards_in_step)
+        if self.branch is None:  # the pipeline's own forward, not one a control runs inside it
+            self._forwards_in_step += 1
         self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch))
 
     def _check_steps(self) -> None:

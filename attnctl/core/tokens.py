@@ -18,7 +18,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["TokenNotFoundError", "TokenTruncatedError", "prompt_tokens", "token_positions", "word_spans"]
+__all__ = [
+    "TokenNotFoundError",
+    "TokenTruncatedError",
+    "prompt_positions",
+    "prompt_tokens",
+    "token_positions",
+    "word_spans",
+]
 
 # transformers' "no limit" model_max_length is a huge sentinel; anything above this is no limit.
 _NO_LIMIT = 10**9
@@ -92,6 +99,29 @@ def token_positions(
                 f"{word!r} (token positions {positions}) was truncated away: the pipeline keeps only "
                 f"the first {limit} tokens; {_listing(tokenizer, prompt)}"
             )
+    return positions
+
+
+def prompt_positions(
+    tokenizer: Any, prompt: str, *, template: str | None = None, max_length: int | None = None
+) -> list[int]:
+    """Positions in `tokenizer(template.format(prompt))["input_ids"]` (or of the prompt alone) of every
+    token that covers part of the prompt's text: its words, not the template's tokens nor special
+    tokens; only those below `max_length` (where the pipeline truncates). For `prompt_span`."""
+    head, tail = "", ""
+    if template is not None:
+        if template.count("{}") != 1:
+            raise ValueError(f"template must contain exactly one '{{}}' placeholder, got {template!r}")
+        head, _, tail = template.partition("{}")
+    start, end = len(head), len(head) + len(prompt)
+    text = head + prompt + tail
+    ids, offsets, special = _encode(tokenizer, text)
+    limit = len(offsets) if max_length is None else max_length
+    positions = [i for i, (s, e) in enumerate(offsets[:limit]) if not special[i] and s < end and e > start]
+    # a word-start mark "▁" emitted as a token of its own belongs to the prompt's first word
+    first = positions[0] - 1 if positions else -1
+    if first >= 0 and not special[first] and _is_boundary_mark(tokenizer, ids[first], text, offsets[first]):
+        positions.insert(0, first)
     return positions
 
 

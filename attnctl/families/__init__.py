@@ -6,8 +6,11 @@ import torch
 
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
+from .cogview4 import CogView4Adapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .lumina2 import Lumina2Adapter
+from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
@@ -19,6 +22,9 @@ ADAPTERS: list[FamilyAdapter] = [
     WanAdapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
+    SanaAdapter(),
+    Lumina2Adapter(),
+    CogView4Adapter(),
 ]
 
 

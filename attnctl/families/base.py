@@ -148,14 +148,29 @@ class FamilyAdapter:
 
     def append_text(self, kwargs: dict[str, Any], tokens: torch.Tensor) -> dict[str, Any]:
         """The denoiser call's keyword arguments with `tokens` [B, R, C] (encoded prompts) appended to
-        its text sequence, after the prompt's own tokens (e.g. a Layout's region prompts)."""
-        text = kwargs.get("encoder_hidden_states")
+        its text sequence, after the prompt's own tokens (e.g. a Layout's region prompts); a
+        [B, L] `encoder_attention_mask` is extended with ones."""
+        text, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
         if text is None:
             raise ValueError(
                 f"{type(self).__name__}: the denoiser was called without encoder_hidden_states as a "
                 "keyword argument; attnctl appends region prompts there"
             )
-        return {**kwargs, "encoder_hidden_states": torch.cat([text, tokens.to(text)], dim=1)}
+        out = {**kwargs, "encoder_hidden_states": torch.cat([text, tokens.to(text)], dim=1)}
+        if mask is not None:  # a [B, L] key mask (1: keep, e.g. Sana's padding mask): keep them
+            if mask.dim() != 2:
+                raise ValueError(
+                    f"{type(self).__name__}: attnctl extends a [batch, text] encoder_attention_mask for "
+                    f"appended tokens; got one of shape {tuple(mask.shape)}"
+                )
+            out["encoder_attention_mask"] = torch.cat([mask, mask.new_ones(len(mask), tokens.shape[1])], 1)
+        return out
+
+    def branch(self, call: int) -> str | None:
+        """The CFG branch ("cond" / "uncond") of the pipeline's denoiser forward number `call` (0, 1,
+        ...) of a step, for pipelines that run the branches as separate forwards without naming them
+        in a `cache_context` (e.g. Lumina 2); None: CFG's stacked [uncond, cond] halves, or all cond."""
+        return None
 
     def image_prompt_adapters(self, denoiser: torch.nn.Module) -> int:
         """How many IP-Adapters are loaded into the denoiser (0: none, or not supported)."""

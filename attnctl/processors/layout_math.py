@@ -169,14 +169,23 @@ def grouped_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     plan: Plan,
-    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    kernel: Callable[..., torch.Tensor],
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention [B, H, Sq, Dv] in which each group's queries see only their keys: the kernel
-    (q, k, v [B, H, S, D] -> [B, H, Sq, Dv]) once per group on gathered tensors."""
+    (q, k, v [B, H, S, D] -> [B, H, Sq, Dv]) once per group on gathered tensors. `key_mask`, the
+    model's own mask of keys for every query ([B or 1, H or 1, 1, Sk], e.g. text padding), goes to
+    the kernel as a fourth argument, restricted to each group's keys."""
     out = v.new_empty(*q.shape[:3], v.shape[-1])
     for queries, keys in plan.on(q.device):
-        put(out, queries, kernel(take(q, queries), take(k, keys), take(v, keys)))
+        args = (take(q, queries), take(k, keys), take(v, keys))
+        put(out, queries, kernel(*args) if key_mask is None else kernel(*args, key_columns(key_mask, keys)))
     return out
+
+
+def key_columns(mask: torch.Tensor, keys: Positions) -> torch.Tensor:
+    """mask[..., keys] of a mask whose last dimension is the keys."""
+    return mask[..., keys] if isinstance(keys, slice) else mask.index_select(-1, keys.to(mask.device))
 
 
 def take(x: torch.Tensor, positions: Positions) -> torch.Tensor:

@@ -20,6 +20,11 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   cogvideox  text keys = T5 tokens 0..max_sequence_length-1, placed before the video tokens.
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
+  sana       text keys = `<bos>`, then the Gemma tokens of the lower-cased prompt after the complex
+             human instruction (CHI): key = p - (n_chi - 2) for a position p in CHI + prompt.
+  lumina2    text keys = Gemma tokens of `system_prompt + " <Prompt Start> " + prompt` (unpadded), then
+             the image tokens, per sample.
+  cogview4   text keys = GLM tokens `[gMASK] <sop> prompt` left-padded to a multiple of 16: key = p + pad.
 """
 
 from __future__ import annotations
@@ -33,9 +38,16 @@ from typing import Any
 import torch
 from transformers import CLIPTokenizer, T5Tokenizer
 
-from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer, default_corpus
+from .tokenizers import (
+    build_clip_tokenizer,
+    build_gemma_tokenizer,
+    build_glm_tokenizer,
+    build_llama_tokenizer,
+    build_t5_tokenizer,
+    default_corpus,
+)
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "sana", "lumina2", "cogview4")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -191,7 +203,16 @@ def _check_family(family: str) -> str:
 
 
 # Pixels per transformer token side: VAE downsampling x patch size.
-_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16}
+_PATCH_PIXELS = {
+    "sd3": 4,
+    "flux": 4,
+    "wan": 16,
+    "cogvideox": 16,
+    "hunyuanvideo": 16,
+    "sana": 2,
+    "lumina2": 16,
+    "cogview4": 4,
+}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -237,6 +258,34 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "height": 32,
         "width": 32,
         "num_frames": 5,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "sana": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.5,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        # the default maps the size to the nearest 1024 px aspect-ratio bin (a 512x512 latent here)
+        "use_resolution_binning": False,
+        "output_type": "pt",
+    },
+    "lumina2": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.0,
+        # the pipeline assumes an 8x VAE (vae_scale_factor = 8); 8x8 tokens, the least that
+        # Attention Regulation's maps need
+        "height": 128,
+        "width": 128,
+        "max_sequence_length": 64,
+        "output_type": "pt",
+    },
+    "cogview4": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,
+        "width": 32,
         "max_sequence_length": 32,
         "output_type": "pt",
     },
@@ -619,6 +668,178 @@ def _build_hunyuanvideo(seed: int) -> Any:
     )
 
 
+def _build_sana(seed: int) -> Any:
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    gemma = build_gemma_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(  # 2x downsampling, 4 latent channels
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    config = Gemma2Config(
+        head_dim=16,
+        hidden_size=8,
+        intermediate_size=64,
+        max_position_embeddings=8192,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        num_key_value_heads=2,
+        vocab_size=len(gemma),
+        pad_token_id=gemma.pad_token_id,
+        eos_token_id=gemma.eos_token_id,
+        bos_token_id=gemma.bos_token_id,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(config).eval()
+    return SanaPipeline(
+        tokenizer=gemma,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
+def _build_lumina2(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        Lumina2Pipeline,
+        Lumina2Transformer2DModel,
+    )
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    gemma = build_gemma_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,  # grouped-query attention, as the real model (24 heads, 8 key/value heads)
+        multiple_of=16,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        scaling_factor=1.0,
+        axes_dim_rope=(4, 2, 2),
+        cap_feat_dim=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(  # 8x downsampling: Lumina2Pipeline hard-codes vae_scale_factor = 8
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    config = GemmaConfig(
+        head_dim=2,
+        hidden_size=8,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,  # the pipeline reads the second-to-last hidden state
+        num_key_value_heads=4,
+        vocab_size=len(gemma),
+        pad_token_id=gemma.pad_token_id,
+        eos_token_id=gemma.eos_token_id,
+        bos_token_id=gemma.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder = GemmaForCausalLM(config).eval()
+    return Lumina2Pipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=gemma,
+    )
+
+
+def _build_cogview4(seed: int) -> Any:
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    glm = build_glm_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=4,
+        out_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=4,
+    )
+    config = GlmConfig(
+        hidden_size=32,
+        intermediate_size=8,
+        num_hidden_layers=2,  # the pipeline reads the second-to-last hidden state
+        num_attention_heads=4,
+        head_dim=8,
+        vocab_size=len(glm),
+        pad_token_id=glm.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder = GlmModel(config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25,
+        max_shift=0.75,
+        base_image_seq_len=256,
+        use_dynamic_shifting=True,
+        time_shift_type="linear",
+    )
+    return CogView4Pipeline(
+        tokenizer=glm,
+        text_encoder=text_encoder,
+        vae=_small_vae(seed, scaling_factor=1.0, shift_factor=None),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -627,4 +848,7 @@ _BUILDERS = {
     "wan": _build_wan,
     "cogvideox": _build_cogvideox,
     "hunyuanvideo": _build_hunyuanvideo,
+    "sana": _build_sana,
+    "lumina2": _build_lumina2,
+    "cogview4": _build_cogview4,
 }

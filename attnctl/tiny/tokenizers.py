@@ -1,4 +1,5 @@
-"""Offline tokenizers learned from a small caption corpus: CLIP BPE, T5 sentencepiece, Llama BPE.
+"""Offline tokenizers learned from a small caption corpus: CLIP BPE, T5 sentencepiece, Llama BPE,
+Gemma BPE (Sana, Lumina 2) and GLM-4 byte-level BPE (CogView4).
 
 Common words ("cat", "frog", "red") become single tokens and rare ones ("hippopotamus") split into
 sub-words, as with real tokenizers; no file is read and nothing is downloaded.
@@ -7,11 +8,13 @@ sub-words, as with real tokenizers; no file is read and nothing is downloaded.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from transformers import CLIPTokenizer, LlamaTokenizer, T5Tokenizer
 
@@ -67,6 +70,60 @@ def build_llama_tokenizer(corpus: Iterable[str], max_merges: int = 3000) -> Llam
         model_max_length=4096,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(_LLAMA_SPECIAL)})
+    return tokenizer
+
+
+def build_gemma_tokenizer(corpus: Iterable[str], max_merges: int = 3000) -> Any:
+    """A Gemma / Gemma-2 style BPE tokenizer (`▁` word prefix, byte fallback) learned from `corpus`.
+
+    `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3 as in Gemma's vocabulary; `<bos>` is prepended, padding
+    on the right. Learns Lumina 2's default system prompt and Sana's complex human instruction too
+    (their words become single tokens, as in Gemma's vocabulary), so those templates stay short.
+    """
+    from diffusers import SanaPipeline
+    from transformers import GemmaTokenizer
+
+    chi = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    templates = (_LUMINA2_SYSTEM_PROMPT + " <Prompt Start>", *chi)
+    base, merges = _llama_vocab(tuple(corpus) + templates * 2, max_merges)
+    specials = ("<unk>", "<|begin_of_text|>", "<|end_of_text|>")
+    vocab_list = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *(t for t in base if t not in specials)]
+    tokenizer = GemmaTokenizer(vocab={t: i for i, t in enumerate(_unique(vocab_list))}, merges=list(merges))
+    tokenizer.add_bos_token = True  # Gemma prepends <bos>; built from a vocabulary it is off
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_glm_tokenizer(corpus: Iterable[str], max_merges: int = 2000) -> Any:
+    """A GLM-4 style byte-level BPE tokenizer (what CogView4 loads from `THUDM/CogView4-6B`).
+
+    Every encoding starts with GLM's prefix `[gMASK]<sop>`; padding is on the LEFT with
+    `<|endoftext|>`, as GLM-4's tokenizer does; no end token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_list, merges = _byte_bpe_vocab(tuple(corpus), max_merges)
+    vocab = {t: i for i, t in enumerate(vocab_list)}
+    specials = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>")
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A",
+        pair="[gMASK] <sop> $A $B",
+        special_tokens=[(t, vocab[t]) for t in ("[gMASK]", "<sop>")],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        model_max_length=128000,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
     return tokenizer
 
 
@@ -133,6 +190,23 @@ def _llama_vocab(
     )
     vocab = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", *byte_tokens, *chars]
     return tuple(_unique(vocab + [a + b for a, b in merges])), tuple(merges)
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_bpe_vocab(
+    corpus: tuple[str, ...], max_merges: int
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """GPT-2 style byte-level BPE: the 256 byte symbols, then the merges learned on `corpus`."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in corpus:
+        for piece, _ in pre.pre_tokenize_str(text):
+            words[tuple(piece)] += 1
+    merges = _learn_merges(words, max_merges)
+    vocab = list(_bytes_to_unicode().values()) + _unique(a + b for a, b in merges)
+    return tuple(vocab), tuple(merges)
 
 
 def _sentencepiece_words(corpus: tuple[str, ...]) -> Counter[tuple[str, ...]]:
@@ -251,4 +325,9 @@ _BACKGROUND_WORDS = (
     "person people children family friends together alone crowded empty quiet peaceful magical"
 )
 
+# Lumina2Pipeline's default system prompt (set in its __init__), which its prompt template prepends.
+_LUMINA2_SYSTEM_PROMPT = (
+    "You are an assistant designed to generate superior images with the superior degree of image-text "
+    "alignment based on textual prompts or user prompts."
+)
 _LLAMA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
