@@ -77,7 +77,9 @@ def overrides(edit: AttentionEdit, method: str) -> bool:
 class AttentionCall:
     """One call of one attention layer: q, k, v [B, H, S, D], token layout and the session state."""
 
-    def __init__(self, session: Any, layer: LayerInfo, prepared: Prepared, default_kernel: Callable):
+    def __init__(
+        self, session: Any, layer: LayerInfo, prepared: Prepared, default_kernel: Callable, native: bool = False
+    ):
         self.session = session
         self.layer = layer
         self.query, self.key, self.value = prepared.query, prepared.key, prepared.value
@@ -86,6 +88,9 @@ class AttentionCall:
         self.scale = prepared.scale if prepared.scale is not None else 1.0 / math.sqrt(self.query.shape[-1])
         self.kernel_scale = prepared.scale  # passed on as given, so the default path is the model's own
         self.default_kernel = default_kernel
+        # the model's kernel is PyTorch's own SDPA on the CPU (no other backend, no sharding): where
+        # SDPA picks its flash kernel, one call of it gives the output and the softmax denominators
+        self.native = native
         self.image_streams = prepared.image_streams  # IP-Adapter streams the family adds after attend()
         self.rows: BatchRows = session.rows  # which batch rows are uncond / cond / perturbed
         # edited probabilities of the conditional rows' image queries to the text keys, set by attend()
@@ -118,6 +123,25 @@ class AttentionCall:
         for p in parts[1:]:
             total = total + p
         return total
+
+    def model_output(self) -> torch.Tensor:
+        """The model's own kernel on q, k, v: [B, H, Sq, D]. Where that kernel is PyTorch's CPU flash
+        attention and an edit will read the conditional rows' softmax denominators (maps, logit
+        edits), the same kernel call returns them too (`image_lse`), bit for bit the model's output."""
+        reads = any(overrides(e, m) for e in self.edits for m in ("observe", "logit_bias", "post_softmax"))
+        rows = self.cond_rows
+        q, k, v, mask = self.query, self.key, self.value, self.mask
+        if not (self.native and reads and rows and self.layout.text_k is not None):
+            return self.default_kernel(q, k, v, mask, self.kernel_scale)
+        if any(overrides(e, "key_bias") for e in self.edits) or torch.is_grad_enabled():
+            return self.default_kernel(q, k, v, mask, self.kernel_scale)
+        if torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=self.kernel_scale) != _FLASH:
+            return self.default_kernel(q, k, v, mask, self.kernel_scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=_flash_mask(mask, q.dtype), scale=self.kernel_scale
+        )
+        self._cache[("lse", *rows)] = lse[rows][:, :, self.layout.image_q]
+        return out
 
     def text_logits(self, rows: list[int]) -> torch.Tensor:
         """Logits from the image queries to the text keys of `rows`, mask and key biases included:
@@ -231,6 +255,16 @@ def _logit_chunks(q: torch.Tensor, k: torch.Tensor, scale: float, bias_at: Calla
         yield part, (logits if bias is None else logits + bias)
 
 
+_FLASH = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+
+
+def _flash_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A mask as the CPU flash kernel takes it (additive, in the query's dtype), as SDPA converts it."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def _flash_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -269,7 +303,7 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
             if out is not None:
                 break
     if out is None:
-        out = call.default_kernel(call.query, call.key, call.value, call.mask, call.kernel_scale)
+        out = call.model_output()
     rows = call.cond_rows
     if (biases or posts) and rows:
         out = _edit_text_columns(call, out, rows, biases, posts)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..families.base import FamilyAdapter, LayerInfo, Prepared
+from ..families.base import FamilyAdapter, LayerInfo, Prepared, sdpa
 from .attention import AttentionCall, attend
 
 SEAMS = ("dispatch", "sdpa")
@@ -74,7 +74,9 @@ class AttnctlProcessor:
         prepared = self.adapter.prepare(
             self.session, self.layer, attn, hidden_states, *args, processor=self.original, **kwargs
         )
-        call = AttentionCall(self.session, self.layer, prepared, self.adapter.kernel_for(self))
+        kernel = self.adapter.kernel_for(self)
+        native = kernel is sdpa and prepared.query.device.type == "cpu"
+        call = AttentionCall(self.session, self.layer, prepared, kernel, native=native)
         return prepared.finish(attend(call, edits))
 
 
@@ -151,7 +153,9 @@ class _Capture:
             return heads(out)
 
         prepared = Prepared(q, k, v, layout, finish=_same, mask=call_mask, scale=params.get("scale"))
-        return heads(attend(AttentionCall(self.session, self.layer, prepared, model_kernel), self.edits))
+        native = q.device.type == "cpu" and (seam == "sdpa" or _native_dispatch(extra))
+        call = AttentionCall(self.session, self.layer, prepared, model_kernel, native=native)
+        return heads(attend(call, self.edits))
 
 
 _CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("attnctl_capture", default=None)
@@ -187,6 +191,17 @@ class _FunctionalSeam:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._functional, name)
+
+
+def _native_dispatch(kwargs: dict) -> bool:
+    """Whether a dispatch_attention_fn call runs PyTorch's own SDPA: diffusers' native backend, by
+    name or as the active default, on the whole sequence (no context-parallel sharding)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    backend = kwargs.get("backend")
+    if backend is None:
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    return kwargs.get("parallel_config") is None and str(getattr(backend, "value", backend)) == "native"
 
 
 def _is_proxy(value: Any) -> bool:
