@@ -13,11 +13,12 @@ PROMPT = "a cat and a frog"
 
 
 def _state(pipe):
-    """What control() installs and must put back: processors, hook registry, instance attributes."""
+    """What control() installs and must put back: processors, hooks, instance attributes. (An empty
+    hook registry a pipeline's own cache contexts create stays, as it does without attnctl.)"""
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     return (
         dict(denoiser.attn_processors),
-        getattr(denoiser, "_diffusers_hook", None),
+        sorted(getattr(getattr(denoiser, "_diffusers_hook", None), "hooks", {})),
         "forward" in vars(denoiser),
         {k for k in ("encode_prompt",) if k in vars(pipe)},
         "step" in vars(pipe.scheduler),
