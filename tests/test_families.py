@@ -47,6 +47,7 @@ TOKEN_ORDER = {
     "wan": _cross,
     "cogvideox": _text_first,
     "hunyuanvideo": _image_first,
+    "pixart": _cross,  # attn2: q = image tokens, k = the T5 tokens
 }
 
 

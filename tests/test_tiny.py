@@ -24,9 +24,10 @@ PIPELINE_CLASS = {
     "wan": "WanPipeline",
     "cogvideox": "CogVideoXPipeline",
     "hunyuanvideo": "HunyuanVideoPipeline",
+    "pixart": "PixArtSigmaPipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
-# (sd, sdxl, sd3, cogvideox), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
+# (sd, sdxl, sd3, cogvideox, pixart), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
 DENOISER_CALLS = {
     "sd": (1, 2),
     "sdxl": (1, 2),
@@ -35,6 +36,7 @@ DENOISER_CALLS = {
     "wan": (2, 1),
     "cogvideox": (1, 2),
     "hunyuanvideo": (1, 1),
+    "pixart": (1, 2),
 }
 
 

@@ -8,6 +8,7 @@ from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
@@ -19,6 +20,7 @@ ADAPTERS: list[FamilyAdapter] = [
     WanAdapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
+    PixArtAdapter(),
 ]
 
 

@@ -155,6 +155,10 @@ class FamilyAdapter:
                 f"{type(self).__name__}: the denoiser was called without encoder_hidden_states as a "
                 "keyword argument; attnctl appends region prompts there"
             )
+        if kwargs.get("encoder_attention_mask") is not None:
+            raise ValueError(
+                f"{type(self).__name__}: region prompts cannot be appended to text with an encoder_attention_mask"
+            )
         return {**kwargs, "encoder_hidden_states": torch.cat([text, tokens.to(text)], dim=1)}
 
     def image_prompt_adapters(self, denoiser: torch.nn.Module) -> int:

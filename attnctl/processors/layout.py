@@ -44,6 +44,7 @@ from .layout_math import (
     put,
     regional_plan,
     take,
+    take_keys,
 )
 
 MODES = ("crop_merge", "mask_and_sum")
@@ -284,8 +285,6 @@ class _RegionInputs(DenoiserWrapper):
             self.base_len = 0 if text is None else text.shape[1]
             return args, kwargs
         tokens = self.tokens.get(session)
-        if kwargs.get("encoder_attention_mask") is not None:
-            raise ValueError("Layout region prompts cannot be combined with an encoder_attention_mask")
         if first or text is None or text.shape[1] != self.base_len + tokens.shape[1]:
             # not yet extended (a nested forward of another control may see extended inputs)
             self.base_len = 0 if text is None else text.shape[1]
@@ -379,16 +378,13 @@ class _LayoutEdit(AttentionEdit):
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
         if not self.prompts:
             return None  # subjects only: the model's kernel for the text, streams in mix_output
-        if call.mask is not None:
-            raise ValueError(
-                f"Layout region prompts cannot be combined with the attention mask of {call.layer.name}"
-            )
         plans = self._row_plans(call)
         q, k, v = call.query, call.key, call.value
         out = v.new_empty(*q.shape[:3], v.shape[-1])
         for plan in set(plans.values()):
             rows = torch.tensor([r for r, p in plans.items() if p is plan], device=q.device)
-            part = grouped_attention(q[rows], k[rows], v[rows], plan, self._kernel(call))
+            mask = self._key_mask(call, rows)
+            part = grouped_attention(q[rows], k[rows], v[rows], plan, self._kernel(call), mask)
             out.index_copy_(0, rows, part)
         return out
 
@@ -401,7 +397,20 @@ class _LayoutEdit(AttentionEdit):
 
     # ---- helpers ---------------------------------------------------------------------------
     def _kernel(self, call: AttentionCall):
-        return lambda q, k, v: call.default_kernel(q, k, v, None, call.kernel_scale)
+        """The model's kernel f(q, k, v, mask=None) on gathered tensors."""
+        return lambda q, k, v, mask=None: call.default_kernel(q, k, v, mask, call.kernel_scale)
+
+    def _key_mask(self, call: AttentionCall, rows: torch.Tensor) -> torch.Tensor | None:
+        """The call's key mask [len(rows) or 1, H or 1, 1, Sk] for batch rows `rows` (e.g. PixArt's
+        T5 padding), to gather with each group's keys; None without one."""
+        mask = call.mask
+        if mask is None:
+            return None
+        if mask.dim() != 4 or mask.shape[-2] != 1:
+            raise ValueError(
+                f"Layout region prompts cannot be combined with the per-query attention mask of {call.layer.name}"
+            )
+        return mask if mask.shape[0] == 1 else mask.index_select(0, rows.to(mask.device))
 
     def _text_layout(self, call: AttentionCall) -> TextLayout:
         lay = call.layout
@@ -500,6 +509,7 @@ class _LayoutEdit(AttentionEdit):
         idx = torch.tensor(rows, device=out.device)
         q, k, v = (x.index_select(0, idx) for x in (call.query, call.key, call.value))
         kernel = self._kernel(call)
+        mask = self._key_mask(call, idx)
         part = out.index_select(0, idx)
         if crop:
             owner = owners([r.box for r in self.prompts], [r.priority for r in self.prompts], *grid)
@@ -515,7 +525,8 @@ class _LayoutEdit(AttentionEdit):
                 if factor == 1 or (o < 0 and not words_hidden):
                     continue  # the regional output as it is (outside every box it is the plain one)
                 queries = image[owner == o].to(out.device)
-                plain = kernel(take(q, queries), take(k, keys), take(v, keys))
+                seen = None if mask is None else take_keys(mask, keys)
+                plain = kernel(take(q, queries), take(k, keys), take(v, keys), seen)
                 put(part, queries, torch.lerp(plain, take(part, queries), factor))
         else:
             for j, region in enumerate(self.prompts):
@@ -523,7 +534,8 @@ class _LayoutEdit(AttentionEdit):
                 if factor == 0:
                     continue
                 queries = image[box_cells(region.box, *grid)].to(out.device)
-                z = kernel(take(q, queries), k[:, :, lay.regions[j]], v[:, :, lay.regions[j]])
+                seen = None if mask is None else mask[..., lay.regions[j]]
+                z = kernel(take(q, queries), k[:, :, lay.regions[j]], v[:, :, lay.regions[j]], seen)
                 put(part, queries, take(part, queries) + factor * z)
         return out.index_copy(0, idx, part)
 

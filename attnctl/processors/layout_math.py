@@ -169,19 +169,28 @@ def grouped_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     plan: Plan,
-    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    kernel: Callable[..., torch.Tensor],
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention [B, H, Sq, Dv] in which each group's queries see only their keys: the kernel
-    (q, k, v [B, H, S, D] -> [B, H, Sq, Dv]) once per group on gathered tensors."""
+    (q, k, v [B, H, S, D] -> [B, H, Sq, Dv]) once per group on gathered tensors. With a key mask
+    [B or 1, H or 1, 1, Sk] (e.g. text padding) the kernel gets each group's part of it too."""
     out = v.new_empty(*q.shape[:3], v.shape[-1])
     for queries, keys in plan.on(q.device):
-        put(out, queries, kernel(take(q, queries), take(k, keys), take(v, keys)))
+        gathered = (take(q, queries), take(k, keys), take(v, keys))
+        part = kernel(*gathered) if mask is None else kernel(*gathered, take_keys(mask, keys))
+        put(out, queries, part)
     return out
 
 
 def take(x: torch.Tensor, positions: Positions) -> torch.Tensor:
     """x[:, :, positions] of a [B, H, S, D] tensor (a view for a contiguous run)."""
     return x[:, :, positions] if isinstance(positions, slice) else x.index_select(2, positions)
+
+
+def take_keys(mask: torch.Tensor, positions: Positions) -> torch.Tensor:
+    """mask[..., positions] of a key mask [B, H, 1, Sk]."""
+    return mask[..., positions] if isinstance(positions, slice) else mask.index_select(-1, positions)
 
 
 def put(out: torch.Tensor, positions: Positions, part: torch.Tensor) -> None:

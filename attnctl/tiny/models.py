@@ -18,6 +18,7 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   flux       text keys = T5 (tokenizer_2) tokens 0..max_sequence_length-1; CLIP only gives the pooled vector.
   wan        text keys = T5/UMT5 tokens 0..max_sequence_length-1 (padding zeroed).
   cogvideox  text keys = T5 tokens 0..max_sequence_length-1, placed before the video tokens.
+  pixart     text keys = T5 tokens 0..max_sequence_length-1 of the lower-cased prompt (padding masked).
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
 """
@@ -35,7 +36,7 @@ from transformers import CLIPTokenizer, T5Tokenizer
 
 from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer, default_corpus
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "pixart")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -191,7 +192,15 @@ def _check_family(family: str) -> str:
 
 
 # Pixels per transformer token side: VAE downsampling x patch size.
-_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16}
+_PATCH_PIXELS = {
+    "sd3": 4,
+    "flux": 4,
+    "wan": 16,
+    "cogvideox": 16,
+    "hunyuanvideo": 16,
+    "pixart": 4,
+    "auraflow": 4,
+}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -238,6 +247,16 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "width": 32,
         "num_frames": 5,
         "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "pixart": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.5,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        # the default maps the size to the nearest 1024-px aspect-ratio bin (262,144 tokens)
+        "use_resolution_binning": False,
         "output_type": "pt",
     },
 }
@@ -619,6 +638,37 @@ def _build_hunyuanvideo(seed: int) -> Any:
     )
 
 
+def _build_pixart(seed: int) -> Any:
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(  # diffusers' PixArt-Sigma fast test, 16x16 latent
+        sample_size=16,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=t5,
+        text_encoder=_t5_encoder(t5, seed),
+        vae=_small_vae(seed, scaling_factor=0.13025, shift_factor=None),
+        transformer=transformer.eval(),
+        scheduler=DDIMScheduler(),
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -627,4 +677,5 @@ _BUILDERS = {
     "wan": _build_wan,
     "cogvideox": _build_cogvideox,
     "hunyuanvideo": _build_hunyuanvideo,
+    "pixart": _build_pixart,
 }
