@@ -37,6 +37,11 @@ def _cross(queries, keys, n):
     return slice(0, queries), slice(0, keys)
 
 
+def _registers_text_image(queries, keys, n):
+    # AuraFlow: 8 learned register tokens (`register_tokens`, [1, 8, C]) before the text, image last
+    return slice(keys - n, keys), slice(8, keys - n)
+
+
 # Where image queries and text keys sit in the kernel call of a layer attending to text, written
 # here from the models' code (not from attnctl's adapters): (queries, keys, image tokens) -> slices.
 TOKEN_ORDER = {
@@ -48,6 +53,7 @@ TOKEN_ORDER = {
     "cogvideox": _text_first,
     "hunyuanvideo": _image_first,
     "pixart": _cross,  # attn2: q = image tokens, k = the T5 tokens
+    "auraflow": _registers_text_image,
 }
 
 

@@ -25,9 +25,10 @@ PIPELINE_CLASS = {
     "cogvideox": "CogVideoXPipeline",
     "hunyuanvideo": "HunyuanVideoPipeline",
     "pixart": "PixArtSigmaPipeline",
+    "auraflow": "AuraFlowPipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
-# (sd, sdxl, sd3, cogvideox, pixart), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
+# (sd, sdxl, sd3, cogvideox, pixart, auraflow), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
 DENOISER_CALLS = {
     "sd": (1, 2),
     "sdxl": (1, 2),
@@ -37,6 +38,7 @@ DENOISER_CALLS = {
     "cogvideox": (1, 2),
     "hunyuanvideo": (1, 1),
     "pixart": (1, 2),
+    "auraflow": (1, 2),
 }
 
 

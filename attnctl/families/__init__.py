@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .auraflow import AuraFlowAdapter
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
@@ -21,6 +22,7 @@ ADAPTERS: list[FamilyAdapter] = [
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
     PixArtAdapter(),
+    AuraFlowAdapter(),
 ]
 
 

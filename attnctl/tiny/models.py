@@ -19,6 +19,7 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   wan        text keys = T5/UMT5 tokens 0..max_sequence_length-1 (padding zeroed).
   cogvideox  text keys = T5 tokens 0..max_sequence_length-1, placed before the video tokens.
   pixart     text keys = T5 tokens 0..max_sequence_length-1 of the lower-cased prompt (padding masked).
+  auraflow   text keys = T5 tokens 0..max_sequence_length-1, after the model's 8 register tokens.
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
 """
@@ -36,7 +37,7 @@ from transformers import CLIPTokenizer, T5Tokenizer
 
 from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer, default_corpus
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "pixart")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "pixart", "auraflow")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -257,6 +258,14 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "max_sequence_length": 32,
         # the default maps the size to the nearest 1024-px aspect-ratio bin (262,144 tokens)
         "use_resolution_binning": False,
+        "output_type": "pt",
+    },
+    "auraflow": {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.5,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
         "output_type": "pt",
     },
 }
@@ -669,6 +678,35 @@ def _build_pixart(seed: int) -> Any:
     )
 
 
+def _build_auraflow(seed: int) -> Any:
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = AuraFlowTransformer2DModel(  # diffusers' AuraFlow fast test, in 2 heads of 16
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        # the same width as the test's 4 heads of 8, so that one head of the untrained model moves
+        # the image measurably (SoftPAG on one head)
+        attention_head_dim=16,
+        num_attention_heads=2,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        out_channels=4,
+        pos_embed_max_size=256,
+    )
+    return AuraFlowPipeline(
+        tokenizer=t5,
+        text_encoder=_t5_encoder(t5, seed, umt5=True),  # AuraFlow's Pile-T5 is a UMT5 encoder
+        vae=_small_vae(seed, scaling_factor=0.13025, shift_factor=None),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -678,4 +716,5 @@ _BUILDERS = {
     "cogvideox": _build_cogvideox,
     "hunyuanvideo": _build_hunyuanvideo,
     "pixart": _build_pixart,
+    "auraflow": _build_auraflow,
 }
