@@ -54,6 +54,8 @@ TOKEN_ORDER = {
     "hunyuanvideo": _image_first,
     "pixart": _cross,  # attn2: q = image tokens, k = the T5 tokens
     "auraflow": _registers_text_image,
+    # [image ; T5 ; Llama last layer ; Llama layer of the block]: the positions index the T5 part
+    "hidream": _image_first,
 }
 
 

@@ -267,7 +267,7 @@ class Session:
         self, module: torch.nn.Module, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict
     ) -> None:
         self._forwards_since_prompt += 1
-        t = _named_inputs(module, args, kwargs).get("timestep")
+        t = _named_inputs(module, args, kwargs).get(adapter.timestep_arg)
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
         if t != self.timestep:
             self.step += 1

@@ -8,6 +8,7 @@ from .auraflow import AuraFlowAdapter
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
@@ -23,6 +24,7 @@ ADAPTERS: list[FamilyAdapter] = [
     HunyuanVideoAdapter(),
     PixArtAdapter(),
     AuraFlowAdapter(),
+    HiDreamAdapter(),
 ]
 
 

@@ -103,6 +103,10 @@ class FamilyAdapter:
     denoisers: tuple[str, ...] = ()
     processors: tuple[str, ...] = ()
     latent_arg = "hidden_states"  # the denoiser's keyword for its latent input
+    timestep_arg = "timestep"  # and for its timestep
+    # Keyword arguments of the denoiser whose batch is not their first dimension (HiDream's stacked
+    # Llama states [layers, B, L, C]: 1), for controls that take or add batch rows.
+    batch_dims: dict[str, int] = {}  # noqa: RUF012 - read only
     video = False  # whether the denoiser makes videos (frames > 1 in the token grid)
     # Where attnctl takes q, k, v: at the kernel call inside the model's own processor, "dispatch"
     # (diffusers' dispatch_attention_fn) or "sdpa" (F.scaled_dot_product_attention), placed by

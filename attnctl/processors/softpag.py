@@ -305,10 +305,10 @@ class PerturbedGuidance(DenoiserWrapper):
             return args, kwargs  # s_t = 0 (adaptive schedule): the unguided call, exactly
         cond = session.cond_rows
         if self._split(module):
-            self._split_inputs = take_rows((args, kwargs), cond, session.batch)
+            self._split_inputs = take_rows((args, kwargs), cond, session.batch, session.adapter.batch_dims)
             return args, kwargs
         session.rows = session.rows.append_perturbed(len(cond))
-        return append_rows((args, kwargs), cond, session.batch)
+        return append_rows((args, kwargs), cond, session.batch, session.adapter.batch_dims)
 
     def after(self, session: Any, module: torch.nn.Module, output: Any) -> Any:
         if self._nested or session.guiding or self._scale_now == 0:

@@ -20,6 +20,8 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   cogvideox  text keys = T5 tokens 0..max_sequence_length-1, placed before the video tokens.
   pixart     text keys = T5 tokens 0..max_sequence_length-1 of the lower-cased prompt (padding masked).
   auraflow   text keys = T5 tokens 0..max_sequence_length-1, after the model's 8 register tokens.
+  hidream    keys after the image: T5 tokens 0..max_sequence_length-1, then the Llama tokens twice (the
+             last `llama_layers` layer's and the block's own); attnctl's text keys are the T5 part.
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
 """
@@ -37,7 +39,7 @@ from transformers import CLIPTokenizer, T5Tokenizer
 
 from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer, default_corpus
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "pixart", "auraflow")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "pixart", "auraflow", "hidream")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -60,7 +62,7 @@ def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
             torch.manual_seed(seed)
             # Overrides as keyword arguments: in a config dict, diffusers would reset the entries the
             # model was built with at their defaults (`_use_default_values`) and drop such overrides.
-            pipe.register_modules(**{name: type(old).from_config(old.config, **denoiser_config)})
+            pipe.register_modules(**{name: type(old).from_config(old.config, **denoiser_config).eval()})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -201,6 +203,7 @@ _PATCH_PIXELS = {
     "hunyuanvideo": 16,
     "pixart": 4,
     "auraflow": 4,
+    "hidream": 4,
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -264,6 +267,14 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "num_inference_steps": 2,
         "guidance_scale": 3.5,
         "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "hidream": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,  # the pipeline rescales to the area of a (default_sample_size * vae factor)^2 image
         "width": 32,
         "max_sequence_length": 32,
         "output_type": "pt",
@@ -707,6 +718,72 @@ def _build_auraflow(seed: int) -> Any:
     )
 
 
+def _build_hidream(seed: int) -> Any:
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HiDreamImagePipeline,
+        HiDreamImageTransformer2DModel,
+    )
+    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
+
+    clip = build_clip_tokenizer(default_corpus())
+    t5 = build_t5_tokenizer(default_corpus())
+    llama = build_llama_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(  # diffusers' HiDream fast test
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=[32, 16],  # T5, Llama widths
+        text_emb_dim=64,  # pooled CLIP-L + CLIP-G
+        num_routed_experts=4,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(32, 32),
+        llama_layers=(0, 1),
+    ).eval()  # in training mode it unpatchifies differently (and adds the MoE's auxiliary loss)
+    config = _clip_text_config(clip)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(config).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    llama_config = LlamaConfig(
+        vocab_size=len(llama),
+        bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id,
+        pad_token_id=llama.pad_token_id,
+        hidden_size=16,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,  # one hidden state per entry of llama_layers
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    text_encoder_4 = LlamaForCausalLM(llama_config).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_small_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=clip,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(default_corpus()),
+        text_encoder_3=_t5_encoder(t5, seed),
+        tokenizer_3=t5,
+        text_encoder_4=text_encoder_4,
+        tokenizer_4=llama,
+        transformer=transformer,
+    )
+    # The pipeline rescales every requested size to the area of a (default_sample_size * vae scale
+    # factor)^2 image, 256^2 px with the tiny 2x VAE (64x64 tokens); 16 makes it 32^2 px (8x8 tokens).
+    # An attribute, not configuration: set again after `from_pretrained`.
+    pipe.default_sample_size = 16
+    return pipe
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -717,4 +794,5 @@ _BUILDERS = {
     "hunyuanvideo": _build_hunyuanvideo,
     "pixart": _build_pixart,
     "auraflow": _build_auraflow,
+    "hidream": _build_hidream,
 }
