@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -80,25 +81,33 @@ def test_maps_only_matches_baseline_and_explicit_softmax(unet_pipe):
 def test_restored_exactly_after_exception(family):
     pipe = tiny_pipeline(family)
     denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
-    before = {name: m.processor for name, m in attention_modules(denoiser).items()}
+    before = _processors(denoiser)
 
     def boom(*args):
         raise RuntimeError("boom")
 
+    # PixArt's pipeline has the older per-step `callback` (and takes other keywords silently)
+    params = inspect.signature(type(pipe).__call__).parameters
+    callback = {"callback_on_step_end" if "callback_on_step_end" in params else "callback": boom}
     with pytest.raises(RuntimeError, match="boom"):
         with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
-            _run(pipe, family, callback_on_step_end=boom)
-    after = {name: m.processor for name, m in attention_modules(denoiser).items()}
+            _run(pipe, family, **callback)
+    after = _processors(denoiser)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     # the hook registry as the same failed run leaves it without attnctl (FLUX's cache contexts make one)
     twin = tiny_pipeline(family)
     with pytest.raises(RuntimeError, match="boom"):
-        _run(twin, family, callback_on_step_end=boom)
+        _run(twin, family, **callback)
     twin_denoiser = twin.unet if family in ("sd", "sdxl") else twin.transformer
     assert hasattr(denoiser, "_diffusers_hook") == hasattr(twin_denoiser, "_diffusers_hook")
     assert "forward" not in vars(denoiser)
     assert "encode_prompt" not in vars(pipe)
     assert "step" not in vars(pipe.scheduler)
+
+
+def _processors(denoiser):
+    """Every attention module's processor (HiDream's transformer has no `attn_processors`)."""
+    return {name: m.processor for name, m in attention_modules(denoiser).items()}
 
 
 def test_steps_and_branches_are_tracked():

@@ -37,6 +37,11 @@ def _cross(queries, keys, n):
     return slice(0, queries), slice(0, keys)
 
 
+def _registers_text_image(queries, keys, n):
+    # AuraFlow: 8 learned register tokens (`register_tokens`, [1, 8, C]) before the text, image last
+    return slice(keys - n, keys), slice(8, keys - n)
+
+
 # Where image queries and text keys sit in the kernel call of a layer attending to text, written
 # here from the models' code (not from attnctl's adapters): (queries, keys, image tokens) -> slices.
 TOKEN_ORDER = {
@@ -50,6 +55,10 @@ TOKEN_ORDER = {
     "sana": _cross,  # attn2: q = image tokens, k = the Gemma text (attn1 is linear, no kernel call)
     "lumina2": _text_first,  # layers.N.attn: [text unpadded, image] (equal text lengths in a call)
     "cogview4": _text_first,  # attn1: cat([encoder_hidden_states, hidden_states])
+    "pixart": _cross,  # attn2: q = image tokens, k = the T5 tokens
+    "auraflow": _registers_text_image,
+    # [image ; T5 ; Llama last layer ; Llama layer of the block]: the positions index the T5 part
+    "hidream": _image_first,
 }
 
 

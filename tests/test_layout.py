@@ -505,12 +505,12 @@ def test_joint_attention_never_builds_explicit_logits(family, monkeypatch):
     calls = []
     init = AttentionCall.__init__
 
-    def spy(self, session, layer, prepared, default_kernel):
+    def spy(self, session, layer, prepared, default_kernel, native=False):
         def run(q, k, v, mask, scale):
             calls.append(mask)
             return default_kernel(q, k, v, mask, scale)
 
-        init(self, session, layer, prepared, run)
+        init(self, session, layer, prepared, run, native)
 
     def no_logits(*args, **kwargs):
         raise AssertionError("explicit logits were computed")

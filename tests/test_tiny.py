@@ -27,9 +27,12 @@ PIPELINE_CLASS = {
     "sana": "SanaPipeline",
     "lumina2": "Lumina2Pipeline",
     "cogview4": "CogView4Pipeline",
+    "pixart": "PixArtSigmaPipeline",
+    "auraflow": "AuraFlowPipeline",
+    "hidream": "HiDreamImagePipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
-# (sd, sdxl, sd3, cogvideox), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
+# (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
 DENOISER_CALLS = {
     "sd": (1, 2),
     "sdxl": (1, 2),
@@ -41,6 +44,9 @@ DENOISER_CALLS = {
     "sana": (1, 2),
     "lumina2": (2, 1),
     "cogview4": (2, 1),
+    "pixart": (1, 2),
+    "auraflow": (1, 2),
+    "hidream": (1, 2),
 }
 
 
@@ -201,6 +207,8 @@ def test_pipeline_save_load_round_trip(family, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = type(pipe).from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
+    if hasattr(pipe, "default_sample_size"):  # an attribute, not saved: HiDream's tiny builder sets it
+        loaded.default_sample_size = pipe.default_sample_size
     runs = [
         p(PROMPT, **tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0))[0]
         for p in (pipe, loaded)

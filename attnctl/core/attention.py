@@ -78,7 +78,12 @@ class AttentionCall:
     """One call of one attention layer: q, k, v [B, H, S, D], token layout and the session state."""
 
     def __init__(
-        self, session: Any, layer: LayerInfo, prepared: Prepared, default_kernel: Callable, native: bool = False
+        self,
+        session: Any,
+        layer: LayerInfo,
+        prepared: Prepared,
+        default_kernel: Callable,
+        native: bool = False,
     ):
         self.session = session
         self.layer = layer

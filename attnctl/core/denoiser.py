@@ -73,26 +73,32 @@ class DenoiserWrapper:
         return output
 
 
-def take_rows(obj: Any, rows: list[int], batch: int) -> Any:
-    """Every tensor with the batch as its first dimension, restricted to `rows` (nested in tuples/dicts)."""
-    return _map_batch(obj, lambda x: x[rows], batch)
+def take_rows(obj: Any, rows: list[int], batch: int, dims: dict[str, int] | None = None) -> Any:
+    """Every tensor with the batch as its first dimension, restricted to `rows` (nested in tuples/dicts).
+    `dims`: keyword arguments whose batch is another dimension (the adapter's `batch_dims`)."""
+    return _map_batch(obj, lambda x: x[rows], batch, dims or {})
 
 
-def append_rows(obj: Any, rows: list[int], batch: int) -> Any:
+def append_rows(obj: Any, rows: list[int], batch: int, dims: dict[str, int] | None = None) -> Any:
     """Every tensor with the batch as its first dimension, with copies of `rows` appended at the end
-    (nested in tuples/lists/dicts); e.g. the conditional rows again, as a perturbed branch."""
-    return _map_batch(obj, lambda x: torch.cat([x, x[rows]]), batch)
+    (nested in tuples/lists/dicts); e.g. the conditional rows again, as a perturbed branch. `dims`:
+    as in `take_rows`."""
+    return _map_batch(obj, lambda x: torch.cat([x, x[rows]]), batch, dims or {})
 
 
-def _map_batch(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int) -> Any:
+def _map_batch(
+    obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int, dims: dict[str, int], dim: int = 0
+) -> Any:
     if isinstance(obj, torch.Tensor):
-        return fn(obj) if obj.dim() > 0 and obj.shape[0] == batch else obj
+        if obj.dim() > dim and obj.shape[dim] == batch:
+            return fn(obj.movedim(dim, 0)).movedim(0, dim)
+        return obj
     if isinstance(obj, tuple):
-        return tuple(_map_batch(o, fn, batch) for o in obj)
+        return tuple(_map_batch(o, fn, batch, dims, dim) for o in obj)
     if isinstance(obj, list):
-        return [_map_batch(o, fn, batch) for o in obj]
+        return [_map_batch(o, fn, batch, dims, dim) for o in obj]
     if isinstance(obj, dict):
-        return {k: _map_batch(v, fn, batch) for k, v in obj.items()}
+        return {k: _map_batch(v, fn, batch, dims, dims.get(k, dim)) for k, v in obj.items()}
     return obj
 
 

@@ -84,6 +84,8 @@ class Session:
         self.grid: tuple[int, int, int] = (1, 0, 0)
         self.text_len: int | None = None
         self.prompt: str | list[str] | None = None
+        # CFG as the pipeline told its `encode_prompt` (PixArt, AuraFlow keep it in a local variable)
+        self.prompt_cfg: bool | None = None
         self.generation = 0  # counts pipeline calls (generations) seen in this session
         self._forwards_since_prompt = 0
         self._forwards_in_step = 0
@@ -249,6 +251,7 @@ class Session:
         if self.prompt is not None and self._forwards_since_prompt == 0:
             return
         self.prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
+        self.prompt_cfg = self._encode_argument("do_classifier_free_guidance", args, kwargs)
         self._forwards_since_prompt = 0
         self.generation += 1
         self.step = -1
@@ -256,11 +259,19 @@ class Session:
         for hook in self.generation_hooks:
             hook(self)
 
+    def _encode_argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """An argument the pipeline passed to its `encode_prompt` (None: not passed)."""
+        try:
+            bound = inspect.signature(type(self.pipe).encode_prompt).bind_partial(self.pipe, *args, **kwargs)
+        except (TypeError, ValueError):
+            return None
+        return bound.arguments.get(name)
+
     def _begin_forward(
         self, module: torch.nn.Module, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict
     ) -> None:
         self._forwards_since_prompt += 1
-        t = _named_inputs(module, args, kwargs).get("timestep")
+        t = _named_inputs(module, args, kwargs).get(adapter.timestep_arg)
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
         if t != self.timestep:
             self.step += 1
@@ -314,6 +325,8 @@ class Session:
 
     def _batched_cfg(self, context: str | None) -> bool:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if cfg is None and isinstance(self.prompt_cfg, bool):
+            cfg = self.prompt_cfg
         if cfg is None and context == "cond_uncond":
             # CogVideoX marks its batched forward so but keeps the CFG flag local to __call__;
             # its `guidance_scale` property tells the same

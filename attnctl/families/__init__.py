@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from .auraflow import AuraFlowAdapter
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .cogvideox import CogVideoXAdapter
 from .cogview4 import CogView4Adapter
 from .flux import FluxAdapter
+from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .lumina2 import Lumina2Adapter
+from .pixart import PixArtAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
@@ -25,19 +28,23 @@ ADAPTERS: list[FamilyAdapter] = [
     SanaAdapter(),
     Lumina2Adapter(),
     CogView4Adapter(),
+    PixArtAdapter(),
+    AuraFlowAdapter(),
+    HiDreamAdapter(),
 ]
 
 
 def adapter_for(denoiser: torch.nn.Module) -> FamilyAdapter:
     """The adapter of a denoiser's family: by its class (or a base class), else by the processors of
-    its attention modules (a renamed or re-wrapped model of a known family)."""
+    its attention modules (a renamed or re-wrapped model of a known family; an adapter lists only
+    processor classes of its own family, never diffusers' generic ones such as AttnProcessor2_0)."""
     classes = {c.__name__ for c in type(denoiser).__mro__}
     for adapter in ADAPTERS:
         if classes & set(adapter.denoisers):
             return adapter
     processors = {type(m.processor).__name__ for m in attention_modules(denoiser).values()}
     for adapter in ADAPTERS:
-        if processors and processors <= set(adapter.processors):
+        if processors & set(adapter.processors):
             return adapter
     supported = "; ".join(f"{a.title} ({', '.join(a.denoisers)})" for a in ADAPTERS)
     raise ValueError(f"attnctl does not support {type(denoiser).__name__}; supported families: {supported}")

@@ -103,6 +103,10 @@ class FamilyAdapter:
     denoisers: tuple[str, ...] = ()
     processors: tuple[str, ...] = ()
     latent_arg = "hidden_states"  # the denoiser's keyword for its latent input
+    timestep_arg = "timestep"  # and for its timestep
+    # Keyword arguments of the denoiser whose batch is not their first dimension (HiDream's stacked
+    # Llama states [layers, B, L, C]: 1), for controls that take or add batch rows.
+    batch_dims: dict[str, int] = {}  # noqa: RUF012 - read only
     video = False  # whether the denoiser makes videos (frames > 1 in the token grid)
     # Where attnctl takes q, k, v: at the kernel call inside the model's own processor, "dispatch"
     # (diffusers' dispatch_attention_fn) or "sdpa" (F.scaled_dot_product_attention), placed by
@@ -148,8 +152,8 @@ class FamilyAdapter:
 
     def append_text(self, kwargs: dict[str, Any], tokens: torch.Tensor) -> dict[str, Any]:
         """The denoiser call's keyword arguments with `tokens` [B, R, C] (encoded prompts) appended to
-        its text sequence, after the prompt's own tokens (e.g. a Layout's region prompts); a
-        [B, L] `encoder_attention_mask` is extended with ones."""
+        its text sequence, after the prompt's own tokens (e.g. a Layout's region prompts); an
+        `encoder_attention_mask` is extended to keep them."""
         text, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
         if text is None:
             raise ValueError(
@@ -157,13 +161,14 @@ class FamilyAdapter:
                 "keyword argument; attnctl appends region prompts there"
             )
         out = {**kwargs, "encoder_hidden_states": torch.cat([text, tokens.to(text)], dim=1)}
-        if mask is not None:  # a [B, L] key mask (1: keep, e.g. Sana's padding mask): keep them
-            if mask.dim() != 2:
+        if mask is not None:  # a key mask [B, L] (1: keep; Sana's, PixArt's padding) or a bias [B, 1, L]
+            if mask.dim() not in (2, 3):
                 raise ValueError(
-                    f"{type(self).__name__}: attnctl extends a [batch, text] encoder_attention_mask for "
-                    f"appended tokens; got one of shape {tuple(mask.shape)}"
+                    f"{type(self).__name__}: attnctl extends an encoder_attention_mask of [batch, text] or "
+                    f"[batch, 1, text] for appended tokens; got one of shape {tuple(mask.shape)}"
                 )
-            out["encoder_attention_mask"] = torch.cat([mask, mask.new_ones(len(mask), tokens.shape[1])], 1)
+            keep = mask.new_zeros if mask.dim() == 3 else mask.new_ones
+            out["encoder_attention_mask"] = torch.cat([mask, keep(*mask.shape[:-1], tokens.shape[1])], -1)
         return out
 
     def branch(self, call: int) -> str | None:

@@ -33,7 +33,7 @@ class HunyuanVideoAdapter(FamilyAdapter):
     name = "hunyuanvideo"
     title = "HunyuanVideo"
     denoisers = ("HunyuanVideoTransformer3DModel",)
-    processors = ("HunyuanVideoAttnProcessor2_0", "AttnProcessor2_0")
+    processors = ("HunyuanVideoAttnProcessor2_0",)
     video = True
     seam = "dispatch"
 

@@ -355,7 +355,7 @@ class _Guide(DenoiserWrapper):
         updates; the images still updating share one gradient forward."""
         rows = session.cond_rows
         latent, _ = latent_input(session, args, kwargs)
-        inputs = take_rows((args, kwargs), rows, session.batch)
+        inputs = take_rows((args, kwargs), rows, session.batch, session.adapter.batch_dims)
         x0 = latent[rows].detach()
         x = x0.clone()
         scale = _input_scale(session)
@@ -371,7 +371,11 @@ class _Guide(DenoiserWrapper):
             with _frozen(module):  # the gradient is w.r.t. the latent alone
                 while active:
                     values, grad = self._gradient(
-                        session, module, take_rows(inputs, active, len(rows)), x[active], active
+                        session,
+                        module,
+                        take_rows(inputs, active, len(rows), session.adapter.batch_dims),
+                        x[active],
+                        active,
                     )
                     # z <- z - a grad_z L with x = c z (the scaled model input): x <- x - a c^2 grad_x L
                     x[active] = (x[active] - alpha * scale**2 * grad.float()).to(x0.dtype)

@@ -515,6 +515,7 @@ class _LayoutEdit(AttentionEdit):
             keys = torch.cat(
                 [
                     torch.arange(lay.image_k.start, lay.image_k.stop),
+                    lay.other_keys,
                     torch.arange(lay.base.start, lay.base.stop),
                 ]
             )

@@ -102,6 +102,12 @@ class TextLayout:
     regions: list[slice]  # each region prompt's text keys
 
     @property
+    def other_keys(self) -> torch.Tensor:
+        """Keys that are neither image nor text keys (AuraFlow's register tokens): every query sees
+        them, as in the model."""
+        return _others(self.keys, [_range(self.image_k), _range(self.base), *map(_range, self.regions)])
+
+    @property
     def joint(self) -> bool:
         """Text tokens are queries too (SD3 / FLUX joint attention)."""
         return self.queries == self.keys and self.image_k.stop > self.image_k.start
@@ -110,7 +116,7 @@ class TextLayout:
 def plain_plan(lay: TextLayout) -> Plan:
     """The model's own attention over the prompt: region prompts unseen; in joint attention each
     region prompt's tokens attend among themselves only."""
-    base_keys = _cat(_range(lay.image_k), _range(lay.base))
+    base_keys = _cat(_range(lay.image_k), lay.other_keys, _range(lay.base))
     if not lay.joint:
         return Plan([(torch.arange(lay.queries), base_keys)], lay.queries, lay.keys)
     region_queries = [_range(r) for r in lay.regions]
@@ -136,13 +142,14 @@ def regional_plan(
     regions' words when `hide`. Queries outside every box see the prompt, less every region's words
     when `hide` (base_outside="other_regions").
     Without crop_merge (mask-and-sum) every image query sees the image keys and the prompt; region
-    streams are added afterwards. Image queries always see every image key.
+    streams are added afterwards. Image queries always see every image key (and the other keys:
+    registers).
     Joint attention: prompt tokens see the image and the prompt; region j's tokens see themselves
     and the image tokens `cells[j]` (their box, as owned under crop_merge).
     """
     image = _range(lay.image_q)
     base = _range(lay.base)
-    image_keys = _range(lay.image_k)
+    image_keys = _cat(_range(lay.image_k), lay.other_keys)
     groups = []
     for o in sorted(set(owner.tolist())) if crop_merge else [-1]:
         queries = image[owner == o] if crop_merge else image

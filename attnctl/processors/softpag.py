@@ -18,6 +18,7 @@ Perturbed-Attention Guidance" (ECCV 2024; diffusers' PAG pipelines). Two levels,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -313,10 +314,10 @@ class PerturbedGuidance(DenoiserWrapper):
             return args, kwargs  # s_t = 0 (adaptive schedule): the unguided call, exactly
         cond = session.cond_rows
         if self._split(module):
-            self._split_inputs = take_rows((args, kwargs), cond, session.batch)
+            self._split_inputs = take_rows((args, kwargs), cond, session.batch, session.adapter.batch_dims)
             return args, kwargs
         session.rows = session.rows.append_perturbed(len(cond))
-        return append_rows((args, kwargs), cond, session.batch)
+        return append_rows((args, kwargs), cond, session.batch, session.adapter.batch_dims)
 
     def after(self, session: Any, module: torch.nn.Module, output: Any) -> Any:
         if self._nested or session.guiding or self._scale_now == 0:
@@ -366,8 +367,27 @@ def _cfg_scale(session: Any) -> float | None:
     """The pipeline's CFG scale w when it combines ε_u + w·(ε_c - ε_u) after this call, else None."""
     pipe = session.pipe
     if session.rows.uncond or getattr(pipe, "do_classifier_free_guidance", False):
-        return float(pipe.guidance_scale)
+        scale = getattr(pipe, "guidance_scale", None)
+        return float(scale if scale is not None else _call_local(pipe, "guidance_scale"))
     return None
+
+
+def _call_local(pipe: Any, name: str) -> Any:
+    """A local variable of the pipeline call that is running (the frame of a method of `pipe` that
+    holds it), for pipelines that keep e.g. `guidance_scale` local rather than on the pipeline
+    (PixArt)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            names = frame.f_locals
+            if names.get("self") is pipe and name in names:
+                return names[name]
+            frame = frame.f_back
+    finally:
+        del frame
+    raise ValueError(
+        f"{type(pipe).__name__} does not tell its {name}; attnctl needs it to fold the guidance in"
+    )
 
 
 def _scheduler_timestep(session: Any) -> float:

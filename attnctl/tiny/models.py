@@ -25,6 +25,12 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   lumina2    text keys = Gemma tokens of `system_prompt + " <Prompt Start> " + prompt` (unpadded), then
              the image tokens, per sample.
   cogview4   text keys = GLM tokens `[gMASK] <sop> prompt` left-padded to a multiple of 16: key = p + pad.
+  pixart     text keys = T5 tokens 0..max_sequence_length-1 of the lower-cased prompt (padding masked).
+  auraflow   text keys = T5 tokens 0..max_sequence_length-1, after the model's 8 register tokens.
+  hidream    keys after the image: T5 tokens 0..max_sequence_length-1, then the Llama tokens twice (the
+             last `llama_layers` layer's and the block's own); attnctl's text keys are the T5 part.
+  hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
+             for a position p in `prompt_template["template"].format(prompt)`.
 """
 
 from __future__ import annotations
@@ -47,7 +53,21 @@ from .tokenizers import (
     default_corpus,
 )
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "sana", "lumina2", "cogview4")
+FAMILIES = (
+    "sd",
+    "sdxl",
+    "sd3",
+    "flux",
+    "wan",
+    "cogvideox",
+    "hunyuanvideo",
+    "sana",
+    "lumina2",
+    "cogview4",
+    "pixart",
+    "auraflow",
+    "hidream",
+)
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -70,7 +90,7 @@ def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
             torch.manual_seed(seed)
             # Overrides as keyword arguments: in a config dict, diffusers would reset the entries the
             # model was built with at their defaults (`_use_default_values`) and drop such overrides.
-            pipe.register_modules(**{name: type(old).from_config(old.config, **denoiser_config)})
+            pipe.register_modules(**{name: type(old).from_config(old.config, **denoiser_config).eval()})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -212,6 +232,9 @@ _PATCH_PIXELS = {
     "sana": 2,
     "lumina2": 16,
     "cogview4": 4,
+    "pixart": 4,
+    "auraflow": 4,
+    "hidream": 4,
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -285,6 +308,32 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "num_inference_steps": 2,
         "guidance_scale": 5.0,
         "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "pixart": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.5,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        # the default maps the size to the nearest 1024-px aspect-ratio bin (262,144 tokens)
+        "use_resolution_binning": False,
+        "output_type": "pt",
+    },
+    "auraflow": {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.5,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "hidream": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,  # the pipeline rescales to the area of a (default_sample_size * vae factor)^2 image
         "width": 32,
         "max_sequence_length": 32,
         "output_type": "pt",
@@ -840,6 +889,132 @@ def _build_cogview4(seed: int) -> Any:
     )
 
 
+def _build_pixart(seed: int) -> Any:
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(  # diffusers' PixArt-Sigma fast test, 16x16 latent
+        sample_size=16,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=t5,
+        text_encoder=_t5_encoder(t5, seed),
+        vae=_small_vae(seed, scaling_factor=0.13025, shift_factor=None),
+        transformer=transformer.eval(),
+        scheduler=DDIMScheduler(),
+    )
+
+
+def _build_auraflow(seed: int) -> Any:
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = AuraFlowTransformer2DModel(  # diffusers' AuraFlow fast test, in 2 heads of 16
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        # the same width as the test's 4 heads of 8, so that one head of the untrained model moves
+        # the image measurably (SoftPAG on one head)
+        attention_head_dim=16,
+        num_attention_heads=2,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        out_channels=4,
+        pos_embed_max_size=256,
+    )
+    return AuraFlowPipeline(
+        tokenizer=t5,
+        text_encoder=_t5_encoder(t5, seed, umt5=True),  # AuraFlow's Pile-T5 is a UMT5 encoder
+        vae=_small_vae(seed, scaling_factor=0.13025, shift_factor=None),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def _build_hidream(seed: int) -> Any:
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HiDreamImagePipeline,
+        HiDreamImageTransformer2DModel,
+    )
+    from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
+
+    clip = build_clip_tokenizer(default_corpus())
+    t5 = build_t5_tokenizer(default_corpus())
+    llama = build_llama_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(  # diffusers' HiDream fast test
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=[32, 16],  # T5, Llama widths
+        text_emb_dim=64,  # pooled CLIP-L + CLIP-G
+        num_routed_experts=4,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(32, 32),
+        llama_layers=(0, 1),
+    ).eval()  # in training mode it unpatchifies differently (and adds the MoE's auxiliary loss)
+    config = _clip_text_config(clip)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(config).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    llama_config = LlamaConfig(
+        vocab_size=len(llama),
+        bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id,
+        pad_token_id=llama.pad_token_id,
+        hidden_size=16,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,  # one hidden state per entry of llama_layers
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    text_encoder_4 = LlamaForCausalLM(llama_config).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_small_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=clip,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(default_corpus()),
+        text_encoder_3=_t5_encoder(t5, seed),
+        tokenizer_3=t5,
+        text_encoder_4=text_encoder_4,
+        tokenizer_4=llama,
+        transformer=transformer,
+    )
+    # The pipeline rescales every requested size to the area of a (default_sample_size * vae scale
+    # factor)^2 image, 256^2 px with the tiny 2x VAE (64x64 tokens); 16 makes it 32^2 px (8x8 tokens).
+    # An attribute, not configuration: set again after `from_pretrained`.
+    pipe.default_sample_size = 16
+    return pipe
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -851,4 +1026,7 @@ _BUILDERS = {
     "sana": _build_sana,
     "lumina2": _build_lumina2,
     "cogview4": _build_cogview4,
+    "pixart": _build_pixart,
+    "auraflow": _build_auraflow,
+    "hidream": _build_hidream,
 }
