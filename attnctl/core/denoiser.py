@@ -34,9 +34,11 @@ class BatchRows:
     perturbed: tuple[int, ...] = ()
 
     @classmethod
-    def of_batch(cls, batch: int, branch: str | None, stacked_cfg: bool) -> BatchRows:
+    def of_batch(
+        cls, batch: int, branch: str | None, stacked_cfg: bool, order: tuple[str, str] = ("uncond", "cond")
+    ) -> BatchRows:
         """The rows of a batch as the pipeline built it: one named branch ("cond" / "uncond"), CFG's
-        `[uncond, cond]` halves, or (no CFG) all conditional."""
+        halves in `order` (diffusers' usual `[uncond, cond]`), or (no CFG) all conditional."""
         rows = tuple(range(batch))
         if branch == "perturbed":  # a separate forward of a perturbed branch (SoftPAG's batch="split")
             return cls(perturbed=rows)
@@ -45,7 +47,7 @@ class BatchRows:
         if branch == "uncond":
             return cls(uncond=rows)
         if stacked_cfg and batch % 2 == 0:
-            return cls(uncond=rows[: batch // 2], cond=rows[batch // 2 :])
+            return cls(**dict(zip(order, (rows[: batch // 2], rows[batch // 2 :]), strict=True)))
         return cls(cond=rows)
 
     @property

@@ -86,6 +86,7 @@ class Session:
         self.prompt: str | list[str] | None = None
         self.generation = 0  # counts pipeline calls (generations) seen in this session
         self._forwards_since_prompt = 0
+        self._step_forwards = 0  # the pipeline's own denoiser forwards at this step (not controls')
         self._edits: dict[str, list[AttentionEdit]] = {}
         self._undo: list[Callable[[], None]] = []
 
@@ -261,11 +262,22 @@ class Session:
         if t != self.timestep:
             self.step += 1
             self.timestep = t
+            self._step_forwards = 0
             if self.step == 0:
                 self._check_steps()
+        if self.branch is None:  # controls name the branch of the forwards they make
+            self._step_forwards += 1
         self._read_batch(module, adapter, args, kwargs)
-        branch = self.branch or context
-        self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch))
+        branch = self.branch or context or self._separate_branch(adapter)
+        self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch), adapter.cfg_batch)
+
+    def _separate_branch(self, adapter: FamilyAdapter) -> str | None:
+        """The branch of this forward where the pipeline runs CFG's branches as separate forwards
+        without naming them (`adapter.cfg_forwards`, e.g. Chroma: the prompt's, then the negative's)."""
+        order = adapter.cfg_forwards
+        if not order or not self._batched_cfg(None):
+            return None
+        return order[min(self._step_forwards, len(order)) - 1]
 
     def _check_steps(self) -> None:
         """Step lists beyond the run: a warning for the steps that never come, an error when none

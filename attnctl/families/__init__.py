@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
+from .chroma import ChromaAdapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
@@ -19,6 +20,7 @@ ADAPTERS: list[FamilyAdapter] = [
     WanAdapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
+    ChromaAdapter(),
 ]
 
 

@@ -110,6 +110,13 @@ class FamilyAdapter:
     seam: str | None = None
     # Methods (control kinds) that would apply to the family but attnctl cannot do on it, with why.
     refuses: dict[str, str] = {}  # noqa: RUF012 - read only
+    # How the family's pipelines run classifier-free guidance where they do not name the branch of
+    # a denoiser call (diffusers' `cache_context("cond"/"uncond")`): `cfg_batch`, the order of the
+    # halves of a batch that stacks both branches (diffusers' usual [uncond, cond]); `cfg_forwards`,
+    # the branches of separate forwards at one step, in the order the pipeline makes them (empty:
+    # it stacks them).
+    cfg_batch: tuple[str, str] = ("uncond", "cond")
+    cfg_forwards: tuple[str, ...] = ()
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         """Every attention module of the denoiser, in model order."""

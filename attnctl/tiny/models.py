@@ -20,6 +20,7 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   cogvideox  text keys = T5 tokens 0..max_sequence_length-1, placed before the video tokens.
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
+  chroma     text keys = T5 tokens 0..max_sequence_length-1, before the image tokens (as flux).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from transformers import CLIPTokenizer, T5Tokenizer
 
 from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer, default_corpus
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "chroma")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -191,7 +192,7 @@ def _check_family(family: str) -> str:
 
 
 # Pixels per transformer token side: VAE downsampling x patch size.
-_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16}
+_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16, "chroma": 4}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -237,6 +238,14 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "height": 32,
         "width": 32,
         "num_frames": 5,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "chroma": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,
+        "width": 32,
         "max_sequence_length": 32,
         "output_type": "pt",
     },
@@ -619,6 +628,35 @@ def _build_hunyuanvideo(seed: int) -> Any:
     )
 
 
+def _build_chroma(seed: int) -> Any:
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2, as FLUX
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+        approximator_num_channels=16,
+    )
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_small_vae(seed),
+        text_encoder=_t5_encoder(t5, seed),
+        tokenizer=t5,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -627,4 +665,5 @@ _BUILDERS = {
     "wan": _build_wan,
     "cogvideox": _build_cogvideox,
     "hunyuanvideo": _build_hunyuanvideo,
+    "chroma": _build_chroma,
 }
