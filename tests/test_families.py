@@ -48,6 +48,7 @@ TOKEN_ORDER = {
     "cogvideox": _text_first,
     "hunyuanvideo": _image_first,
     "chroma": _text_first,
+    "flux2": _text_first,
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with
@@ -69,7 +70,8 @@ def _denoiser(pipe):
 
 
 def _run(pipe, family, **overrides):
-    out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs(family, **overrides))
+    kwargs = tiny_call_kwargs(family, **overrides)
+    out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)  # FLUX.2: image first
     return out.frames if hasattr(out, "frames") else out.images
 
 

@@ -24,9 +24,12 @@ PIPELINE_CLASS = {
     "wan": "WanPipeline",
     "cogvideox": "CogVideoXPipeline",
     "hunyuanvideo": "HunyuanVideoPipeline",
+    "chroma": "ChromaPipeline",
+    "flux2": "Flux2Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
-# (sd, sdxl, sd3, cogvideox), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
+# (sd, sdxl, sd3, cogvideox), runs them as two calls (wan, chroma), or is distilled into the model (flux,
+# hunyuan, flux2).
 DENOISER_CALLS = {
     "sd": (1, 2),
     "sdxl": (1, 2),
@@ -35,6 +38,8 @@ DENOISER_CALLS = {
     "wan": (2, 1),
     "cogvideox": (1, 2),
     "hunyuanvideo": (1, 1),
+    "chroma": (2, 1),
+    "flux2": (1, 1),
 }
 
 
@@ -71,7 +76,7 @@ def test_family_builds_the_standard_pipeline_and_runs(family):
         lambda module, args, kwargs: batches.append(_first_tensor(args, kwargs).shape[0]), with_kwargs=True
     )
     kwargs = tiny_call_kwargs(family)
-    out = pipe(PROMPT, **kwargs, generator=torch.Generator().manual_seed(0))
+    out = pipe(prompt=PROMPT, **kwargs, generator=torch.Generator().manual_seed(0))  # FLUX.2: image first
 
     calls, rows = DENOISER_CALLS[family]
     assert batches == [rows] * (calls * kwargs["num_inference_steps"])
@@ -196,7 +201,7 @@ def test_pipeline_save_load_round_trip(family, tmp_path):
     loaded = type(pipe).from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     runs = [
-        p(PROMPT, **tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0))[0]
+        p(prompt=PROMPT, **tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0))[0]
         for p in (pipe, loaded)
     ]
     assert torch.allclose(runs[0], runs[1], atol=1e-5)

@@ -8,6 +8,7 @@ from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
 from .chroma import ChromaAdapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
@@ -21,6 +22,7 @@ ADAPTERS: list[FamilyAdapter] = [
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
     ChromaAdapter(),
+    Flux2Adapter(),
 ]
 
 

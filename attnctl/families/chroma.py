@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..core.tokens import token_positions
-from .base import LayerInfo, attention_modules, block_of
 from .flux import FluxAdapter
 
 
@@ -29,12 +26,6 @@ class ChromaAdapter(FluxAdapter):
         "Layout": "Chroma's blocks take an attention mask over text and image tokens, which Layout's "
         "grouped kernel does not take",
     }
-
-    def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        return [
-            LayerInfo(path, "joint", m.heads, block_of(path), i)
-            for i, (path, m) in enumerate(attention_modules(denoiser).items())
-        ]
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer, prompt, word, occurrence)

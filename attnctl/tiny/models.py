@@ -34,9 +34,15 @@ from typing import Any
 import torch
 from transformers import CLIPTokenizer, T5Tokenizer
 
-from .tokenizers import build_clip_tokenizer, build_llama_tokenizer, build_t5_tokenizer, default_corpus
+from .tokenizers import (
+    build_clip_tokenizer,
+    build_llama_tokenizer,
+    build_mistral_tokenizer,
+    build_t5_tokenizer,
+    default_corpus,
+)
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "chroma")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "chroma", "flux2")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -192,7 +198,7 @@ def _check_family(family: str) -> str:
 
 
 # Pixels per transformer token side: VAE downsampling x patch size.
-_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16, "chroma": 4}
+_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16, "chroma": 4, "flux2": 4}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -247,6 +253,15 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "height": 32,
         "width": 32,
         "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "flux2": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.0,
+        "height": 32,
+        "width": 32,
+        # the tiny tokenizer spells FLUX.2's system message in about 110 tokens (the real one in 80)
+        "max_sequence_length": 160,
         "output_type": "pt",
     },
 }
@@ -657,6 +672,86 @@ def _build_chroma(seed: int) -> Any:
     )
 
 
+def _build_flux2(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = build_mistral_tokenizer()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,  # 1 latent channel patchified 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,  # hidden states of text-encoder layers 10, 20 and 30 (16 each), stacked
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    special = tokenizer.convert_tokens_to_ids
+    ids = dict(
+        bos_token_id=special("<s>"), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 37,
+            "max_position_embeddings": 512,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 30,  # the pipeline reads layers 10, 20 and 30
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 1e9,
+            "sliding_window": None,
+            **ids,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "image_size": 30,
+            "patch_size": 6,
+            "num_channels": 3,
+        },
+        image_seq_length=4,
+        vision_feature_layer=-1,
+        image_token_index=special("[IMG]"),
+        **ids,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -666,4 +761,5 @@ _BUILDERS = {
     "cogvideox": _build_cogvideox,
     "hunyuanvideo": _build_hunyuanvideo,
     "chroma": _build_chroma,
+    "flux2": _build_flux2,
 }

@@ -1,4 +1,5 @@
-"""Offline tokenizers learned from a small caption corpus: CLIP BPE, T5 sentencepiece, Llama BPE.
+"""Offline tokenizers learned from a small caption corpus: CLIP BPE, T5 sentencepiece, Llama BPE, and
+byte-level BPE with the chat templates of Qwen and Mistral.
 
 Common words ("cat", "frog", "red") become single tokens and rare ones ("hippopotamus") split into
 sub-words, as with real tokenizers; no file is read and nothing is downloaded.
@@ -13,7 +14,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable
 
-from transformers import CLIPTokenizer, LlamaTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, LlamaTokenizer, PreTrainedTokenizerFast, T5Tokenizer
 
 
 def build_clip_tokenizer(corpus: Iterable[str], max_merges: int = 2000) -> CLIPTokenizer:
@@ -70,6 +71,57 @@ def build_llama_tokenizer(corpus: Iterable[str], max_merges: int = 3000) -> Llam
     return tokenizer
 
 
+def build_byte_bpe_tokenizer(
+    specials: Iterable[str],
+    *,
+    eos: str | None = None,
+    pad: str | None = None,
+    unk: str | None = None,
+    chat_template: str | None = None,
+    max_merges: int = 2000,
+) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE tokenizer (Qwen2, Mistral Tekken) learned from the default corpus.
+
+    No BOS is added (chat templates write their own); `specials` become special tokens after the
+    learned vocabulary, and `chat_template` is the Jinja template `apply_chat_template` renders.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab_list, merges = _byte_bpe_vocab(tuple(default_corpus()), max_merges)
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    specials = list(specials)
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos, pad_token=pad, unk_token=unk, model_max_length=131072
+    )
+    named = {eos, pad, unk}
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named]})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A Qwen2 / Qwen2.5 / Qwen3 style tokenizer: byte-level BPE, no BOS, `<|endoftext|>` as pad and
+    end, and a chat template with the real one's token layout for text (and image) messages,
+    `enable_thinking=False` writing Qwen3's empty think block."""
+    return build_byte_bpe_tokenizer(
+        _QWEN_SPECIAL, eos="<|endoftext|>", pad="<|endoftext|>", chat_template=_QWEN_CHAT_TEMPLATE
+    )
+
+
+def build_mistral_tokenizer() -> PreTrainedTokenizerFast:
+    """A stand-in for the Mistral-Small-3.1 (Tekken) tokenizer FLUX.2 uses: byte-level BPE with its
+    special tokens and its chat layout `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]`."""
+    return build_byte_bpe_tokenizer(
+        _MISTRAL_SPECIAL, eos="</s>", pad="<pad>", unk="<unk>", chat_template=_MISTRAL_CHAT_TEMPLATE
+    )
+
+
 def default_corpus() -> list[str]:
     """The caption corpus the default tiny tokenizers are learned from (deterministic)."""
     captions = []
@@ -99,6 +151,22 @@ def _clip_vocab(
     vocab = alphabet + [c + "</w>" for c in alphabet]
     vocab += _unique(a + b for a, b in merges)
     return (*vocab, "<|startoftext|>", "<|endoftext|>"), tuple(merges)
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_bpe_vocab(
+    corpus: tuple[str, ...], max_merges: int
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in corpus:
+        for piece, _ in pre.pre_tokenize_str(text):
+            words[tuple(piece)] += 1
+    merges = _learn_merges(words, max_merges)
+    vocab = list(_bytes_to_unicode().values()) + _unique(a + b for a, b in merges)
+    return tuple(vocab), tuple(merges)
 
 
 @functools.lru_cache(maxsize=8)
@@ -252,3 +320,37 @@ _BACKGROUND_WORDS = (
 )
 
 _LLAMA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+_QWEN_SPECIAL = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>", "<think>", "</think>",
+)  # fmt: skip
+# Qwen2 / Qwen3's chat layout for text and image messages (the real templates also handle tools).
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+_MISTRAL_SPECIAL = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "<pad>",
+)
+_MISTRAL_CHAT_TEMPLATE = (
+    "<s>{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else m['content'] | selectattr('type', 'equalto', "
+    "'text') | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}</s>{% endif %}{% endfor %}"
+)
