@@ -49,6 +49,7 @@ TOKEN_ORDER = {
     "hunyuanvideo": _image_first,
     "chroma": _text_first,
     "flux2": _text_first,
+    "qwenimage": _text_first,
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with

@@ -26,10 +26,11 @@ PIPELINE_CLASS = {
     "hunyuanvideo": "HunyuanVideoPipeline",
     "chroma": "ChromaPipeline",
     "flux2": "Flux2Pipeline",
+    "qwenimage": "QwenImagePipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
-# (sd, sdxl, sd3, cogvideox), runs them as two calls (wan, chroma), or is distilled into the model (flux,
-# hunyuan, flux2).
+# (sd, sdxl, sd3, cogvideox), runs them as two calls (wan, chroma, qwenimage), or is distilled into the
+# model (flux, hunyuan, flux2).
 DENOISER_CALLS = {
     "sd": (1, 2),
     "sdxl": (1, 2),
@@ -40,6 +41,7 @@ DENOISER_CALLS = {
     "hunyuanvideo": (1, 1),
     "chroma": (2, 1),
     "flux2": (1, 1),
+    "qwenimage": (2, 1),
 }
 
 

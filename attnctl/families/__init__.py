@@ -10,6 +10,7 @@ from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
@@ -23,6 +24,7 @@ ADAPTERS: list[FamilyAdapter] = [
     HunyuanVideoAdapter(),
     ChromaAdapter(),
     Flux2Adapter(),
+    QwenImageAdapter(),
 ]
 
 

@@ -21,6 +21,9 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
   chroma     text keys = T5 tokens 0..max_sequence_length-1, before the image tokens (as flux).
+  flux2      text keys = Mistral chat tokens of [system turn, user turn with the prompt], padded.
+  qwenimage  text keys = Qwen chat tokens of `prompt_template_encode.format(prompt)` from token 34 on
+             (`prompt_template_encode_start_idx`; the tiny tokenizer spells the system turn in 34 too).
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from .tokenizers import (
     build_clip_tokenizer,
     build_llama_tokenizer,
     build_mistral_tokenizer,
+    build_qwen_tokenizer,
     build_t5_tokenizer,
     default_corpus,
 )
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "chroma", "flux2")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "chroma", "flux2", "qwenimage")
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -198,7 +202,16 @@ def _check_family(family: str) -> str:
 
 
 # Pixels per transformer token side: VAE downsampling x patch size.
-_PATCH_PIXELS = {"sd3": 4, "flux": 4, "wan": 16, "cogvideox": 16, "hunyuanvideo": 16, "chroma": 4, "flux2": 4}
+_PATCH_PIXELS = {
+    "sd3": 4,
+    "flux": 4,
+    "wan": 16,
+    "cogvideox": 16,
+    "hunyuanvideo": 16,
+    "chroma": 4,
+    "flux2": 4,
+    "qwenimage": 4,
+}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -260,8 +273,15 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "guidance_scale": 4.0,
         "height": 32,
         "width": 32,
-        # the tiny tokenizer spells FLUX.2's system message in about 110 tokens (the real one in 80)
-        "max_sequence_length": 160,
+        "max_sequence_length": 64,  # the chat-templated system message takes the first 34 tokens
+        "output_type": "pt",
+    },
+    "qwenimage": {
+        "num_inference_steps": 2,
+        "negative_prompt": " ",  # true CFG: a forward of the prompt, then one of the negative prompt
+        "true_cfg_scale": 4.0,
+        "height": 32,
+        "width": 32,
         "output_type": "pt",
     },
 }
@@ -752,6 +772,80 @@ def _build_flux2(seed: int) -> Any:
     )
 
 
+def _build_qwenimage(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(  # 2x spatial: an 8x8 token grid at 32 px
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    special = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": None,
+            "eos_token_id": special("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+        },
+        hidden_size=16,
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=special("<|im_end|>"),
+        vision_start_token_id=special("<|vision_start|>"),
+        vision_end_token_id=special("<|vision_end|>"),
+        vision_token_id=special("<|image_pad|>"),
+        image_token_id=special("<|image_pad|>"),
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return QwenImagePipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -762,4 +856,5 @@ _BUILDERS = {
     "hunyuanvideo": _build_hunyuanvideo,
     "chroma": _build_chroma,
     "flux2": _build_flux2,
+    "qwenimage": _build_qwenimage,
 }

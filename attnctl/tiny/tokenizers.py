@@ -87,7 +87,7 @@ def build_byte_bpe_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab_list, merges = _byte_bpe_vocab(tuple(default_corpus()), max_merges)
+    vocab_list, merges = _byte_bpe_vocab(tuple(default_corpus()) + _chat_system_texts() * 2, max_merges)
     vocab = {token: i for i, token in enumerate(vocab_list)}
     specials = list(specials)
     for token in specials:
@@ -103,6 +103,17 @@ def build_byte_bpe_tokenizer(
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named]})
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def _chat_system_texts() -> tuple[str, ...]:
+    """The system turns of the chat-encoder pipelines (FLUX.2, Qwen-Image), learned (twice) so that
+    their words are single tokens as in the real vocabularies: Qwen-Image drops its template's
+    first 34 tokens, which the tiny Qwen tokenizer then also spells in 34."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    qwen = "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    qwen += "relationships of the objects and background:\nuser\nassistant\n"
+    return (SYSTEM_MESSAGE, qwen)
 
 
 def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
