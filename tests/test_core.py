@@ -13,7 +13,7 @@ from attnctl.core.controls import Control
 from attnctl.core.denoiser import BatchRows, DenoiserWrapper, append_rows, denoiser_output
 from attnctl.core.layers import LayerSelection, SelectedLayer
 from attnctl.core.session import PerGeneration, in_steps
-from attnctl.families.base import LayerInfo
+from attnctl.families.base import LayerInfo, attention_modules
 from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"
@@ -26,7 +26,7 @@ def unet_pipe(request):
 
 def _run(pipe, family, **overrides):
     kwargs = tiny_call_kwargs(family, **overrides)
-    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+    return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)  # FLUX.2: image first
 
 
 def _output(result):
@@ -80,7 +80,9 @@ def test_maps_only_matches_baseline_and_explicit_softmax(unet_pipe):
 def test_restored_exactly_after_exception(family):
     pipe = tiny_pipeline(family)
     denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
-    before = dict(denoiser.attn_processors)
+    before = {
+        name: m.processor for name, m in attention_modules(denoiser).items()
+    }  # Z-Image: no attn_processors
     had_hook = hasattr(denoiser, "_diffusers_hook")
 
     def boom(*args):
@@ -89,7 +91,7 @@ def test_restored_exactly_after_exception(family):
     with pytest.raises(RuntimeError, match="boom"):
         with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
             _run(pipe, family, callback_on_step_end=boom)
-    after = denoiser.attn_processors
+    after = {name: m.processor for name, m in attention_modules(denoiser).items()}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert hasattr(denoiser, "_diffusers_hook") == had_hook
     assert "forward" not in vars(denoiser)

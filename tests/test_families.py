@@ -50,13 +50,14 @@ TOKEN_ORDER = {
     "chroma": _text_first,
     "flux2": _text_first,
     "qwenimage": _text_first,
+    "zimage": _image_first,
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with
 # `cache_context`, written from the pipelines' code: "stacked" [uncond, cond] in one batch (diffusers'
 # usual order, the default here), "cond_first" stacked as [cond, uncond], "separate" one forward of the
 # prompt and then one of the negative prompt at each step.
-CFG = {"chroma": "separate"}
+CFG = {"chroma": "separate", "zimage": "cond_first"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

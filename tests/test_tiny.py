@@ -27,9 +27,10 @@ PIPELINE_CLASS = {
     "chroma": "ChromaPipeline",
     "flux2": "Flux2Pipeline",
     "qwenimage": "QwenImagePipeline",
+    "zimage": "ZImagePipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
-# (sd, sdxl, sd3, cogvideox), runs them as two calls (wan, chroma, qwenimage), or is distilled into the
+# (sd, sdxl, sd3, cogvideox, zimage), runs them as two calls (wan, chroma, qwenimage), or is distilled into the
 # model (flux, hunyuan, flux2).
 DENOISER_CALLS = {
     "sd": (1, 2),
@@ -42,6 +43,7 @@ DENOISER_CALLS = {
     "chroma": (2, 1),
     "flux2": (1, 1),
     "qwenimage": (2, 1),
+    "zimage": (1, 2),
 }
 
 
@@ -60,6 +62,8 @@ def _denoiser(pipe):
 
 def _first_tensor(args, kwargs):
     for value in (*args, kwargs.get("sample"), kwargs.get("hidden_states")):
+        if isinstance(value, list):  # Z-Image: a list of per-row latents
+            return torch.stack(value)
         if torch.is_tensor(value):
             return value
     raise AssertionError("denoiser called without a tensor input")

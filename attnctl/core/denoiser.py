@@ -83,14 +83,16 @@ def take_rows(obj: Any, rows: list[int], batch: int) -> Any:
 def append_rows(obj: Any, rows: list[int], batch: int) -> Any:
     """Every tensor with the batch as its first dimension, with copies of `rows` appended at the end
     (nested in tuples/lists/dicts); e.g. the conditional rows again, as a perturbed branch."""
-    return _map_batch(obj, lambda x: torch.cat([x, x[rows]]), batch)
+    return _map_batch(obj, lambda x: x + x[rows] if isinstance(x, list) else torch.cat([x, x[rows]]), batch)
 
 
-def _map_batch(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int) -> Any:
+def _map_batch(obj: Any, fn: Callable[[Any], Any], batch: int) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj) if obj.dim() > 0 and obj.shape[0] == batch else obj
     if isinstance(obj, tuple):
         return tuple(_map_batch(o, fn, batch) for o in obj)
+    if is_row_list(obj, batch):  # one entry per row (Z-Image's latents and captions, Qwen's img_shapes)
+        return fn(_Rows(obj))
     if isinstance(obj, list):
         return [_map_batch(o, fn, batch) for o in obj]
     if isinstance(obj, dict):
@@ -98,20 +100,53 @@ def _map_batch(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int)
     return obj
 
 
+def is_row_list(obj: Any, batch: int) -> bool:
+    """Whether `obj` is a list with one entry per batch row (Z-Image's latents [C, F, H, W] and
+    captions [L, D], Qwen-Image's `img_shapes`), not a list of batch-first tensors (IP-Adapter embeds)."""
+    return (
+        isinstance(obj, list)
+        and len(obj) == batch
+        and not all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == batch for o in obj)
+    )
+
+
+class _Rows(list):
+    """A per-row list that `take_rows` / `append_rows` index like a batch-first tensor."""
+
+    def __getitem__(self, rows: Any) -> Any:
+        return (
+            [list.__getitem__(self, r) for r in rows] if isinstance(rows, list) else super().__getitem__(rows)
+        )
+
+
 def latent_input(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
-    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs)."""
+    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs).
+    A list of per-row latents (Z-Image) is given stacked and put back as a list."""
     name = session.adapter.latent_arg
-    if args:
-        return args[0], lambda new: ((new, *args[1:]), kwargs)
-    return kwargs[name], lambda new: (args, {**kwargs, name: new})
+    latent = args[0] if args else kwargs[name]
+    rows = isinstance(latent, list)
+    if rows:
+        latent = torch.stack(latent)
+
+    def put(new: torch.Tensor) -> tuple[tuple, dict]:
+        new = list(new.unbind(0)) if rows else new
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, name: new})
+
+    return latent, put
 
 
 def denoiser_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     """The prediction in a denoiser's output (a `(sample, ...)` tuple with `return_dict=False`, else
-    an output object with `.sample`), and a function that puts a replacement back in the same form."""
-    if isinstance(output, tuple):
-        return output[0], lambda new: (new, *output[1:])
-    return output.sample, lambda new: dataclasses.replace(output, sample=new)
+    an output object with `.sample`), and a function that puts a replacement back in the same form;
+    a list of per-row predictions (Z-Image) is given stacked and put back as a list."""
+    sample = output[0] if isinstance(output, tuple) else output.sample
+    rows = isinstance(sample, list)
+
+    def put(new: torch.Tensor) -> Any:
+        new = list(new.unbind(0)) if rows else new
+        return (new, *output[1:]) if isinstance(output, tuple) else dataclasses.replace(output, sample=new)
+
+    return (torch.stack(sample) if rows else sample), put
 
 
 class DenoiserHook(ModelHook):

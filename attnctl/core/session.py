@@ -245,7 +245,9 @@ class Session:
         # before any forward (e.g. HunyuanVideo's negative prompt) belongs to the same generation.
         if self.prompt is not None and self._forwards_since_prompt == 0:
             return
-        self.prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
+        prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
+        # a copy of a list: ZImagePipeline writes its chat-templated text into the caller's list
+        self.prompt = list(prompt) if isinstance(prompt, list) else prompt
         self._forwards_since_prompt = 0
         self.generation += 1
         self.step = -1
@@ -257,7 +259,7 @@ class Session:
         self, module: torch.nn.Module, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict
     ) -> None:
         self._forwards_since_prompt += 1
-        t = _named_inputs(module, args, kwargs).get("timestep")
+        t = _named_inputs(module, args, kwargs).get(adapter.timestep_arg)
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
         if t != self.timestep:
             self.step += 1
@@ -310,7 +312,8 @@ class Session:
         text = inputs.get("encoder_hidden_states")
         self.text_len = None if text is None else text.shape[1]
         adapter.observe_forward(self, inputs)
-        self.batch = inputs[adapter.latent_arg].shape[0]
+        latent = inputs[adapter.latent_arg]
+        self.batch = len(latent) if isinstance(latent, list) else latent.shape[0]  # Z-Image: a list
         if changed_by is not None and self.rows.size != self.batch:
             raise ValueError(
                 f"{type(changed_by).__name__} made the denoiser batch {self.batch} rows but session.rows "

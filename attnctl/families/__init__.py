@@ -14,6 +14,7 @@ from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
+from .zimage import ZImageAdapter
 
 ADAPTERS: list[FamilyAdapter] = [
     UNetAdapter(),
@@ -25,6 +26,7 @@ ADAPTERS: list[FamilyAdapter] = [
     ChromaAdapter(),
     Flux2Adapter(),
     QwenImageAdapter(),
+    ZImageAdapter(),
 ]
 
 

@@ -103,6 +103,7 @@ class FamilyAdapter:
     denoisers: tuple[str, ...] = ()
     processors: tuple[str, ...] = ()
     latent_arg = "hidden_states"  # the denoiser's keyword for its latent input
+    timestep_arg = "timestep"  # and for its timestep
     video = False  # whether the denoiser makes videos (frames > 1 in the token grid)
     # Where attnctl takes q, k, v: at the kernel call inside the model's own processor, "dispatch"
     # (diffusers' dispatch_attention_fn) or "sdpa" (F.scaled_dot_product_attention), placed by
@@ -163,6 +164,10 @@ class FamilyAdapter:
                 "keyword argument; attnctl appends region prompts there"
             )
         return {**kwargs, "encoder_hidden_states": torch.cat([text, tokens.to(text)], dim=1)}
+
+    def cfg_scale(self, pipe: Any) -> float:
+        """w of the pipeline's guidance written as ε_u + w·(ε_c − ε_u); default its `guidance_scale`."""
+        return float(pipe.guidance_scale)
 
     def image_prompt_adapters(self, denoiser: torch.nn.Module) -> int:
         """How many IP-Adapters are loaded into the denoiser (0: none, or not supported)."""

@@ -10,6 +10,7 @@ Text key p is then token p + dropped of that sequence. A template here is the re
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,21 @@ def render_template(render: Callable[[str], str]) -> str:
     if text.count(_MARK) != 1:
         raise ValueError(f"the chat template does not hold the prompt once: {text!r}")
     return text.replace(_MARK, "{}")
+
+
+def user_turn(tokenizer: Any, **options: Any) -> str:
+    """The template of one user turn and the assistant's start (Qwen3's `enable_thinking` in options)."""
+    return render_template(
+        lambda p: tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, **options
+        )
+    )
+
+
+def default_length(pipe: Any) -> int | None:
+    """The pipeline's default `max_sequence_length` of `encode_prompt`, where it truncates the text."""
+    param = inspect.signature(type(pipe).encode_prompt).parameters.get("max_sequence_length")
+    return None if param is None else param.default
 
 
 def text_tokenizer(tokenizer: Any) -> Any:

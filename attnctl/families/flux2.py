@@ -10,7 +10,6 @@ the tokenizer's special tokens.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -52,19 +51,14 @@ class Flux2Adapter(FluxAdapter):
 
 def _template(pipe: Any) -> tuple[str, dict[str, Any]]:
     """The pipeline's chat template (with `{}`) and how it tokenizes it, for `chat.positions`."""
-    limit = inspect.signature(type(pipe).encode_prompt).parameters["max_sequence_length"].default
-    dev = hasattr(pipe, "_get_mistral_3_small_prompt_embeds")  # [klein] encodes with Qwen3
+    options = {"specials": True, "max_length": chat.default_length(pipe)}
+    if not hasattr(pipe, "_get_mistral_3_small_prompt_embeds"):  # [klein]: a Qwen3 user turn
+        return chat.user_turn(pipe.tokenizer, enable_thinking=False), options
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
-    def render(prompt: str) -> str:
-        if dev:  # a system and a user turn, tokenized as rendered
-            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-
-            return pipe.tokenizer.apply_chat_template(
-                format_input([prompt], pipe.system_message)[0], tokenize=False
-            )
-        turn = [{"role": "user", "content": prompt}]
+    def render(prompt: str) -> str:  # [dev]: a system and a user turn, tokenized as rendered
         return pipe.tokenizer.apply_chat_template(
-            turn, tokenize=False, add_generation_prompt=True, enable_thinking=False
+            format_input([prompt], pipe.system_message)[0], tokenize=False
         )
 
-    return chat.render_template(render), {"specials": not dev, "max_length": limit}
+    return chat.render_template(render), {**options, "specials": False}

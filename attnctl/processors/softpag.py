@@ -357,7 +357,7 @@ def _cfg_scale(session: Any) -> float | None:
     """The pipeline's CFG scale w when it combines ε_u + w·(ε_c - ε_u) after this call, else None."""
     pipe = session.pipe
     if session.rows.uncond or getattr(pipe, "do_classifier_free_guidance", False):
-        return float(pipe.guidance_scale)
+        return session.adapter.cfg_scale(pipe)
     return None
 
 

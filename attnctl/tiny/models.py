@@ -24,6 +24,8 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   flux2      text keys = Mistral chat tokens of [system turn, user turn with the prompt], padded.
   qwenimage  text keys = Qwen chat tokens of `prompt_template_encode.format(prompt)` from token 34 on
              (`prompt_template_encode_start_idx`; the tiny tokenizer spells the system turn in 34 too).
+  zimage     text keys = Qwen chat tokens of the user turn with the prompt (unpadded), then pad tokens
+             to a multiple of 32, after the image tokens (padded to a multiple of 32 as well).
 """
 
 from __future__ import annotations
@@ -46,7 +48,19 @@ from .tokenizers import (
     default_corpus,
 )
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox", "hunyuanvideo", "chroma", "flux2", "qwenimage")
+FAMILIES = (
+    "sd",
+    "sdxl",
+    "sd3",
+    "flux",
+    "wan",
+    "cogvideox",
+    "hunyuanvideo",
+    "chroma",
+    "flux2",
+    "qwenimage",
+    "zimage",
+)
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
 
@@ -211,6 +225,7 @@ _PATCH_PIXELS = {
     "chroma": 4,
     "flux2": 4,
     "qwenimage": 4,
+    "zimage": 4,
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -282,6 +297,14 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "true_cfg_scale": 4.0,
         "height": 32,
         "width": 32,
+        "output_type": "pt",
+    },
+    "zimage": {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,  # CFG: one batch of [prompt's row, negative prompt's row]
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
         "output_type": "pt",
     },
 }
@@ -846,6 +869,59 @@ def _build_qwenimage(seed: int) -> Any:
     )
 
 
+def _build_zimage(seed: int) -> Any:
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # the pad tokens are created with torch.empty
+        transformer.x_pad_token.normal_(std=0.02)
+        transformer.cap_pad_token.normal_(std=0.02)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,  # the pipeline reads the hidden state one layer from the top
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_small_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -857,4 +933,5 @@ _BUILDERS = {
     "chroma": _build_chroma,
     "flux2": _build_flux2,
     "qwenimage": _build_qwenimage,
+    "zimage": _build_zimage,
 }
