@@ -27,7 +27,7 @@ def unet_pipe(request):
 
 def _run(pipe, family, **overrides):
     kwargs = tiny_call_kwargs(family, **overrides)
-    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+    return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)  # FLUX.2: image first
 
 
 def _output(result):

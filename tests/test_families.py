@@ -59,14 +59,17 @@ TOKEN_ORDER = {
     "auraflow": _registers_text_image,
     # [image ; T5 ; Llama last layer ; Llama layer of the block]: the positions index the T5 part
     "hidream": _image_first,
+    "chroma": _text_first,
+    "flux2": _text_first,
+    "qwenimage": _text_first,
+    "zimage": _image_first,
 }
 
-
-# Pipelines that run CFG's branches as separate denoiser forwards without naming them in a
-# `cache_context`: the branch of each forward of a step, in order (from the pipelines' code).
-SEPARATE_BRANCHES = {
-    "lumina2": ("cond", "uncond"),  # Lumina2Pipeline: the prompt's forward, then the negative prompt's
-}
+# How a pipeline runs classifier-free guidance where it does not name the branches with
+# `cache_context`, written from the pipelines' code: "stacked" [uncond, cond] in one batch (diffusers'
+# usual order, the default here), "cond_first" stacked as [cond, uncond], "separate" one forward of the
+# prompt and then one of the negative prompt at each step.
+CFG = {"chroma": "separate", "lumina2": "separate", "zimage": "cond_first"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -81,7 +84,8 @@ def _denoiser(pipe):
 
 
 def _run(pipe, family, **overrides):
-    out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs(family, **overrides))
+    kwargs = tiny_call_kwargs(family, **overrides)
+    out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)  # FLUX.2: image first
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -114,26 +118,26 @@ def test_dit_default_layers_are_every_text_layer(family):
 
 
 @contextlib.contextmanager
-def _kernel_calls(pipe, layer_name, family):
+def _kernel_calls(pipe, family, layer_name):
     """q, k [B, H, S, D], mask and scale of every attention-kernel call inside one layer, and which
     CFG branch the denoiser ran it for: the test's own capture, whatever attnctl does."""
     denoiser = _denoiser(pipe)
     module = denoiser.get_submodule(layer_name)
     defining = sys.modules[type(module.processor).__call__.__module__]
-    calls, state = [], {"inside": False, "branch": None, "timestep": None, "forward": 0}
+    calls, state = [], {"inside": False, "branch": None, "timestep": None, "forwards": 0}
 
-    def forward_in_step(_, args, kwargs):
-        t = kwargs.get("timestep")
-        t = None if t is None else float(t.flatten()[0])
-        state["forward"] = 0 if t != state["timestep"] else state["forward"] + 1
+    def forward(_, args, kwargs):  # "separate" CFG: the step's first forward is the prompt's
+        t = kwargs.get("timestep", kwargs.get("t", args[1] if len(args) > 1 else None))
+        t = None if t is None else float(torch.as_tensor(t).flatten()[0])
+        state["forwards"] = state["forwards"] + 1 if t == state["timestep"] else 1
         state["timestep"] = t
-        if family in SEPARATE_BRANCHES:
-            state["branch"] = SEPARATE_BRANCHES[family][state["forward"]]
+        if CFG.get(family) == "separate":
+            state["branch"] = "cond" if state["forwards"] == 1 else "uncond"
 
     hooks = [
         module.register_forward_pre_hook(lambda *_: state.update(inside=True)),
         module.register_forward_hook(lambda *_: state.update(inside=False)),
-        denoiser.register_forward_pre_hook(forward_in_step, with_kwargs=True),
+        denoiser.register_forward_pre_hook(forward, with_kwargs=True),
     ]
     dispatch = getattr(defining, "dispatch_attention_fn", None)
     original_context = getattr(denoiser, "cache_context", None)
@@ -182,8 +186,9 @@ def _explicit_map(calls, family, positions, image_tokens):
     for q, k, mask, scale, branch in calls:
         if branch == "uncond":
             continue
-        batched = branch in (None, "cond_uncond")  # CFG stacked as [uncond, cond]
-        rows = [q.shape[0] - 1] if q.shape[0] == 2 and batched else list(range(q.shape[0]))
+        rows = list(range(q.shape[0]))
+        if q.shape[0] == 2 and branch in (None, "cond_uncond"):  # CFG stacked in one batch
+            rows = [0] if CFG.get(family) == "cond_first" else [1]
         image, text = TOKEN_ORDER[family](q.shape[2], k.shape[2], image_tokens or q.shape[2])
         if k.shape[1] != q.shape[1]:  # grouped-query attention
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -204,7 +209,7 @@ def test_maps_equal_an_explicit_softmax(family):
     positions = adapter_for(_denoiser(pipe)).text_positions(pipe, PROMPT, "frog")
     image_tokens = None if name in ("sd", "sdxl") else video_tokens(name)
     for layer in (layers[0], layers[-1]):  # e.g. FLUX: a double- and a single-stream block
-        with _kernel_calls(pipe, layer.name, name) as calls:
+        with _kernel_calls(pipe, name, layer.name) as calls:
             _run(pipe, name, num_inference_steps=1)
         with attnctl.control(pipe, attnctl.AttentionMaps(["frog"], layers=[layer.name])) as ctl:
             _run(pipe, name, num_inference_steps=1)

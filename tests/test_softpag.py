@@ -15,7 +15,7 @@ from attnctl.tiny import FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 def _run(pipe, family, **overrides):
     kwargs = tiny_call_kwargs(family, **overrides)
-    out = pipe("a cat and a frog", generator=torch.Generator().manual_seed(0), **kwargs)
+    out = pipe(prompt="a cat and a frog", generator=torch.Generator().manual_seed(0), **kwargs)
     return (out.frames if hasattr(out, "frames") else out.images).float()
 
 

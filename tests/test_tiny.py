@@ -30,9 +30,14 @@ PIPELINE_CLASS = {
     "pixart": "PixArtSigmaPipeline",
     "auraflow": "AuraFlowPipeline",
     "hidream": "HiDreamImagePipeline",
+    "chroma": "ChromaPipeline",
+    "flux2": "Flux2Pipeline",
+    "qwenimage": "QwenImagePipeline",
+    "zimage": "ZImagePipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
-# (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream), runs them as two calls (wan), or is distilled into the model (flux, hunyuan).
+# (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
+# cogview4, chroma, qwenimage), or is distilled into the model (flux, hunyuan, flux2).
 DENOISER_CALLS = {
     "sd": (1, 2),
     "sdxl": (1, 2),
@@ -47,6 +52,10 @@ DENOISER_CALLS = {
     "pixart": (1, 2),
     "auraflow": (1, 2),
     "hidream": (1, 2),
+    "chroma": (2, 1),
+    "flux2": (1, 1),
+    "qwenimage": (2, 1),
+    "zimage": (1, 2),
 }
 
 
@@ -65,6 +74,8 @@ def _denoiser(pipe):
 
 def _first_tensor(args, kwargs):
     for value in (*args, kwargs.get("sample"), kwargs.get("hidden_states")):
+        if isinstance(value, list):  # Z-Image: a list of per-row latents
+            return torch.stack(value)
         if torch.is_tensor(value):
             return value
     raise AssertionError("denoiser called without a tensor input")
@@ -83,7 +94,7 @@ def test_family_builds_the_standard_pipeline_and_runs(family):
         lambda module, args, kwargs: batches.append(_first_tensor(args, kwargs).shape[0]), with_kwargs=True
     )
     kwargs = tiny_call_kwargs(family)
-    out = pipe(PROMPT, **kwargs, generator=torch.Generator().manual_seed(0))
+    out = pipe(prompt=PROMPT, **kwargs, generator=torch.Generator().manual_seed(0))  # FLUX.2: image first
 
     calls, rows = DENOISER_CALLS[family]
     assert batches == [rows] * (calls * kwargs["num_inference_steps"])
@@ -210,7 +221,7 @@ def test_pipeline_save_load_round_trip(family, tmp_path):
     if hasattr(pipe, "default_sample_size"):  # an attribute, not saved: HiDream's tiny builder sets it
         loaded.default_sample_size = pipe.default_sample_size
     runs = [
-        p(PROMPT, **tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0))[0]
+        p(prompt=PROMPT, **tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0))[0]
         for p in (pipe, loaded)
     ]
     assert torch.allclose(runs[0], runs[1], atol=1e-5)

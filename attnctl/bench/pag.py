@@ -99,7 +99,7 @@ def _generate(pipe: Any, kwargs: dict, seed: int, controls: tuple) -> float:
     start = time.perf_counter()
     if controls:
         with control(pipe, *controls):
-            pipe(prompt, generator=generator, **kwargs)
+            pipe(prompt=prompt, generator=generator, **kwargs)
     else:  # CFG alone: the unmodified pipeline
-        pipe(prompt, generator=generator, **kwargs)
+        pipe(prompt=prompt, generator=generator, **kwargs)
     return time.perf_counter() - start

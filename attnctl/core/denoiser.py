@@ -34,9 +34,11 @@ class BatchRows:
     perturbed: tuple[int, ...] = ()
 
     @classmethod
-    def of_batch(cls, batch: int, branch: str | None, stacked_cfg: bool) -> BatchRows:
+    def of_batch(
+        cls, batch: int, branch: str | None, stacked_cfg: bool, order: tuple[str, str] = ("uncond", "cond")
+    ) -> BatchRows:
         """The rows of a batch as the pipeline built it: one named branch ("cond" / "uncond"), CFG's
-        `[uncond, cond]` halves, or (no CFG) all conditional."""
+        halves in `order` (diffusers' usual `[uncond, cond]`), or (no CFG) all conditional."""
         rows = tuple(range(batch))
         if branch == "perturbed":  # a separate forward of a perturbed branch (SoftPAG's batch="split")
             return cls(perturbed=rows)
@@ -45,7 +47,7 @@ class BatchRows:
         if branch == "uncond":
             return cls(uncond=rows)
         if stacked_cfg and batch % 2 == 0:
-            return cls(uncond=rows[: batch // 2], cond=rows[batch // 2 :])
+            return cls(**dict(zip(order, (rows[: batch // 2], rows[batch // 2 :]), strict=True)))
         return cls(cond=rows)
 
     @property
@@ -83,18 +85,20 @@ def append_rows(obj: Any, rows: list[int], batch: int, dims: dict[str, int] | No
     """Every tensor with the batch as its first dimension, with copies of `rows` appended at the end
     (nested in tuples/lists/dicts); e.g. the conditional rows again, as a perturbed branch. `dims`:
     as in `take_rows`."""
-    return _map_batch(obj, lambda x: torch.cat([x, x[rows]]), batch, dims or {})
+    return _map_batch(
+        obj, lambda x: x + x[rows] if isinstance(x, list) else torch.cat([x, x[rows]]), batch, dims or {}
+    )
 
 
-def _map_batch(
-    obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], batch: int, dims: dict[str, int], dim: int = 0
-) -> Any:
+def _map_batch(obj: Any, fn: Callable[[Any], Any], batch: int, dims: dict[str, int], dim: int = 0) -> Any:
     if isinstance(obj, torch.Tensor):
         if obj.dim() > dim and obj.shape[dim] == batch:
             return fn(obj.movedim(dim, 0)).movedim(0, dim)
         return obj
     if isinstance(obj, tuple):
         return tuple(_map_batch(o, fn, batch, dims, dim) for o in obj)
+    if is_row_list(obj, batch):  # one entry per row (Z-Image's latents and captions, Qwen's img_shapes)
+        return fn(_Rows(obj))
     if isinstance(obj, list):
         return [_map_batch(o, fn, batch, dims, dim) for o in obj]
     if isinstance(obj, dict):
@@ -102,20 +106,53 @@ def _map_batch(
     return obj
 
 
+def is_row_list(obj: Any, batch: int) -> bool:
+    """Whether `obj` is a list with one entry per batch row (Z-Image's latents [C, F, H, W] and
+    captions [L, D], Qwen-Image's `img_shapes`), not a list of batch-first tensors (IP-Adapter embeds)."""
+    return (
+        isinstance(obj, list)
+        and len(obj) == batch
+        and not all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == batch for o in obj)
+    )
+
+
+class _Rows(list):
+    """A per-row list that `take_rows` / `append_rows` index like a batch-first tensor."""
+
+    def __getitem__(self, rows: Any) -> Any:
+        return (
+            [list.__getitem__(self, r) for r in rows] if isinstance(rows, list) else super().__getitem__(rows)
+        )
+
+
 def latent_input(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
-    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs)."""
+    """The denoiser's latent input, and a function that puts a replacement back into (args, kwargs).
+    A list of per-row latents (Z-Image) is given stacked and put back as a list."""
     name = session.adapter.latent_arg
-    if args:
-        return args[0], lambda new: ((new, *args[1:]), kwargs)
-    return kwargs[name], lambda new: (args, {**kwargs, name: new})
+    latent = args[0] if args else kwargs[name]
+    rows = isinstance(latent, list)
+    if rows:
+        latent = torch.stack(latent)
+
+    def put(new: torch.Tensor) -> tuple[tuple, dict]:
+        new = list(new.unbind(0)) if rows else new
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, name: new})
+
+    return latent, put
 
 
 def denoiser_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     """The prediction in a denoiser's output (a `(sample, ...)` tuple with `return_dict=False`, else
-    an output object with `.sample`), and a function that puts a replacement back in the same form."""
-    if isinstance(output, tuple):
-        return output[0], lambda new: (new, *output[1:])
-    return output.sample, lambda new: dataclasses.replace(output, sample=new)
+    an output object with `.sample`), and a function that puts a replacement back in the same form;
+    a list of per-row predictions (Z-Image) is given stacked and put back as a list."""
+    sample = output[0] if isinstance(output, tuple) else output.sample
+    rows = isinstance(sample, list)
+
+    def put(new: torch.Tensor) -> Any:
+        new = list(new.unbind(0)) if rows else new
+        return (new, *output[1:]) if isinstance(output, tuple) else dataclasses.replace(output, sample=new)
+
+    return (torch.stack(sample) if rows else sample), put
 
 
 class DenoiserHook(ModelHook):
@@ -129,12 +166,14 @@ class DenoiserHook(ModelHook):
         self.session = session
         self.adapter = adapter
         self.state = StateManager(_NoState)  # receives cache_context("cond"/"uncond") from pipelines
-        self.saw_context = False  # the pipeline entered the denoiser's cache_context itself
+        # the pipeline used the denoiser's hook registry itself (its cache contexts, or the reset of
+        # stateful hooks at the end of a call): a run without attnctl leaves a registry too
+        self.registry_used = False
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         session = self.session
         context = self.state._context
-        self.saw_context |= context is not None
+        self.registry_used |= context is not None
         session._begin_forward(
             module, self.adapter, context.name if context is not None else None, args, kwargs
         )
@@ -149,6 +188,7 @@ class DenoiserHook(ModelHook):
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.registry_used = True
         return module
 
 

@@ -88,7 +88,7 @@ class Session:
         self.prompt_cfg: bool | None = None
         self.generation = 0  # counts pipeline calls (generations) seen in this session
         self._forwards_since_prompt = 0
-        self._forwards_in_step = 0
+        self._step_forwards = 0  # the pipeline's own denoiser forwards at this step (not controls')
         self._edits: dict[str, list[AttentionEdit]] = {}
         self._undo: list[Callable[[], None]] = []
 
@@ -195,9 +195,9 @@ class Session:
                 denoiser.forward = previous_forward
             else:
                 vars(denoiser).pop("forward", None)
-            # A pipeline that enters the denoiser's cache_context (FLUX, Wan) makes the registry
-            # itself: then a run without attnctl would have left it too.
-            if not had_registry and not hook.saw_context:
+            # A pipeline that uses the registry itself (cache contexts; resetting stateful hooks at
+            # the end of its call) makes one: then a run without attnctl would have left it too.
+            if not had_registry and not hook.registry_used:
                 del denoiser._diffusers_hook
 
         self._undo.append(undo)
@@ -250,7 +250,9 @@ class Session:
         # before any forward (e.g. HunyuanVideo's negative prompt) belongs to the same generation.
         if self.prompt is not None and self._forwards_since_prompt == 0:
             return
-        self.prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
+        prompt = kwargs["prompt"] if "prompt" in kwargs else (args[0] if args else None)
+        # a copy of a list: ZImagePipeline writes its chat-templated text into the caller's list
+        self.prompt = list(prompt) if isinstance(prompt, list) else prompt
         self.prompt_cfg = self._encode_argument("do_classifier_free_guidance", args, kwargs)
         self._forwards_since_prompt = 0
         self.generation += 1
@@ -276,14 +278,22 @@ class Session:
         if t != self.timestep:
             self.step += 1
             self.timestep = t
-            self._forwards_in_step = 0
+            self._step_forwards = 0
             if self.step == 0:
                 self._check_steps()
+        if self.branch is None:  # controls name the branch of the forwards they make
+            self._step_forwards += 1
         self._read_batch(module, adapter, args, kwargs)
-        branch = self.branch or context or adapter.branch(self._forwards_in_step)
-        if self.branch is None:  # the pipeline's own forward, not one a control runs inside it
-            self._forwards_in_step += 1
-        self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch))
+        branch = self.branch or context or self._separate_branch(adapter)
+        self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch), adapter.cfg_batch)
+
+    def _separate_branch(self, adapter: FamilyAdapter) -> str | None:
+        """The branch of this forward where the pipeline runs CFG's branches as separate forwards
+        without naming them (`adapter.cfg_forwards`, e.g. Chroma: the prompt's, then the negative's)."""
+        order = adapter.cfg_forwards
+        if not order or not self._batched_cfg(None):
+            return None
+        return order[min(self._step_forwards, len(order)) - 1]
 
     def _check_steps(self) -> None:
         """Step lists beyond the run: a warning for the steps that never come, an error when none
@@ -316,7 +326,8 @@ class Session:
         text = inputs.get("encoder_hidden_states")
         self.text_len = None if text is None else text.shape[1]
         adapter.observe_forward(self, inputs)
-        self.batch = inputs[adapter.latent_arg].shape[0]
+        latent = inputs[adapter.latent_arg]
+        self.batch = len(latent) if isinstance(latent, list) else latent.shape[0]  # Z-Image: a list
         if changed_by is not None and self.rows.size != self.batch:
             raise ValueError(
                 f"{type(changed_by).__name__} made the denoiser batch {self.batch} rows but session.rows "

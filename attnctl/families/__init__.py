@@ -6,31 +6,39 @@ import torch
 
 from .auraflow import AuraFlowAdapter
 from .base import FamilyAdapter, LayerInfo, Layout, Prepared, attention_modules
+from .chroma import ChromaAdapter
 from .cogvideox import CogVideoXAdapter
 from .cogview4 import CogView4Adapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
+from .zimage import ZImageAdapter
 
 ADAPTERS: list[FamilyAdapter] = [
     UNetAdapter(),
     SD3Adapter(),
     FluxAdapter(),
+    Flux2Adapter(),
+    ChromaAdapter(),
+    QwenImageAdapter(),
+    ZImageAdapter(),
+    SanaAdapter(),
+    PixArtAdapter(),
+    Lumina2Adapter(),
+    CogView4Adapter(),
+    AuraFlowAdapter(),
+    HiDreamAdapter(),
     WanAdapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
-    SanaAdapter(),
-    Lumina2Adapter(),
-    CogView4Adapter(),
-    PixArtAdapter(),
-    AuraFlowAdapter(),
-    HiDreamAdapter(),
 ]
 
 

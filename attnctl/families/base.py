@@ -114,6 +114,13 @@ class FamilyAdapter:
     seam: str | None = None
     # Methods (control kinds) that would apply to the family but attnctl cannot do on it, with why.
     refuses: dict[str, str] = {}  # noqa: RUF012 - read only
+    # How the family's pipelines run classifier-free guidance where they do not name the branch of
+    # a denoiser call (diffusers' `cache_context("cond"/"uncond")`): `cfg_batch`, the order of the
+    # halves of a batch that stacks both branches (diffusers' usual [uncond, cond]); `cfg_forwards`,
+    # the branches of separate forwards at one step, in the order the pipeline makes them (empty:
+    # it stacks them).
+    cfg_batch: tuple[str, str] = ("uncond", "cond")
+    cfg_forwards: tuple[str, ...] = ()
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         """Every attention module of the denoiser, in model order."""
@@ -171,11 +178,9 @@ class FamilyAdapter:
             out["encoder_attention_mask"] = torch.cat([mask, keep(*mask.shape[:-1], tokens.shape[1])], -1)
         return out
 
-    def branch(self, call: int) -> str | None:
-        """The CFG branch ("cond" / "uncond") of the pipeline's denoiser forward number `call` (0, 1,
-        ...) of a step, for pipelines that run the branches as separate forwards without naming them
-        in a `cache_context` (e.g. Lumina 2); None: CFG's stacked [uncond, cond] halves, or all cond."""
-        return None
+    def cfg_scale(self, pipe: Any) -> float:
+        """w of the pipeline's guidance written as ε_u + w·(ε_c − ε_u); default its `guidance_scale`."""
+        return float(pipe.guidance_scale)
 
     def image_prompt_adapters(self, denoiser: torch.nn.Module) -> int:
         """How many IP-Adapters are loaded into the denoiser (0: none, or not supported)."""

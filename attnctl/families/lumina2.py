@@ -32,6 +32,7 @@ class Lumina2Adapter(FamilyAdapter):
     denoisers = ("Lumina2Transformer2DModel",)
     processors = ("Lumina2AttnProcessor2_0",)
     seam = "sdpa"
+    cfg_forwards = ("cond", "uncond")  # the prompt's forward, then the negative prompt's, unnamed
     refuses = {"Layout": _REFINER}  # noqa: RUF012 - read only
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
@@ -60,9 +61,6 @@ class Lumina2Adapter(FamilyAdapter):
             raise ValueError(f"{layer.name}: {queries} tokens are not {text} text tokens and a {h}x{w} grid")
         image = slice(text, queries)
         return Layout(image, image, slice(0, text) if text else None, 1, h, w)
-
-    def branch(self, call: int) -> str | None:
-        return "cond" if call == 0 else "uncond"
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer, prompt, word, occurrence, **_template(pipe))

@@ -44,6 +44,10 @@ class PixArtAdapter(FamilyAdapter):
             return Layout(slice(0, queries), slice(0, queries), None, 1, h, w)
         return Layout(slice(0, queries), slice(0, 0), slice(0, keys), 1, h, w)
 
+    def cfg_scale(self, pipe: Any) -> float:
+        """PixArt's pipelines keep `guidance_scale` a local of their call, not an attribute."""
+        return float(_call_local(pipe, "guidance_scale"))
+
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         text, limit = _encoded_text(pipe, prompt)
         return token_positions(pipe.tokenizer, text, word, occurrence, max_length=limit)
@@ -65,3 +69,21 @@ def _encoded_text(pipe: Any, prompt: str) -> tuple[str, int]:
     clean = bool(clean) and is_bs4_available() and is_ftfy_available()  # else the pipeline falls back
     limit = params["max_sequence_length"].default if "max_sequence_length" in params else None
     return pipe._text_preprocessing(prompt, clean_caption=clean)[0], limit
+
+
+def _call_local(pipe: Any, name: str) -> Any:
+    """A local variable of the pipeline call that is running (the frame of a method of `pipe` that
+    holds it), for pipelines that keep e.g. `guidance_scale` local rather than on the pipeline
+    (PixArt)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            names = frame.f_locals
+            if names.get("self") is pipe and name in names:
+                return names[name]
+            frame = frame.f_back
+    finally:
+        del frame
+    raise ValueError(
+        f"{type(pipe).__name__} does not tell its {name}; attnctl needs it to fold the guidance in"
+    )

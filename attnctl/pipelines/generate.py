@@ -100,12 +100,13 @@ def generate(
     if on_step is not None:
         _add_step_callback(pipe, call_kwargs, on_step)
     start = time.perf_counter()
+    # the prompt by keyword: FLUX.2's pipeline takes `image` first
     if controls:
         with control(pipe, *controls) as session:
-            result = pipe(prompt, **call_kwargs)
+            result = pipe(prompt=prompt, **call_kwargs)
         maps, log = session.maps, session.log
     else:  # the plain pipeline: nothing installed
-        result, maps, log = pipe(prompt, **call_kwargs), None, {}
+        result, maps, log = pipe(prompt=prompt, **call_kwargs), None, {}
     images, video = _images(result)
     return Generation(
         prompt=prompt,

@@ -326,7 +326,10 @@ class _Guide(DenoiserWrapper):
             model_output: Any, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any
         ) -> Any:
             if self.delta is not None:  # step from the updated latent, as the method prescribes
-                sample = sample + self.delta.to(sample.dtype)
+                delta = self.delta.to(sample.dtype)
+                if delta.shape != sample.shape and delta.numel() == sample.numel():
+                    delta = delta.reshape(sample.shape)  # Z-Image's denoiser takes [C, 1, H, W] per row
+                sample = sample + delta
                 self.delta = None
             return step(model_output, timestep, sample, *args, **kwargs)
 
@@ -403,8 +406,8 @@ class _Guide(DenoiserWrapper):
         """The loss of each of `images` at latent input x (one row each), and its gradient w.r.t. x."""
         union, columns = self.columns.get(session)
         x = x.detach().requires_grad_(True)
-        args, kwargs = latent_input(session, *inputs)[1](x)
         with torch.enable_grad():
+            args, kwargs = latent_input(session, *inputs)[1](x)  # a list latent's rows: views of x
             self.collector.start(union)
             try:
                 module(*args, **kwargs)

@@ -18,7 +18,6 @@ Perturbed-Attention Guidance" (ECCV 2024; diffusers' PAG pipelines). Two levels,
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -367,27 +366,8 @@ def _cfg_scale(session: Any) -> float | None:
     """The pipeline's CFG scale w when it combines ε_u + w·(ε_c - ε_u) after this call, else None."""
     pipe = session.pipe
     if session.rows.uncond or getattr(pipe, "do_classifier_free_guidance", False):
-        scale = getattr(pipe, "guidance_scale", None)
-        return float(scale if scale is not None else _call_local(pipe, "guidance_scale"))
+        return session.adapter.cfg_scale(pipe)
     return None
-
-
-def _call_local(pipe: Any, name: str) -> Any:
-    """A local variable of the pipeline call that is running (the frame of a method of `pipe` that
-    holds it), for pipelines that keep e.g. `guidance_scale` local rather than on the pipeline
-    (PixArt)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            names = frame.f_locals
-            if names.get("self") is pipe and name in names:
-                return names[name]
-            frame = frame.f_back
-    finally:
-        del frame
-    raise ValueError(
-        f"{type(pipe).__name__} does not tell its {name}; attnctl needs it to fold the guidance in"
-    )
 
 
 def _scheduler_timestep(session: Any) -> float:

@@ -31,6 +31,12 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
              last `llama_layers` layer's and the block's own); attnctl's text keys are the T5 part.
   hunyuan    text keys = Llama tokens of the templated prompt from `crop_start` on: key = p - crop_start
              for a position p in `prompt_template["template"].format(prompt)`.
+  chroma     text keys = T5 tokens 0..max_sequence_length-1, before the image tokens (as flux).
+  flux2      text keys = Mistral chat tokens of [system turn, user turn with the prompt], padded.
+  qwenimage  text keys = Qwen chat tokens of `prompt_template_encode.format(prompt)` from token 34 on
+             (`prompt_template_encode_start_idx`; the tiny tokenizer spells the system turn in 34 too).
+  zimage     text keys = Qwen chat tokens of the user turn with the prompt (unpadded), then pad tokens
+             to a multiple of 32, after the image tokens (padded to a multiple of 32 as well).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ from .tokenizers import (
     build_gemma_tokenizer,
     build_glm_tokenizer,
     build_llama_tokenizer,
+    build_mistral_tokenizer,
+    build_qwen_tokenizer,
     build_t5_tokenizer,
     default_corpus,
 )
@@ -67,6 +75,10 @@ FAMILIES = (
     "pixart",
     "auraflow",
     "hidream",
+    "chroma",
+    "flux2",
+    "qwenimage",
+    "zimage",
 )
 VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
 
@@ -235,6 +247,10 @@ _PATCH_PIXELS = {
     "pixart": 4,
     "auraflow": 4,
     "hidream": 4,
+    "chroma": 4,
+    "flux2": 4,
+    "qwenimage": 4,
+    "zimage": 4,
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -334,6 +350,38 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "num_inference_steps": 2,
         "guidance_scale": 5.0,
         "height": 32,  # the pipeline rescales to the area of a (default_sample_size * vae factor)^2 image
+        "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "chroma": {
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "flux2": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.0,
+        "height": 32,
+        "width": 32,
+        "max_sequence_length": 64,  # the chat-templated system message takes the first 34 tokens
+        "output_type": "pt",
+    },
+    "qwenimage": {
+        "num_inference_steps": 2,
+        "negative_prompt": " ",  # true CFG: a forward of the prompt, then one of the negative prompt
+        "true_cfg_scale": 4.0,
+        "height": 32,
+        "width": 32,
+        "output_type": "pt",
+    },
+    "zimage": {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,  # CFG: one batch of [prompt's row, negative prompt's row]
+        "height": 32,
         "width": 32,
         "max_sequence_length": 32,
         "output_type": "pt",
@@ -1015,6 +1063,242 @@ def _build_hidream(seed: int) -> Any:
     return pipe
 
 
+def _build_chroma(seed: int) -> Any:
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2, as FLUX
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+        approximator_num_channels=16,
+    )
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_small_vae(seed),
+        text_encoder=_t5_encoder(t5, seed),
+        tokenizer=t5,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _build_flux2(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = build_mistral_tokenizer()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,  # 1 latent channel patchified 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,  # hidden states of text-encoder layers 10, 20 and 30 (16 each), stacked
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    special = tokenizer.convert_tokens_to_ids
+    ids = dict(
+        bos_token_id=special("<s>"), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 37,
+            "max_position_embeddings": 512,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 30,  # the pipeline reads layers 10, 20 and 30
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 1e9,
+            "sliding_window": None,
+            **ids,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "image_size": 30,
+            "patch_size": 6,
+            "num_channels": 3,
+        },
+        image_seq_length=4,
+        vision_feature_layer=-1,
+        image_token_index=special("[IMG]"),
+        **ids,
+    )
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+    )
+
+
+def _build_qwenimage(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(  # 2x spatial: an 8x8 token grid at 32 px
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    special = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": None,
+            "eos_token_id": special("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+        },
+        hidden_size=16,
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=special("<|im_end|>"),
+        vision_start_token_id=special("<|vision_start|>"),
+        vision_end_token_id=special("<|vision_end|>"),
+        vision_token_id=special("<|image_pad|>"),
+        image_token_id=special("<|image_pad|>"),
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return QwenImagePipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+
+
+def _build_zimage(seed: int) -> Any:
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # the pad tokens are created with torch.empty
+        transformer.x_pad_token.normal_(std=0.02)
+        transformer.cap_pad_token.normal_(std=0.02)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,  # the pipeline reads the hidden state one layer from the top
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_small_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -1029,4 +1313,8 @@ _BUILDERS = {
     "pixart": _build_pixart,
     "auraflow": _build_auraflow,
     "hidream": _build_hidream,
+    "chroma": _build_chroma,
+    "flux2": _build_flux2,
+    "qwenimage": _build_qwenimage,
+    "zimage": _build_zimage,
 }

@@ -1,5 +1,6 @@
 """Offline tokenizers learned from a small caption corpus: CLIP BPE, T5 sentencepiece, Llama BPE,
-Gemma BPE (Sana, Lumina 2) and GLM-4 byte-level BPE (CogView4).
+Gemma BPE (Sana, Lumina 2), and byte-level BPE: GLM-4 (CogView4), and Qwen and Mistral with their
+chat templates (Qwen-Image, Z-Image, FLUX.2).
 
 Common words ("cat", "frog", "red") become single tokens and rare ones ("hippopotamus") split into
 sub-words, as with real tokenizers; no file is read and nothing is downloaded.
@@ -16,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from transformers import CLIPTokenizer, LlamaTokenizer, T5Tokenizer
+from transformers import CLIPTokenizer, LlamaTokenizer, PreTrainedTokenizerFast, T5Tokenizer
 
 
 def build_clip_tokenizer(corpus: Iterable[str], max_merges: int = 2000) -> CLIPTokenizer:
@@ -73,6 +74,71 @@ def build_llama_tokenizer(corpus: Iterable[str], max_merges: int = 3000) -> Llam
     return tokenizer
 
 
+def build_byte_bpe_tokenizer(
+    specials: Iterable[str],
+    *,
+    eos: str | None = None,
+    pad: str | None = None,
+    unk: str | None = None,
+    chat_template: str | None = None,
+    corpus: Iterable[str] | None = None,
+    max_merges: int = 2000,
+) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE tokenizer (Qwen2, Mistral Tekken, GLM-4) learned from `corpus`
+    (default: the default corpus and the chat pipelines' system turns).
+
+    No BOS is added (chat templates write their own); `specials` become special tokens after the
+    learned vocabulary, and `chat_template` is the Jinja template `apply_chat_template` renders.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    corpus = tuple(default_corpus()) + _chat_system_texts() * 2 if corpus is None else tuple(corpus)
+    vocab_list, merges = _byte_bpe_vocab(corpus, max_merges)
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    specials = list(specials)
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos, pad_token=pad, unk_token=unk, model_max_length=131072
+    )
+    named = {eos, pad, unk}
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named]})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _chat_system_texts() -> tuple[str, ...]:
+    """The system turns of the chat-encoder pipelines (FLUX.2, Qwen-Image), learned (twice) so that
+    their words are single tokens as in the real vocabularies: Qwen-Image drops its template's
+    first 34 tokens, which the tiny Qwen tokenizer then also spells in 34."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    qwen = "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    qwen += "relationships of the objects and background:\nuser\nassistant\n"
+    return (SYSTEM_MESSAGE, qwen)
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A Qwen2 / Qwen2.5 / Qwen3 style tokenizer: byte-level BPE, no BOS, `<|endoftext|>` as pad and
+    end, and a chat template with the real one's token layout for text (and image) messages,
+    `enable_thinking=False` writing Qwen3's empty think block."""
+    return build_byte_bpe_tokenizer(
+        _QWEN_SPECIAL, eos="<|endoftext|>", pad="<|endoftext|>", chat_template=_QWEN_CHAT_TEMPLATE
+    )
+
+
+def build_mistral_tokenizer() -> PreTrainedTokenizerFast:
+    """A stand-in for the Mistral-Small-3.1 (Tekken) tokenizer FLUX.2 uses: byte-level BPE with its
+    special tokens and its chat layout `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]`."""
+    return build_byte_bpe_tokenizer(
+        _MISTRAL_SPECIAL, eos="</s>", pad="<pad>", unk="<unk>", chat_template=_MISTRAL_CHAT_TEMPLATE
+    )
+
+
 def build_gemma_tokenizer(corpus: Iterable[str], max_merges: int = 3000) -> Any:
     """A Gemma / Gemma-2 style BPE tokenizer (`▁` word prefix, byte fallback) learned from `corpus`.
 
@@ -94,36 +160,24 @@ def build_gemma_tokenizer(corpus: Iterable[str], max_merges: int = 3000) -> Any:
     return tokenizer
 
 
-def build_glm_tokenizer(corpus: Iterable[str], max_merges: int = 2000) -> Any:
+def build_glm_tokenizer(corpus: Iterable[str], max_merges: int = 2000) -> PreTrainedTokenizerFast:
     """A GLM-4 style byte-level BPE tokenizer (what CogView4 loads from `THUDM/CogView4-6B`).
 
     Every encoding starts with GLM's prefix `[gMASK]<sop>`; padding is on the LEFT with
     `<|endoftext|>`, as GLM-4's tokenizer does; no end token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import processors
 
-    vocab_list, merges = _byte_bpe_vocab(tuple(corpus), max_merges)
-    vocab = {t: i for i, t in enumerate(vocab_list)}
     specials = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>")
-    for token in specials:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(
+    tokenizer = build_byte_bpe_tokenizer(
+        specials, eos="<|endoftext|>", pad="<|endoftext|>", corpus=corpus, max_merges=max_merges
+    )
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="[gMASK] <sop> $A",
         pair="[gMASK] <sop> $A $B",
-        special_tokens=[(t, vocab[t]) for t in ("[gMASK]", "<sop>")],
+        special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in ("[gMASK]", "<sop>")],
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        model_max_length=128000,
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t != "<|endoftext|>"]})
+    tokenizer.padding_side = "left"
     return tokenizer
 
 
@@ -331,3 +385,37 @@ _LUMINA2_SYSTEM_PROMPT = (
     "alignment based on textual prompts or user prompts."
 )
 _LLAMA_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+_QWEN_SPECIAL = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>", "<think>", "</think>",
+)  # fmt: skip
+# Qwen2 / Qwen3's chat layout for text and image messages (the real templates also handle tools).
+_QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+_MISTRAL_SPECIAL = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "<pad>",
+)
+_MISTRAL_CHAT_TEMPLATE = (
+    "<s>{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else m['content'] | selectattr('type', 'equalto', "
+    "'text') | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}</s>{% endif %}{% endfor %}"
+)
