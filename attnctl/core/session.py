@@ -58,8 +58,12 @@ class Session:
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
+        # A denoiser compiled as `torch.compile(module)` is controlled through the module it wraps:
+        # attnctl's processors and hook live there, and the compiled wrapper calls it.
         self.denoisers = [
-            getattr(pipe, a) for a in DENOISER_ATTRS if isinstance(getattr(pipe, a, None), torch.nn.Module)
+            getattr(d, "_orig_mod", d)
+            for d in (getattr(pipe, a, None) for a in DENOISER_ATTRS)
+            if isinstance(d, torch.nn.Module)
         ]
         if not self.denoisers:
             raise ValueError(
@@ -95,6 +99,7 @@ class Session:
     # ---- installing -------------------------------------------------------------------------
     def install(self, controls: tuple[Control, ...]) -> None:
         self._check_not_controlled()
+        self._check_not_fullgraph(controls)
         for c in controls:
             mark, why = status(self.adapter, c.kind) if c.kind in METHODS else (SUPPORTED, "")
             if mark != SUPPORTED:
@@ -125,6 +130,19 @@ class Session:
                     "block (or a *ControlPipeline call); give all controls to one control(pipe, *controls) "
                     "instead of nesting them"
                 )
+
+    def _check_not_fullgraph(self, controls: tuple[Control, ...]) -> None:
+        """attnctl's denoiser hook and processors run Python that a graph compiled with
+        fullgraph=True cannot hold: refused before anything is installed, naming what breaks it."""
+        compiled = [getattr(self.pipe, a, None) for a in DENOISER_ATTRS]
+        compiled += [m for d in self.denoisers for m in d.modules()]
+        if any(_fullgraph(m) for m in compiled if isinstance(m, torch.nn.Module)):
+            names = ", ".join(c.kind for c in controls) or "control() itself"
+            raise ValueError(
+                f"{names} cannot run in a denoiser compiled with fullgraph=True: attnctl's denoiser hook and "
+                "attention processors break the graph; compile without it (torch.compile(model), "
+                "model.compile() or compile_repeated_blocks())"
+            )
 
     def select(
         self, layers: Any = None, kinds: tuple[str, ...] | None = None, heads: Any = None
@@ -399,6 +417,15 @@ def in_steps(
     (None: any) and within the first `first` fraction of the run (None: to the end). Papers give
     step ranges as fractions of the run (steps 0-24 of 50: the first 0.5)."""
     return (steps is None or step in steps) and (first is None or step < first * num_steps)
+
+
+def _fullgraph(module: torch.nn.Module) -> bool:
+    """Whether `module` was compiled with fullgraph=True: `torch.compile(module, ...)` (the
+    wrapper's context says it) or `module.compile(...)` (its compiled call holds that context)."""
+    contexts = [getattr(module, "dynamo_ctx", None)]
+    call = vars(module).get("_compiled_call_impl")
+    contexts += [c.cell_contents for c in getattr(call, "__closure__", None) or ()]
+    return any(getattr(c, "fullgraph", False) is True for c in contexts)
 
 
 def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
