@@ -11,6 +11,7 @@ Everything installed is recorded as an undo action and undone in reverse order i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import warnings
 from collections.abc import Callable, Collection, Iterator
@@ -94,6 +95,7 @@ class Session:
         self._forwards_since_prompt = 0
         self._step_forwards = 0  # the pipeline's own denoiser forwards at this step (not controls')
         self._edits: dict[str, list[AttentionEdit]] = {}
+        self._installed: list[_Installed] = []  # attnctl's processors, and what each stands in for
         self._undo: list[Callable[[], None]] = []
 
     # ---- installing -------------------------------------------------------------------------
@@ -243,12 +245,40 @@ class Session:
             module = denoiser.get_submodule(layer.name)
         except AttributeError:
             return  # a second denoiser (e.g. Wan 2.2's transformer_2) may lack this layer
-        original = module.processor
-        close = open_seam(original, adapter.seam) if adapter.seam is not None else None
-        module.set_processor(AttnctlProcessor(original, self, layer, adapter))
-        self._undo.append(lambda: module.set_processor(original))
-        if close is not None:
-            self._undo.append(close)
+        installed = _Installed(module, layer, adapter, module.processor)
+        self._installed.append(installed)
+        self._undo.append(lambda: module.set_processor(installed.original))
+        self._wrap_processor(installed)
+
+    def _wrap_processor(self, installed: _Installed) -> None:
+        if installed.adapter.seam is not None:
+            self._undo.append(open_seam(installed.original, installed.adapter.seam))
+        installed.module.set_processor(
+            AttnctlProcessor(installed.original, self, installed.layer, installed.adapter)
+        )
+
+    def _follow_processor_changes(self) -> None:
+        """A processor the user set inside the block (`set_attn_processor`, `enable_attention_slicing`,
+        `fuse_qkv_projections`...) is found at the next denoiser call and becomes the one attnctl
+        wraps, and the one left on exit. One that attnctl cannot take q, k and v from on a family
+        that captures them at the kernel call (it calls no kernel attnctl knows) is one error."""
+        changed = []
+        for installed in self._installed:
+            current = installed.module.processor
+            if isinstance(current, AttnctlProcessor) and current.session is self:
+                continue
+            known = {type(installed.original).__name__, *installed.adapter.processors}
+            installed.original = current  # what is left on exit, error or not
+            changed.append((installed, installed.adapter.seam is None or type(current).__name__ in known))
+        unknown = [i for i, ok in changed if not ok]
+        if unknown:
+            raise ValueError(
+                f"the attention processor of {unknown[0].layer.name} was changed inside attnctl.control to "
+                f"{type(unknown[0].original).__name__}, which attnctl cannot take q, k and v from; set "
+                "processors before control(...)"
+            )
+        for installed, _ in changed:
+            self._wrap_processor(installed)
 
     def restore(self) -> None:
         """Undo everything installed, newest first. Runs every undo even if one fails."""
@@ -259,6 +289,7 @@ class Session:
             except Exception as e:  # noqa: BLE001 - keep restoring, report afterwards
                 errors.append(e)
         self._edits.clear()
+        self._installed.clear()
         if errors:
             raise RuntimeError(f"attnctl could not restore the pipeline completely: {errors}") from errors[0]
 
@@ -290,6 +321,7 @@ class Session:
     def _begin_forward(
         self, module: torch.nn.Module, adapter: FamilyAdapter, context: str | None, args: tuple, kwargs: dict
     ) -> None:
+        self._follow_processor_changes()
         self._forwards_since_prompt += 1
         t = _named_inputs(module, args, kwargs).get(adapter.timestep_arg)
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
@@ -392,6 +424,17 @@ class Session:
                 "(the prompt is truncated there): shorten the prompt or raise max_sequence_length"
             )
         return rows
+
+
+@dataclasses.dataclass
+class _Installed:
+    """A layer whose processor attnctl stands in for, and the processor it stands in for (the user's
+    own, also one set inside the block), which is the one left on exit."""
+
+    module: torch.nn.Module
+    layer: LayerInfo
+    adapter: FamilyAdapter
+    original: Any
 
 
 class PerGeneration(Generic[T]):
