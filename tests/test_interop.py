@@ -16,7 +16,7 @@ def _run(pipe, family, *controls, **overrides):
         out = pipe(
             prompt=PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs(family, **overrides)
         )
-    return out.images, ctl
+    return (out.images if hasattr(out, "images") else out.frames), ctl
 
 
 def test_a_compiled_denoiser_is_controlled_as_the_eager_one():
@@ -92,3 +92,76 @@ def test_the_familys_own_processor_set_inside_the_block_is_wrapped():
         ).images
     assert torch.equal(out, plain) and torch.equal(ctl.maps["cat"], plain_ctl.maps["cat"])
     assert all(type(p) is FluxAttnProcessor for p in pipe.transformer.attn_processors.values())
+
+
+def _cache_config(name, pipe, family):
+    import diffusers
+
+    timestep = lambda: pipe.current_timestep  # noqa: E731
+    return {
+        "FirstBlockCache": lambda: diffusers.FirstBlockCacheConfig(threshold=0.2),
+        "TaylorSeerCache": lambda: diffusers.TaylorSeerCacheConfig(
+            cache_interval=2, disable_cache_before_step=1
+        ),
+        "PyramidAttentionBroadcast": lambda: diffusers.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 1001),
+            current_timestep_callback=timestep,
+        ),
+        "FasterCache": lambda: diffusers.FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 1001),
+            current_timestep_callback=timestep,
+            attention_weight_callback=lambda _: 0.5,
+            tensor_format="BFCHW",
+        ),
+        "MagCache": lambda: diffusers.MagCacheConfig(num_inference_steps=4, mag_ratios=[1.0] * 4),
+    }[name]()
+
+
+# FasterCache runs in diffusers 0.42.1 on CogVideoX, not on the tiny FLUX or Wan (it fails there
+# without attnctl too), so it is checked on CogVideoX.
+CACHE_CASES = [
+    (family, cache)
+    for cache in ("FirstBlockCache", "TaylorSeerCache", "PyramidAttentionBroadcast", "MagCache")
+    for family in ("flux", "wan")
+] + [("cogvideox", "FasterCache")]
+
+
+@pytest.mark.parametrize("family, cache", CACHE_CASES)
+def test_every_method_works_with_each_cache_or_is_refused_at_entry(family, cache):
+    """Each method with each of diffusers' caches either runs (maps record the steps the cache
+    computes; attention edits act on the blocks it runs) or is refused at entry with the pair named."""
+    from attnctl.families import adapter_for
+    from attnctl.families.support import CACHE_REFUSALS, METHODS, SUPPORTED, status
+
+    pipe = tiny_pipeline(family)
+    pipe.transformer.enable_cache(_cache_config(cache, pipe, family))
+    with attnctl.control(pipe) as probe:
+        perturbable = next(x for x in probe.layers if x.kind in ("self", "joint")).name
+    controls = {
+        "AttentionMaps": attnctl.AttentionMaps(["cat"]),
+        "AttentionRegulation": attnctl.AttentionRegulation(["cat", "frog"]),
+        "AttendAndExcite": attnctl.AttendAndExcite(["cat", "frog"]),
+        "AStar": attnctl.AStar(["cat", "frog"]),
+        "SoftPAG": attnctl.SoftPAG({perturbable: [0]}),
+        "PAG": attnctl.PAG([perturbable]),
+        "Layout": attnctl.Layout([attnctl.Region([0, 0, 0.5, 1], "a cat")]),
+        "DraftAttention": attnctl.DraftAttention(sparsity=0.5, pool=(1, 1), dense_steps=0.0),
+    }
+    adapter = adapter_for(pipe.transformer)
+    ran = 0
+    for method in METHODS:
+        if status(adapter, method)[0] != SUPPORTED:
+            continue
+        if (method, cache) in CACHE_REFUSALS:
+            with pytest.raises(ValueError, match=f"^{method} does not work with {cache}: "):
+                with attnctl.control(pipe, controls[method]):
+                    pass
+            continue
+        out, ctl = _run(pipe, family, controls[method], num_inference_steps=4)
+        assert torch.isfinite(torch.as_tensor(out)).all(), method
+        if method == "AttentionMaps":
+            assert ctl.maps["cat"].sum() > 0
+        ran += 1
+    assert ran >= 1

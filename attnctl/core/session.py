@@ -22,7 +22,7 @@ from diffusers.hooks import HookRegistry
 
 from ..families import FamilyAdapter, LayerInfo, adapter_for
 from ..families.base import attention_modules
-from ..families.support import METHODS, SUPPORTED, status
+from ..families.support import CACHE_REFUSALS, METHODS, SUPPORTED, caches_of, status
 from .attention import AttentionEdit
 from .controls import Control
 from .denoiser import BatchRows, DenoiserHook, DenoiserWrapper
@@ -102,6 +102,7 @@ class Session:
     def install(self, controls: tuple[Control, ...]) -> None:
         self._check_not_controlled()
         self._check_not_fullgraph(controls)
+        caches = [c for d in self.denoisers for c in caches_of(d)]
         for c in controls:
             mark, why = status(self.adapter, c.kind) if c.kind in METHODS else (SUPPORTED, "")
             if mark != SUPPORTED:
@@ -109,6 +110,9 @@ class Session:
                     f"{c.kind} does not work on {type(self.denoisers[0]).__name__} ({self.adapter.name}): "
                     f"{why} (`attnctl families` lists what works where)"
                 )
+            for cache in caches:
+                if (c.kind, cache) in CACHE_REFUSALS:
+                    raise ValueError(f"{c.kind} does not work with {cache}: {CACHE_REFUSALS[c.kind, cache]}")
         self.controls = list(controls)
         for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
             self._snapshot_backends(denoiser)

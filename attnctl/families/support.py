@@ -64,3 +64,37 @@ def markdown(adapters: list[Any]) -> str:
         lines.append(f"| {adapter.title} (`{adapter.name}`) | " + " | ".join(cells) + " |")
     lines += ["", *(f"{i}. {why}" for i, why in enumerate(reasons, 1))]
     return "\n".join(lines)
+
+
+# diffusers' cache hooks, by the name the first (or only) hook of each registers under.
+CACHES = {
+    "fbc_leader_block_hook": "FirstBlockCache",
+    "taylorseer_cache": "TaylorSeerCache",
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcast",
+    "faster_cache_denoiser": "FasterCache",
+    "mag_cache_leader_block_hook": "MagCache",
+}
+_SKIPPED = "its gradient forward needs every block, which this cache skips or predicts from earlier steps"
+_BATCH = "the cache reuses attention outputs across denoiser calls whose batch the perturbed branch changes"
+_HALF = (
+    "the cache runs some steps on the conditional half of the batch alone, which attnctl's rows do not follow"
+)
+# (method, cache) pairs that cannot work together, with why; every other pair works (tests/test_interop.py).
+CACHE_REFUSALS = {
+    **{
+        (m, c): _SKIPPED
+        for m in ("AttendAndExcite", "AStar")
+        for c in ("FirstBlockCache", "TaylorSeerCache", "MagCache")
+    },
+    **{(m, "PyramidAttentionBroadcast"): _BATCH for m in ("SoftPAG", "PAG")},
+    **{(m, "FasterCache"): _HALF for m in METHODS if m != "DraftAttention"},
+}
+
+
+def caches_of(denoiser: Any) -> list[str]:
+    """The diffusers caches enabled on a denoiser, found by their hooks."""
+    found = []
+    for module in denoiser.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        found += [CACHES[name] for name in getattr(registry, "hooks", {}) if name in CACHES]
+    return list(dict.fromkeys(found))
