@@ -165,3 +165,37 @@ def test_every_method_works_with_each_cache_or_is_refused_at_entry(family, cache
             assert ctl.maps["cat"].sum() > 0
         ran += 1
     assert ran >= 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_lora_adapted_projections_are_what_maps_and_controls_see(fused):
+    """A LoRA on q, k, v (peft, through diffusers' add_adapter), active or fused into the weights:
+    maps equal the explicit softmax over the adapted q and k, observing leaves the output as the
+    adapted model makes it, and SoftPAG guides the adapted model."""
+    pytest.importorskip("peft", reason="peft is in the dev extra")
+    from peft import LoraConfig
+    from test_families import _explicit_map, _kernel_calls
+
+    from attnctl.families import adapter_for
+    from attnctl.tiny import video_tokens
+
+    pipe = tiny_pipeline("flux")
+    before, _ = _run(pipe, "flux")
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
+    if fused:
+        pipe.transformer.fuse_lora()
+    adapted, _ = _run(pipe, "flux")
+    assert not torch.allclose(adapted, before, atol=1e-4)  # the LoRA acts
+    layer = "transformer_blocks.0.attn"
+    with _kernel_calls(pipe, "flux", layer) as calls:
+        _run(pipe, "flux", num_inference_steps=1)
+    out, ctl = _run(pipe, "flux", attnctl.AttentionMaps(["frog"], layers=[layer]), num_inference_steps=1)
+    positions = adapter_for(pipe.transformer).text_positions(pipe, PROMPT, "frog")
+    expected = _explicit_map(calls, "flux", positions, video_tokens("flux"))
+    assert torch.allclose(ctl.maps["frog"].flatten(), expected, atol=1e-5)
+    observed, _ = _run(pipe, "flux", attnctl.AttentionMaps(["frog"]))
+    assert torch.equal(observed, adapted)
+    guided, _ = _run(pipe, "flux", attnctl.SoftPAG({layer: [0]}, u=1.0, scale=3.0))
+    assert torch.isfinite(guided).all() and not torch.equal(guided, adapted)
