@@ -20,6 +20,7 @@ from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
+from .wanvace import WanVACEAdapter
 from .zimage import ZImageAdapter
 
 ADAPTERS: list[FamilyAdapter] = [
@@ -37,6 +38,7 @@ ADAPTERS: list[FamilyAdapter] = [
     AuraFlowAdapter(),
     HiDreamAdapter(),
     WanAdapter(),
+    WanVACEAdapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
 ]
