@@ -18,6 +18,7 @@ from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
+from .skyreelsv2 import SkyReelsV2Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
 from .wanvace import WanVACEAdapter
@@ -39,6 +40,7 @@ ADAPTERS: list[FamilyAdapter] = [
     HiDreamAdapter(),
     WanAdapter(),
     WanVACEAdapter(),
+    SkyReelsV2Adapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
 ]
