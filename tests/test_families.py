@@ -63,6 +63,10 @@ TOKEN_ORDER = {
     "flux2": _text_first,
     "qwenimage": _text_first,
     "zimage": _image_first,
+    # blocks.N.attn2: q = the video tokens, k = the UMT5 text (WanAttnProcessor, as wan); the control
+    # branch (vace_blocks) is no layer
+    "wanvace": _cross,
+    "skyreelsv2": _cross,  # blocks.N.attn2 (SkyReelsV2AttnProcessor): q = the video tokens, k = the UMT5 text
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with

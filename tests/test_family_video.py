@@ -1,4 +1,5 @@
-"""Video DiT adapters (Wan, CogVideoX, HunyuanVideo): exactness, maps against an explicit softmax, restore."""
+"""Video DiT adapters (Wan, CogVideoX, HunyuanVideo): exactness, maps against an explicit softmax, restore;
+Wan 2.2's two experts (Wan and Wan VACE)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
+from attnctl.core.processor import AttnctlProcessor
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"
@@ -169,3 +171,30 @@ def test_wan_i2v_image_context_is_kept():
     layout = capture.calls[0]["layout"]
     assert capture.calls[0]["key"].shape[2] == 512 and layout.text_k == slice(0, 512)
     assert (layout.frames, layout.height, layout.width) == (2, 2, 3)
+
+
+@pytest.mark.parametrize("family", ["wan", "wanvace"])
+def test_wan22_two_experts_are_both_controlled(family):
+    """Wan 2.2 (and its VACE pipeline): `transformer` denoises the high-noise steps, `transformer_2`
+    the rest; every control reaches both, and both are restored."""
+    pipe = tiny_pipeline(family)
+    torch.manual_seed(1)
+    second = type(pipe.transformer).from_config(pipe.transformer.config).eval()
+    pipe.register_modules(transformer_2=second)
+    pipe.register_to_config(boundary_ratio=0.9)  # step 0 (t = 1000): transformer; step 1: transformer_2
+    state = {"expert": None}
+    for name, model in (("transformer", pipe.transformer), ("transformer_2", second)):
+        model.register_forward_pre_hook(lambda *_, name=name: state.update(expert=name))
+    base = _run(pipe, family)
+    capture = _Capture()
+    experts = []
+    capture.observe = lambda call: experts.append((call.session.step, state["expert"]))
+    with attnctl.control(pipe, attnctl.AttentionMaps(["frog"], steps=[1])) as ctl:
+        ctl.add_edit(ctl.layers, capture)
+        out = _run(pipe, family)
+    assert torch.equal(out, base) and ctl.maps["frog"].sum() > 0  # the maps of transformer_2's step
+    assert set(experts) == {(0, "transformer"), (1, "transformer_2")}
+    for model in (pipe.transformer, second):
+        assert not any(isinstance(p, AttnctlProcessor) for p in model.attn_processors.values())
+    with attnctl.control(pipe, attnctl.PAG(["blocks.0.attn1"], scale=3.0)):
+        assert not torch.equal(_run(pipe, family), base)

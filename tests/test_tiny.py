@@ -34,10 +34,12 @@ PIPELINE_CLASS = {
     "flux2": "Flux2Pipeline",
     "qwenimage": "QwenImagePipeline",
     "zimage": "ZImagePipeline",
+    "wanvace": "WanVACEPipeline",
+    "skyreelsv2": "SkyReelsV2Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
-# cogview4, chroma, qwenimage), or is distilled into the model (flux, hunyuan, flux2).
+# cogview4, chroma, qwenimage, wanvace, skyreelsv2), or is distilled into the model (flux, hunyuan, flux2).
 DENOISER_CALLS = {
     "sd": (1, 2),
     "sdxl": (1, 2),
@@ -56,6 +58,8 @@ DENOISER_CALLS = {
     "flux2": (1, 1),
     "qwenimage": (2, 1),
     "zimage": (1, 2),
+    "wanvace": (2, 1),
+    "skyreelsv2": (2, 1),
 }
 
 

@@ -18,8 +18,10 @@ from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
+from .skyreelsv2 import SkyReelsV2Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
+from .wanvace import WanVACEAdapter
 from .zimage import ZImageAdapter
 
 ADAPTERS: list[FamilyAdapter] = [
@@ -37,6 +39,8 @@ ADAPTERS: list[FamilyAdapter] = [
     AuraFlowAdapter(),
     HiDreamAdapter(),
     WanAdapter(),
+    WanVACEAdapter(),
+    SkyReelsV2Adapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
 ]

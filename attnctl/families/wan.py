@@ -10,6 +10,11 @@ Image-to-video (Wan 2.1 I2V): `attn2` also receives CLIP image-embedding tokens 
 *separate* softmax whose output is added to the text attention's output. attnctl exposes only the text
 attention to controls (its keys are the text tokens); the image-context attention runs unchanged with
 the model's own kernel.
+
+Wan VACE (`WanVACETransformer3DModel`, `wanvace.py`) adds `vace_blocks`: a control branch of the same
+blocks whose queries are the control video's tokens (its latents and mask), not the generated video's;
+their outputs are hints added to the main blocks. They are not layers: they keep their own processor,
+so no control perturbs, sparsifies or maps the conditioning branch.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
 
 # WanPipeline's default max_sequence_length (I2V requires it: diffusers treats the last 512 context
 # tokens of an I2V call as text).
@@ -36,9 +41,9 @@ class WanAdapter(FamilyAdapter):
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         out = []
-        for name in denoiser.attn_processors:
-            path = name.removesuffix(".processor")
-            module = denoiser.get_submodule(path)
+        for path, module in attention_modules(denoiser).items():
+            if path.startswith("vace_blocks."):
+                continue  # VACE's control branch: its queries are the control video's tokens
             kind = "cross" if module.is_cross_attention else "self"
             out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
         return out

@@ -35,6 +35,8 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   flux2      text keys = Mistral chat tokens of [system turn, user turn with the prompt], padded.
   qwenimage  text keys = Qwen chat tokens of `prompt_template_encode.format(prompt)` from token 34 on
              (`prompt_template_encode_start_idx`; the tiny tokenizer spells the system turn in 34 too).
+  wanvace    text keys as wan (the VACE control blocks attend to the same text).
+  skyreelsv2 text keys as wan.
   zimage     text keys = Qwen chat tokens of the user turn with the prompt (unpadded), then pad tokens
              to a multiple of 32, after the image tokens (padded to a multiple of 32 as well).
 """
@@ -79,8 +81,10 @@ FAMILIES = (
     "flux2",
     "qwenimage",
     "zimage",
+    "wanvace",
+    "skyreelsv2",
 )
-VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
+VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo", "wanvace", "skyreelsv2")
 
 
 def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
@@ -251,6 +255,8 @@ _PATCH_PIXELS = {
     "flux2": 4,
     "qwenimage": 4,
     "zimage": 4,
+    "wanvace": 16,
+    "skyreelsv2": 16,
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -387,6 +393,10 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "output_type": "pt",
     },
 }
+
+_CALL_KWARGS["wanvace"] = dict(_CALL_KWARGS["wan"])  # no control video: zeros, every pixel to generate
+
+_CALL_KWARGS["skyreelsv2"] = {**_CALL_KWARGS["wan"], "guidance_scale": 6.0}
 
 _COG_TEXT_LEN = _CALL_KWARGS["cogvideox"]["max_sequence_length"]
 
@@ -646,6 +656,37 @@ def _build_wan(seed: int) -> Any:
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
+
+
+def _build_wanvace(seed: int) -> Any:
+    """Wan's tiny model with a VACE control branch on both blocks (96 control channels: 2 x 16
+    latent channels of the inactive and reactive video, 8 x 8 mask channels of the 8x VAE)."""
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    wan = _build_wan(seed)
+    torch.manual_seed(seed)
+    transformer = WanVACETransformer3DModel(
+        **{k: v for k, v in wan.transformer.config.items() if not k.startswith("_")},
+        vace_layers=[0, 1],
+        vace_in_channels=96,
+    )
+    parts = {k: getattr(wan, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    return WanVACEPipeline(**parts, transformer=transformer)
+
+
+def _build_skyreelsv2(seed: int) -> Any:
+    """Wan's tiny sizes in SkyReels-V2's transformer, with the T2V scheduler (UniPC, flow shift 8)."""
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    wan = _build_wan(seed)
+    torch.manual_seed(seed)
+    config = {k: v for k, v in wan.transformer.config.items() if not k.startswith("_")}
+    transformer = SkyReelsV2Transformer3DModel(**config)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0
+    )
+    parts = {k: getattr(wan, k) for k in ("tokenizer", "text_encoder", "vae")}
+    return SkyReelsV2Pipeline(**parts, transformer=transformer, scheduler=scheduler)
 
 
 def _build_cogvideox(seed: int) -> Any:
@@ -1317,4 +1358,6 @@ _BUILDERS = {
     "flux2": _build_flux2,
     "qwenimage": _build_qwenimage,
     "zimage": _build_zimage,
+    "wanvace": _build_wanvace,
+    "skyreelsv2": _build_skyreelsv2,
 }
