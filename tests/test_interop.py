@@ -199,3 +199,56 @@ def test_lora_adapted_projections_are_what_maps_and_controls_see(fused):
     assert torch.equal(observed, adapted)
     guided, _ = _run(pipe, "flux", attnctl.SoftPAG({layer: [0]}, u=1.0, scale=3.0))
     assert torch.isfinite(guided).all() and not torch.equal(guided, adapted)
+
+
+OFFLOADS = ("model_cpu_offload", "group_offload_block", "group_offload_leaf")
+
+
+def _offload(pipe, how):
+    cpu = torch.device("cpu")
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    if how == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device="cpu")
+    elif how == "group_offload_block":
+        denoiser.enable_group_offload(
+            cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+        )
+    elif how == "group_offload_leaf":
+        denoiser.enable_group_offload(cpu, offload_device=cpu, offload_type="leaf_level")
+    else:
+        pipe.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux", "wan"])
+@pytest.mark.parametrize("how", [*OFFLOADS, "bfloat16"])
+def test_every_method_runs_under_offload_and_bfloat16(family, how):
+    """Model CPU offload and group offload (block and leaf; CPU to CPU here, what diffusers allows
+    without a GPU) give every supported method the outputs it gives without offloading; in bfloat16
+    every method runs to a finite image. The offload hooks survive the session."""
+    from attnctl.families import adapter_for
+    from attnctl.families.support import METHODS, SUPPORTED, status
+
+    plain_pipe, pipe = tiny_pipeline(family), tiny_pipeline(family)
+    _offload(pipe, how)
+    with attnctl.control(pipe) as probe:
+        perturbable = next(x for x in probe.layers if x.kind in ("self", "joint")).name
+    controls = {
+        "AttentionMaps": lambda: attnctl.AttentionMaps(["cat"]),
+        "AttentionRegulation": lambda: attnctl.AttentionRegulation(["cat", "frog"]),
+        "AttendAndExcite": lambda: attnctl.AttendAndExcite(["cat", "frog"]),
+        "AStar": lambda: attnctl.AStar(["cat", "frog"]),
+        "SoftPAG": lambda: attnctl.SoftPAG({perturbable: [0]}),
+        "PAG": lambda: attnctl.PAG([perturbable]),
+        "Layout": lambda: attnctl.Layout([attnctl.Region([0, 0, 0.5, 1], "a cat")]),
+        "DraftAttention": lambda: attnctl.DraftAttention(sparsity=0.5, pool=(1, 1), dense_steps=0.0),
+    }
+    adapter = adapter_for(getattr(pipe, "transformer", None) or pipe.unet)
+    for method in (m for m in METHODS if status(adapter, m)[0] == SUPPORTED):
+        out, _ = _run(pipe, family, controls[method]())
+        assert torch.isfinite(out.float()).all(), method
+        if how != "bfloat16":
+            expected, _ = _run(plain_pipe, family, controls[method]())
+            assert torch.allclose(out, expected, atol=1e-5), method
+    if how != "bfloat16":
+        plain, _ = _run(pipe, family)
+        assert torch.allclose(plain, _run(plain_pipe, family)[0], atol=1e-5)  # offloading still works
