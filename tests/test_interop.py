@@ -133,7 +133,7 @@ def test_every_method_works_with_each_cache_or_is_refused_at_entry(family, cache
     """Each method with each of diffusers' caches either runs (maps record the steps the cache
     computes; attention edits act on the blocks it runs) or is refused at entry with the pair named."""
     from attnctl.families import adapter_for
-    from attnctl.families.support import CACHE_REFUSALS, METHODS, SUPPORTED, status
+    from attnctl.families.support import INTEROP, METHODS, SUPPORTED, status
 
     pipe = tiny_pipeline(family)
     pipe.transformer.enable_cache(_cache_config(cache, pipe, family))
@@ -154,7 +154,7 @@ def test_every_method_works_with_each_cache_or_is_refused_at_entry(family, cache
     for method in METHODS:
         if status(adapter, method)[0] != SUPPORTED:
             continue
-        if (method, cache) in CACHE_REFUSALS:
+        if method in INTEROP[cache]:
             with pytest.raises(ValueError, match=f"^{method} does not work with {cache}: "):
                 with attnctl.control(pipe, controls[method]):
                     pass
@@ -252,3 +252,15 @@ def test_every_method_runs_under_offload_and_bfloat16(family, how):
     if how != "bfloat16":
         plain, _ = _run(pipe, family)
         assert torch.allclose(plain, _run(plain_pipe, family)[0], atol=1e-5)  # offloading still works
+
+
+def test_readme_shows_the_generated_works_with_table():
+    from pathlib import Path
+
+    from attnctl.families.support import interop_markdown
+
+    table = interop_markdown()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert table in readme, (
+        f"README's 'works with' table is out of date; `attnctl families --interop` gives:\n{table}"
+    )

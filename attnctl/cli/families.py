@@ -7,6 +7,11 @@ import typer
 
 def families(
     markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown table the README shows."),
+    interop: bool = typer.Option(
+        False,
+        "--interop",
+        help="The 'works with' table instead: compile, caches, LoRA, offload, dtype x method.",
+    ),
 ) -> None:
     """Which method works on which model family: ✓ works (the tests run it on the family's tiny
     model), – does not apply to such a model, ✗ would apply but attnctl cannot do it (why below)."""
@@ -14,6 +19,11 @@ def families(
     from attnctl.families.support import METHODS, SUPPORTED, matrix
     from attnctl.families.support import markdown as markdown_table
 
+    if interop:
+        from attnctl.families.support import interop_markdown
+
+        typer.echo(interop_markdown())
+        return
     if markdown:
         typer.echo(markdown_table(ADAPTERS))
         return

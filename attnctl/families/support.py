@@ -98,3 +98,33 @@ def caches_of(denoiser: Any) -> list[str]:
         registry = getattr(module, "_diffusers_hook", None)
         found += [CACHES[name] for name in getattr(registry, "hooks", {}) if name in CACHES]
     return list(dict.fromkeys(found))
+
+
+# What the methods run together with, as tests/test_interop.py checks it: a feature's refused
+# methods with why (every other method works with it).
+_FULLGRAPH = "attnctl's denoiser hook and processors break a fullgraph graph (torch.compile without it works)"
+INTEROP: dict[str, dict[str, str]] = {
+    "torch.compile": {},
+    "torch.compile(fullgraph=True)": dict.fromkeys(METHODS, _FULLGRAPH),
+    **{cache: {m: why for (m, c), why in CACHE_REFUSALS.items() if c == cache} for cache in CACHES.values()},
+    "LoRA (peft)": {},
+    "model CPU offload": {},
+    "group offload": {},
+    "bfloat16": {},
+}
+
+
+def interop_markdown() -> str:
+    """The "works with" table (feature x method) as Markdown, reasons numbered below it."""
+    reasons: list[str] = []
+    lines = ["| works with | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for feature, refused in INTEROP.items():
+        cells = []
+        for method in METHODS:
+            why = refused.get(method)
+            if why is not None and why not in reasons:
+                reasons.append(why)
+            cells.append(SUPPORTED if why is None else f"{MISSING}{reasons.index(why) + 1}")
+        lines.append(f"| {feature} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"{i}. {why}" for i, why in enumerate(reasons, 1))]
+    return "\n".join(lines)
