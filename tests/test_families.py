@@ -63,6 +63,7 @@ TOKEN_ORDER = {
     "flux2": _text_first,
     "qwenimage": _text_first,
     "zimage": _image_first,
+    "ltx": _cross,  # attn2: q = the video tokens, k = the T5 tokens (padding: a -10000 key bias)
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with

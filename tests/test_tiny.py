@@ -34,6 +34,7 @@ PIPELINE_CLASS = {
     "flux2": "Flux2Pipeline",
     "qwenimage": "QwenImagePipeline",
     "zimage": "ZImagePipeline",
+    "ltx": "LTXPipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -56,6 +57,7 @@ DENOISER_CALLS = {
     "flux2": (1, 1),
     "qwenimage": (2, 1),
     "zimage": (1, 2),
+    "ltx": (1, 2),
 }
 
 
@@ -148,11 +150,14 @@ def test_call_kwargs_overrides_and_checks():
 
 def test_video_tokens_follow_the_kwargs():
     # 4x temporal + 8x spatial VAE and 2x2 patches: ((F - 1) // 4 + 1) * (H // 16) * (W // 16)
-    for family in VIDEO_FAMILIES:
+    for family in ("wan", "cogvideox", "hunyuanvideo"):
         latent_frames = 3 if family == "cogvideox" else 2  # 9 frames for CogVideoX, 5 for the others
         assert video_tokens(family) == latent_frames * 2 * 2
         assert video_tokens(family, height=64, width=48, num_frames=13) == 4 * 4 * 3
         assert video_tokens(family, height=512, width=512, num_frames=61) == 16_384
+    # LTX-Video's tiny VAE: 4x temporal, 4x spatial, 1x1 patches (9 frames of 32 px: 3 x 8 x 8)
+    assert video_tokens("ltx") == 3 * 8 * 8
+    assert video_tokens("ltx", height=64, width=32, num_frames=13) == 4 * 16 * 8
     assert video_tokens("flux") == video_tokens("sd3") == 8 * 8
     with pytest.raises(ValueError, match="'sd'"):
         video_tokens("sd")

@@ -37,6 +37,8 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
              (`prompt_template_encode_start_idx`; the tiny tokenizer spells the system turn in 34 too).
   zimage     text keys = Qwen chat tokens of the user turn with the prompt (unpadded), then pad tokens
              to a multiple of 32, after the image tokens (padded to a multiple of 32 as well).
+  ltx        text keys = T5 tokens 0..max_sequence_length-1 (padding hidden by a -10000 key bias),
+             cross-attention from the video tokens.
 """
 
 from __future__ import annotations
@@ -79,8 +81,9 @@ FAMILIES = (
     "flux2",
     "qwenimage",
     "zimage",
+    "ltx",
 )
-VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
+VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo", "ltx")
 
 
 def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
@@ -251,6 +254,7 @@ _PATCH_PIXELS = {
     "flux2": 4,
     "qwenimage": 4,
     "zimage": 4,
+    "ltx": 4,  # the tiny VAE compresses 4x (the real one 32x with 1x1 patches)
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -383,6 +387,15 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "guidance_scale": 3.0,  # CFG: one batch of [prompt's row, negative prompt's row]
         "height": 32,
         "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "ltx": {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,  # CFG: one batch of [uncond, cond]
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,  # 3 latent frames of 8x8 tokens
         "max_sequence_length": 32,
         "output_type": "pt",
     },
@@ -1299,6 +1312,57 @@ def _build_zimage(seed: int) -> Any:
     )
 
 
+def _build_ltx(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(  # diffusers' fast-test VAE: 4x spatial and temporal compression
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_t5_encoder(t5, seed),
+        tokenizer=t5,
+        transformer=transformer,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -1317,4 +1381,5 @@ _BUILDERS = {
     "flux2": _build_flux2,
     "qwenimage": _build_qwenimage,
     "zimage": _build_zimage,
+    "ltx": _build_ltx,
 }
