@@ -35,6 +35,7 @@ PIPELINE_CLASS = {
     "qwenimage": "QwenImagePipeline",
     "zimage": "ZImagePipeline",
     "ltx": "LTXPipeline",
+    "mochi": "MochiPipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -58,6 +59,7 @@ DENOISER_CALLS = {
     "qwenimage": (2, 1),
     "zimage": (1, 2),
     "ltx": (1, 2),
+    "mochi": (1, 2),
 }
 
 
@@ -158,6 +160,9 @@ def test_video_tokens_follow_the_kwargs():
     # LTX-Video's tiny VAE: 4x temporal, 4x spatial, 1x1 patches (9 frames of 32 px: 3 x 8 x 8)
     assert video_tokens("ltx") == 3 * 8 * 8
     assert video_tokens("ltx", height=64, width=32, num_frames=13) == 4 * 16 * 8
+    # Mochi: 6x temporal, 8x spatial, 2x2 patches (7 frames of 128 px: 2 x 8 x 8)
+    assert video_tokens("mochi") == 2 * 8 * 8
+    assert video_tokens("mochi", height=32, width=64, num_frames=13) == 3 * 2 * 4
     assert video_tokens("flux") == video_tokens("sd3") == 8 * 8
     with pytest.raises(ValueError, match="'sd'"):
         video_tokens("sd")

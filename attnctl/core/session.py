@@ -20,7 +20,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..families import FamilyAdapter, LayerInfo, adapter_for
-from ..families.base import attention_modules
+from ..families.base import attention_modules, set_processor
 from ..families.support import METHODS, SUPPORTED, status
 from .attention import AttentionEdit
 from .controls import Control
@@ -227,8 +227,8 @@ class Session:
             return  # a second denoiser (e.g. Wan 2.2's transformer_2) may lack this layer
         original = module.processor
         close = open_seam(original, adapter.seam) if adapter.seam is not None else None
-        module.set_processor(AttnctlProcessor(original, self, layer, adapter))
-        self._undo.append(lambda: module.set_processor(original))
+        set_processor(module, AttnctlProcessor(original, self, layer, adapter))
+        self._undo.append(lambda: set_processor(module, original))
         if close is not None:
             self._undo.append(close)
 

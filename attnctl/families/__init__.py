@@ -15,6 +15,7 @@ from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .lumina2 import Lumina2Adapter
+from .mochi import MochiAdapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
@@ -41,6 +42,7 @@ ADAPTERS: list[FamilyAdapter] = [
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
     LTXAdapter(),
+    MochiAdapter(),
 ]
 
 

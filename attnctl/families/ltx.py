@@ -53,15 +53,15 @@ class LTXAdapter(FamilyAdapter):
         return Layout(video, slice(0, 0), slice(0, keys), frames, height, width)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
-        return token_positions(pipe.tokenizer, prompt, word, occurrence, max_length=_text_len(pipe))
+        return token_positions(pipe.tokenizer, prompt, word, occurrence, max_length=default_text_len(pipe))
 
     def prompt_span(self, pipe: Any, prompt: str) -> tuple[list[int], list[int]]:
         """T5 has no start-of-text token: the words, then `</s>`; padding follows, hidden."""
-        m = len(pipe.tokenizer(prompt, truncation=True, max_length=_text_len(pipe))["input_ids"])
+        m = len(pipe.tokenizer(prompt, truncation=True, max_length=default_text_len(pipe))["input_ids"])
         return list(range(m - 1)), [m - 1]
 
 
-def _text_len(pipe: Any) -> int:
+def default_text_len(pipe: Any) -> int:
     """The pipeline's default `max_sequence_length` (LTXPipeline: 128), where it truncates the prompt."""
     default = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
     return 128 if default is None else int(default.default)
