@@ -67,13 +67,18 @@ TOKEN_ORDER = {
     # branch (vace_blocks) is no layer
     "wanvace": _cross,
     "skyreelsv2": _cross,  # blocks.N.attn2 (SkyReelsV2AttnProcessor): q = the video tokens, k = the UMT5 text
+    "ltx": _cross,  # attn2: q = the video tokens, k = the T5 tokens (padding: a -10000 key bias)
+    "mochi": _image_first,  # attn1: [video ; the row's unpadded T5 tokens], one kernel call per row
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with
 # `cache_context`, written from the pipelines' code: "stacked" [uncond, cond] in one batch (diffusers'
 # usual order, the default here), "cond_first" stacked as [cond, uncond], "separate" one forward of the
-# prompt and then one of the negative prompt at each step.
-CFG = {"chroma": "separate", "lumina2": "separate", "zimage": "cond_first"}
+# prompt and then one of the negative prompt at each step, "per_row" stacked [uncond, cond] but the
+# processor calls the kernel once per batch row (kernel call i of a processor call is row i).
+CFG = {"chroma": "separate", "lumina2": "separate", "zimage": "cond_first", "mochi": "per_row"}
+# Pipelines that cannot run a single step (Mochi's linear-quadratic schedule divides by steps // 2).
+FEWEST_STEPS = {"mochi": 2}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -128,7 +133,7 @@ def _kernel_calls(pipe, family, layer_name):
     denoiser = _denoiser(pipe)
     module = denoiser.get_submodule(layer_name)
     defining = sys.modules[type(module.processor).__call__.__module__]
-    calls, state = [], {"inside": False, "branch": None, "timestep": None, "forwards": 0}
+    calls, state = [], {"inside": False, "branch": None, "timestep": None, "forwards": 0, "index": 0}
 
     def forward(_, args, kwargs):  # "separate" CFG: the step's first forward is the prompt's
         t = kwargs.get("timestep", kwargs.get("t", args[1] if len(args) > 1 else None))
@@ -137,9 +142,11 @@ def _kernel_calls(pipe, family, layer_name):
         state["timestep"] = t
         if CFG.get(family) == "separate":
             state["branch"] = "cond" if state["forwards"] == 1 else "uncond"
+        latent = kwargs.get("hidden_states", args[0] if args else None)
+        state["batch"] = latent.shape[0] if torch.is_tensor(latent) else None
 
     hooks = [
-        module.register_forward_pre_hook(lambda *_: state.update(inside=True)),
+        module.register_forward_pre_hook(lambda *_: state.update(inside=True, index=0)),
         module.register_forward_hook(lambda *_: state.update(inside=False)),
         denoiser.register_forward_pre_hook(forward, with_kwargs=True),
     ]
@@ -155,7 +162,11 @@ def _kernel_calls(pipe, family, layer_name):
     def record(q, k, mask, scale, heads_first):
         if state["inside"]:
             q, k = (q, k) if heads_first else (q.transpose(1, 2), k.transpose(1, 2))
-            calls.append((q.detach().float(), k.detach().float(), mask, scale, state["branch"]))
+            branch = state["branch"]
+            if CFG.get(family) == "per_row" and state["batch"] == 2:  # [uncond, cond], row by row
+                branch = ("uncond", "cond")[state["index"]]
+            state["index"] += 1
+            calls.append((q.detach().float(), k.detach().float(), mask, scale, branch))
 
     def sdpa(q, k, v, attn_mask=None, *args, scale=None, **kwargs):
         record(q, k, attn_mask, scale, True)
@@ -214,9 +225,9 @@ def test_maps_equal_an_explicit_softmax(family):
     image_tokens = None if name in ("sd", "sdxl") else video_tokens(name)
     for layer in (layers[0], layers[-1]):  # e.g. FLUX: a double- and a single-stream block
         with _kernel_calls(pipe, name, layer.name) as calls:
-            _run(pipe, name, num_inference_steps=1)
+            _run(pipe, name, num_inference_steps=FEWEST_STEPS.get(name, 1))
         with attnctl.control(pipe, attnctl.AttentionMaps(["frog"], layers=[layer.name])) as ctl:
-            _run(pipe, name, num_inference_steps=1)
+            _run(pipe, name, num_inference_steps=FEWEST_STEPS.get(name, 1))
         expected = _explicit_map(calls, name, positions, image_tokens)
         got = ctl.maps["frog"].flatten()
         assert got.shape == expected.shape, layer.name

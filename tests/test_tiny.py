@@ -36,6 +36,8 @@ PIPELINE_CLASS = {
     "zimage": "ZImagePipeline",
     "wanvace": "WanVACEPipeline",
     "skyreelsv2": "SkyReelsV2Pipeline",
+    "ltx": "LTXPipeline",
+    "mochi": "MochiPipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -60,6 +62,8 @@ DENOISER_CALLS = {
     "zimage": (1, 2),
     "wanvace": (2, 1),
     "skyreelsv2": (2, 1),
+    "ltx": (1, 2),
+    "mochi": (1, 2),
 }
 
 
@@ -152,11 +156,17 @@ def test_call_kwargs_overrides_and_checks():
 
 def test_video_tokens_follow_the_kwargs():
     # 4x temporal + 8x spatial VAE and 2x2 patches: ((F - 1) // 4 + 1) * (H // 16) * (W // 16)
-    for family in VIDEO_FAMILIES:
+    for family in ("wan", "cogvideox", "hunyuanvideo"):
         latent_frames = 3 if family == "cogvideox" else 2  # 9 frames for CogVideoX, 5 for the others
         assert video_tokens(family) == latent_frames * 2 * 2
         assert video_tokens(family, height=64, width=48, num_frames=13) == 4 * 4 * 3
         assert video_tokens(family, height=512, width=512, num_frames=61) == 16_384
+    # LTX-Video's tiny VAE: 4x temporal, 4x spatial, 1x1 patches (9 frames of 32 px: 3 x 8 x 8)
+    assert video_tokens("ltx") == 3 * 8 * 8
+    assert video_tokens("ltx", height=64, width=32, num_frames=13) == 4 * 16 * 8
+    # Mochi: 6x temporal, 8x spatial, 2x2 patches (7 frames of 128 px: 2 x 8 x 8)
+    assert video_tokens("mochi") == 2 * 8 * 8
+    assert video_tokens("mochi", height=32, width=64, num_frames=13) == 3 * 2 * 4
     assert video_tokens("flux") == video_tokens("sd3") == 8 * 8
     with pytest.raises(ValueError, match="'sd'"):
         video_tokens("sd")

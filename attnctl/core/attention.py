@@ -97,7 +97,9 @@ class AttentionCall:
         # SDPA picks its flash kernel, one call of it gives the output and the softmax denominators
         self.native = native
         self.image_streams = prepared.image_streams  # IP-Adapter streams the family adds after attend()
-        self.rows: BatchRows = session.rows  # which batch rows are uncond / cond / perturbed
+        # which batch rows are uncond / cond / perturbed (of the rows this call holds)
+        rows = prepared.layout.rows
+        self.rows: BatchRows = session.rows if rows is None else session.rows.subset(rows)
         # edited probabilities of the conditional rows' image queries to the text keys, set by attend()
         self.probs: torch.Tensor | None = None
         self.edits: list[AttentionEdit] = []  # the edits taking part in this call (set by attend)

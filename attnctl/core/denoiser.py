@@ -54,6 +54,12 @@ class BatchRows:
     def size(self) -> int:
         return len(self.uncond) + len(self.cond) + len(self.perturbed)
 
+    def subset(self, rows: tuple[int, ...]) -> BatchRows:
+        """The rows of a call that holds only the batch rows `rows` (in that order), renumbered from 0."""
+        index = {r: i for i, r in enumerate(rows)}
+        groups = (self.uncond, self.cond, self.perturbed)
+        return BatchRows(*(tuple(index[r] for r in group if r in index) for group in groups))
+
     def append_perturbed(self, count: int) -> BatchRows:
         """These rows and `count` perturbed rows appended at the end of the batch."""
         new = tuple(range(self.size, self.size + count))

@@ -21,7 +21,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..families import FamilyAdapter, LayerInfo, adapter_for
-from ..families.base import attention_modules
+from ..families.base import attention_modules, set_processor
 from ..families.support import CACHE_REFUSALS, METHODS, SUPPORTED, caches_of, status
 from .attention import AttentionEdit
 from .controls import Control
@@ -251,14 +251,14 @@ class Session:
             return  # a second denoiser (e.g. Wan 2.2's transformer_2) may lack this layer
         installed = _Installed(module, layer, adapter, module.processor)
         self._installed.append(installed)
-        self._undo.append(lambda: module.set_processor(installed.original))
+        self._undo.append(lambda: set_processor(module, installed.original))
         self._wrap_processor(installed)
 
     def _wrap_processor(self, installed: _Installed) -> None:
         if installed.adapter.seam is not None:
             self._undo.append(open_seam(installed.original, installed.adapter.seam))
-        installed.module.set_processor(
-            AttnctlProcessor(installed.original, self, installed.layer, installed.adapter)
+        set_processor(
+            installed.module, AttnctlProcessor(installed.original, self, installed.layer, installed.adapter)
         )
 
     def _follow_processor_changes(self) -> None:

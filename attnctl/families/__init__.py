@@ -13,7 +13,9 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .ltx import LTXAdapter
 from .lumina2 import Lumina2Adapter
+from .mochi import MochiAdapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
@@ -43,6 +45,8 @@ ADAPTERS: list[FamilyAdapter] = [
     SkyReelsV2Adapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
+    LTXAdapter(),
+    MochiAdapter(),
 ]
 
 

@@ -42,6 +42,9 @@ class Layout:
     frames: int
     height: int
     width: int
+    # The denoiser batch rows this kernel call holds, where a processor calls the kernel row by row
+    # (Mochi: one call per row, each with that row's unpadded text); None: every row, in order.
+    rows: tuple[int, ...] | None = None
 
     @property
     def image_tokens(self) -> int:
@@ -216,12 +219,26 @@ class FamilyAdapter:
 
 def attention_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every attention module of a denoiser (one with a processor), by path, in model order. Not
-    `attn_processors`: some diffusers transformers (Lumina2, CogView4, Z-Image) do not have it."""
-    return {
-        name: m
-        for name, m in denoiser.named_modules()
-        if getattr(m, "processor", None) is not None and callable(getattr(m, "set_processor", None))
-    }
+    `attn_processors`: some diffusers transformers (Lumina2, CogView4, Z-Image) do not have it, and
+    some attention modules (Mochi's) no `set_processor` either, only a processor attribute."""
+    return {name: m for name, m in denoiser.named_modules() if _has_processor(m)}
+
+
+def _has_processor(module: torch.nn.Module) -> bool:
+    processor = getattr(module, "processor", None)
+    if processor is None:
+        return False
+    return callable(getattr(module, "set_processor", None)) or (
+        callable(processor) and "Processor" in type(processor).__name__
+    )
+
+
+def set_processor(module: torch.nn.Module, processor: Any) -> None:
+    """Give an attention module a processor: its `set_processor`, else the attribute it reads."""
+    if callable(getattr(module, "set_processor", None)):
+        module.set_processor(processor)
+    else:
+        module.processor = processor
 
 
 def block_of(name: str) -> str:

@@ -266,12 +266,16 @@ class _Collector(AttentionEdit):
         """At the last layer the loss reads only its maps are needed: record them and end the forward
         before the attention output is computed. Not where another edit changes this call's
         probabilities: they exist only after the kernel (`attend`), and `observe` reads them there."""
+        if not call.cond_rows:  # a kernel call of other rows only (a processor that runs row by row)
+            return None
         last = self.seen | {call.layer.name} >= self.layers.names(call.session)
         if last and not any(overrides(e, "logit_bias") or overrides(e, "post_softmax") for e in call.edits):
             self.observe(call)  # raises _MapsRecorded
         return None
 
     def observe(self, call: AttentionCall) -> None:
+        if not call.cond_rows:
+            return
         layout = call.layout
         probs = call.text_probs(self.columns)  # [images, N, C]
         maps = probs.reshape(probs.shape[0], layout.frames * layout.height, layout.width, len(self.columns))

@@ -73,6 +73,8 @@ class _Recorder(AttentionEdit):
         return {w: session.text_positions(w, self.spec.occurrence) for w in words}
 
     def observe(self, call: AttentionCall) -> None:
+        if not call.cond_rows:  # a kernel call of other rows only (a processor that runs row by row)
+            return
         positions = self.positions.get(call.session)
         columns = sorted({c for rows in positions.values() for pos in rows for c in pos})
         probs = call.text_probs(columns)  # [cond rows, N, C] head-averaged

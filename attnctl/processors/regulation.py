@@ -112,7 +112,7 @@ class _Regulator(AttentionEdit):
             info = regulation_bias(
                 logits[i],
                 targets[i],
-                height=layout.height,
+                height=layout.frames * layout.height,  # video: frames stacked (as A&E, A-STAR)
                 width=layout.width,
                 state=state,
                 steps=self.spec.iterations,

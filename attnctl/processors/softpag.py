@@ -232,6 +232,8 @@ class _PerturbHeads(AttentionEdit):
         DraftAttention) computes everything instead, and `mix_output` overwrites those heads."""
         if self.u != 1 or self.target != "identity" or self._image_scope(call) or call.mask is not None:
             return None
+        if not call.rows.perturbed:  # a kernel call of other rows only (a processor that runs row by row)
+            return None
         if any(e is not self and overrides(e, "kernel") for e in call.edits):
             return None
         q, k, v = call.query, call.key, call.value
@@ -256,6 +258,8 @@ class _PerturbHeads(AttentionEdit):
             self._filled = False
             return out
         rows = list(call.rows.perturbed)
+        if not rows:  # a kernel call of other rows only (a processor that runs row by row)
+            return out
         heads = self.heads[call.layer.name]
         idx = torch.tensor(rows, device=out.device)
         if self._image_scope(call):

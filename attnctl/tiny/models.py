@@ -39,6 +39,10 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   skyreelsv2 text keys as wan.
   zimage     text keys = Qwen chat tokens of the user turn with the prompt (unpadded), then pad tokens
              to a multiple of 32, after the image tokens (padded to a multiple of 32 as well).
+  ltx        text keys = T5 tokens 0..max_sequence_length-1 (padding hidden by a -10000 key bias),
+             cross-attention from the video tokens.
+  mochi      text keys = T5 tokens of the prompt, unpadded (the processor runs one kernel call per
+             batch row on [video ; that row's valid text]), after the video tokens.
 """
 
 from __future__ import annotations
@@ -83,8 +87,10 @@ FAMILIES = (
     "zimage",
     "wanvace",
     "skyreelsv2",
+    "ltx",
+    "mochi",
 )
-VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo", "wanvace", "skyreelsv2")
+VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo", "wanvace", "skyreelsv2", "ltx", "mochi")
 
 
 def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
@@ -145,7 +151,7 @@ def video_tokens(family: str, **overrides: Any) -> int:
             f"video_tokens is defined for transformer families {tuple(_PATCH_PIXELS)}, not {family!r}"
         )
     per_token = _PATCH_PIXELS[family]
-    frames = (kwargs["num_frames"] - 1) // 4 + 1 if family in VIDEO_FAMILIES else 1
+    frames = (kwargs["num_frames"] - 1) // _TEMPORAL.get(family, 4) + 1 if family in VIDEO_FAMILIES else 1
     return frames * (kwargs["height"] // per_token) * (kwargs["width"] // per_token)
 
 
@@ -257,7 +263,11 @@ _PATCH_PIXELS = {
     "zimage": 4,
     "wanvace": 16,
     "skyreelsv2": 16,
+    "ltx": 4,  # the tiny VAE compresses 4x (the real one 32x with 1x1 patches)
+    "mochi": 16,
 }
+# Frames per latent frame of the video VAEs (default 4): (num_frames - 1) // factor + 1 latent frames.
+_TEMPORAL = {"mochi": 6}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -389,6 +399,24 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "guidance_scale": 3.0,  # CFG: one batch of [prompt's row, negative prompt's row]
         "height": 32,
         "width": 32,
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "ltx": {
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,  # CFG: one batch of [uncond, cond]
+        "height": 32,
+        "width": 32,
+        "num_frames": 9,  # 3 latent frames of 8x8 tokens
+        "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "mochi": {
+        "num_inference_steps": 2,
+        "guidance_scale": 4.5,  # CFG: one batch of [uncond, cond], one kernel call per row
+        "height": 128,  # 8x8 tokens, the least that Attention Regulation's maps need
+        "width": 128,
+        "num_frames": 7,  # 2 latent frames (6x temporal VAE)
         "max_sequence_length": 32,
         "output_type": "pt",
     },
@@ -1340,6 +1368,98 @@ def _build_zimage(seed: int) -> Any:
     )
 
 
+def _build_ltx(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(  # diffusers' fast-test VAE: 4x spatial and temporal compression
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_t5_encoder(t5, seed),
+        tokenizer=t5,
+        transformer=transformer,
+    )
+
+
+def _build_mochi(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLMochi,
+        FlowMatchEulerDiscreteScheduler,
+        MochiPipeline,
+        MochiTransformer3DModel,
+    )
+
+    t5 = build_t5_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = MochiTransformer3DModel(  # diffusers' fast-test sizes
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=12,
+        out_channels=None,
+        qk_norm="rms_norm",
+        text_embed_dim=32,
+        time_embed_dim=4,
+        activation_fn="swiglu",
+        max_sequence_length=_CALL_KWARGS["mochi"]["max_sequence_length"],
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLMochi(  # 8x spatial, 6x temporal, as the real VAE
+        latent_channels=12,
+        out_channels=3,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+    )
+    return MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_t5_encoder(t5, seed),
+        tokenizer=t5,
+        transformer=transformer,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -1360,4 +1480,6 @@ _BUILDERS = {
     "zimage": _build_zimage,
     "wanvace": _build_wanvace,
     "skyreelsv2": _build_skyreelsv2,
+    "ltx": _build_ltx,
+    "mochi": _build_mochi,
 }
