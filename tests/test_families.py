@@ -63,6 +63,9 @@ TOKEN_ORDER = {
     "flux2": _text_first,
     "qwenimage": _text_first,
     "zimage": _image_first,
+    # [video ; valid ByT5 ; valid Qwen ; image-embedding, ByT5, Qwen pads]: no quotes in the prompt,
+    # so the positions index the Qwen tokens from the first text key on
+    "hunyuanvideo15": _image_first,
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with
@@ -184,7 +187,7 @@ def _explicit_map(calls, family, positions, image_tokens):
     to the word's text keys, averaged over heads, the word's tokens, conditional rows and calls."""
     maps = []
     for q, k, mask, scale, branch in calls:
-        if branch == "uncond":
+        if branch in ("uncond", "pred_uncond"):  # pred_uncond: diffusers' guiders (HunyuanVideo 1.5)
             continue
         rows = list(range(q.shape[0]))
         if q.shape[0] == 2 and branch in (None, "cond_uncond"):  # CFG stacked in one batch

@@ -34,6 +34,7 @@ PIPELINE_CLASS = {
     "flux2": "Flux2Pipeline",
     "qwenimage": "QwenImagePipeline",
     "zimage": "ZImagePipeline",
+    "hunyuanvideo15": "HunyuanVideo15Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -56,6 +57,7 @@ DENOISER_CALLS = {
     "flux2": (1, 1),
     "qwenimage": (2, 1),
     "zimage": (1, 2),
+    "hunyuanvideo15": (2, 1),  # the guider's forwards: the prompt's, then the negative prompt's
 }
 
 
@@ -218,8 +220,10 @@ def test_pipeline_save_load_round_trip(family, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = type(pipe).from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    if hasattr(pipe, "default_sample_size"):  # an attribute, not saved: HiDream's tiny builder sets it
-        loaded.default_sample_size = pipe.default_sample_size
+    # attributes, not saved, that tiny builders set: HiDream's sample size, HunyuanVideo 1.5's crop
+    for name in ("default_sample_size", "prompt_template_encode_start_idx"):
+        if hasattr(pipe, name):
+            setattr(loaded, name, getattr(pipe, name))
     runs = [
         p(prompt=PROMPT, **tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0))[0]
         for p in (pipe, loaded)

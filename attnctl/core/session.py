@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 HOOK_NAME = "attnctl"
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
+# The cache contexts diffusers' guiders name a pipeline's forwards with (ClassifierFreeGuidance's
+# `_input_predictions`, e.g. HunyuanVideo 1.5), as the branches they are.
+_GUIDER_BRANCHES = {"pred_cond": "cond", "pred_uncond": "uncond"}
 
 
 @contextlib.contextmanager
@@ -284,6 +287,7 @@ class Session:
         if self.branch is None:  # controls name the branch of the forwards they make
             self._step_forwards += 1
         self._read_batch(module, adapter, args, kwargs)
+        context = _GUIDER_BRANCHES.get(context, context)
         branch = self.branch or context or self._separate_branch(adapter)
         self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch), adapter.cfg_batch)
 

@@ -13,6 +13,7 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .hunyuanvideo15 import HunyuanVideo15Adapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
@@ -39,6 +40,7 @@ ADAPTERS: list[FamilyAdapter] = [
     WanAdapter(),
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
+    HunyuanVideo15Adapter(),
 ]
 
 

@@ -37,6 +37,9 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
              (`prompt_template_encode_start_idx`; the tiny tokenizer spells the system turn in 34 too).
   zimage     text keys = Qwen chat tokens of the user turn with the prompt (unpadded), then pad tokens
              to a multiple of 32, after the image tokens (padded to a multiple of 32 as well).
+  hunyuanvideo15  keys after the video: the ByT5 tokens of the prompt's quoted text (none without
+             quotes), the Qwen chat tokens of [system, user] from `prompt_template_encode_start_idx` on
+             (the tiny builder sets it to where the tiny tokenizer's template ends), then padding.
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ FAMILIES = (
     "flux2",
     "qwenimage",
     "zimage",
+    "hunyuanvideo15",
 )
-VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo")
+VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo", "hunyuanvideo15")
 
 
 def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
@@ -251,6 +255,7 @@ _PATCH_PIXELS = {
     "flux2": 4,
     "qwenimage": 4,
     "zimage": 4,
+    "hunyuanvideo15": 16,
 }
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
@@ -384,6 +389,13 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "height": 32,
         "width": 32,
         "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "hunyuanvideo15": {  # CFG: the pipeline's guider (guidance_scale 6.0) runs the prompt, then the negative
+        "num_inference_steps": 2,
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
         "output_type": "pt",
     },
 }
@@ -1299,6 +1311,100 @@ def _build_zimage(seed: int) -> Any:
     )
 
 
+def _build_hunyuanvideo15(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from ..families.hunyuanvideo15 import qwen_template
+
+    tokenizer, byt5 = build_qwen_tokenizer(), ByT5Tokenizer()  # ByT5: bytes, no vocabulary file
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,  # latent (4) + condition latent (4) + condition mask (1)
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,  # as the real model: a 16x VAE, 1x1 patches
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4),
+        target_size=32,
+        task_type="t2v",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8, 8),
+        layers_per_block=1,
+        spatial_compression_ratio=16,
+        temporal_compression_ratio=4,
+    )
+    special = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=3,  # the pipeline reads the hidden state two layers from the top
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            bos_token_id=None,
+            eos_token_id=special("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+            rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            max_position_embeddings=2048,
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(byt5),
+            d_model=8,
+            d_kv=4,
+            d_ff=16,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=byt5.pad_token_id,
+            eos_token_id=byt5.eos_token_id,
+            decoder_start_token_id=byt5.pad_token_id,
+        )
+    ).eval()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=byt5,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    # The released crop (108) counts the real Qwen tokens of the [system, user] template before the
+    # prompt; the tiny tokenizer spells that part in more, so the tiny pipeline crops its own count.
+    head = qwen_template(pipe).partition("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(head)["input_ids"])
+    return pipe
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -1317,4 +1423,5 @@ _BUILDERS = {
     "flux2": _build_flux2,
     "qwenimage": _build_qwenimage,
     "zimage": _build_zimage,
+    "hunyuanvideo15": _build_hunyuanvideo15,
 }
