@@ -66,13 +66,14 @@ TOKEN_ORDER = {
     # [video ; valid ByT5 ; valid Qwen ; image-embedding, ByT5, Qwen pads]: no quotes in the prompt,
     # so the positions index the Qwen tokens from the first text key on
     "hunyuanvideo15": _image_first,
+    "kandinsky5": _cross,  # visual_transformer_blocks.N.cross_attention: q = video, k = the Qwen text
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with
 # `cache_context`, written from the pipelines' code: "stacked" [uncond, cond] in one batch (diffusers'
 # usual order, the default here), "cond_first" stacked as [cond, uncond], "separate" one forward of the
 # prompt and then one of the negative prompt at each step.
-CFG = {"chroma": "separate", "lumina2": "separate", "zimage": "cond_first"}
+CFG = {"chroma": "separate", "lumina2": "separate", "zimage": "cond_first", "kandinsky5": "separate"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

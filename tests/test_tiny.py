@@ -35,6 +35,7 @@ PIPELINE_CLASS = {
     "qwenimage": "QwenImagePipeline",
     "zimage": "ZImagePipeline",
     "hunyuanvideo15": "HunyuanVideo15Pipeline",
+    "kandinsky5": "Kandinsky5T2VPipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -58,6 +59,7 @@ DENOISER_CALLS = {
     "qwenimage": (2, 1),
     "zimage": (1, 2),
     "hunyuanvideo15": (2, 1),  # the guider's forwards: the prompt's, then the negative prompt's
+    "kandinsky5": (2, 1),
 }
 
 

@@ -342,9 +342,9 @@ class Session:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
         if cfg is None and isinstance(self.prompt_cfg, bool):
             cfg = self.prompt_cfg
-        if cfg is None and context == "cond_uncond":
-            # CogVideoX marks its batched forward so but keeps the CFG flag local to __call__;
-            # its `guidance_scale` property tells the same
+        if cfg is None and (context == "cond_uncond" or self.adapter.cfg_forwards):
+            # CogVideoX marks its batched forward so, Kandinsky 5 runs unnamed separate forwards, and
+            # both keep the CFG flag local to __call__; their `guidance_scale` property tells the same
             cfg = (getattr(self.pipe, "guidance_scale", None) or 0) > 1
         return bool(cfg)
 

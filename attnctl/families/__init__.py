@@ -14,6 +14,7 @@ from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .hunyuanvideo15 import HunyuanVideo15Adapter
+from .kandinsky5 import Kandinsky5Adapter
 from .lumina2 import Lumina2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
@@ -41,6 +42,7 @@ ADAPTERS: list[FamilyAdapter] = [
     CogVideoXAdapter(),
     HunyuanVideoAdapter(),
     HunyuanVideo15Adapter(),
+    Kandinsky5Adapter(),
 ]
 
 

@@ -370,6 +370,8 @@ def _cfg_scale(session: Any) -> float | None:
         return session.adapter.cfg_scale(pipe)
     if guider is not None and getattr(guider, "num_conditions", 1) > 1:
         return session.adapter.cfg_scale(pipe)
+    if session.adapter.cfg_forwards and session._batched_cfg(None):  # separate, unnamed forwards
+        return session.adapter.cfg_scale(pipe)
     return None
 
 
