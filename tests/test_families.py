@@ -69,6 +69,10 @@ TOKEN_ORDER = {
     "skyreelsv2": _cross,  # blocks.N.attn2 (SkyReelsV2AttnProcessor): q = the video tokens, k = the UMT5 text
     "ltx": _cross,  # attn2: q = the video tokens, k = the T5 tokens (padding: a -10000 key bias)
     "mochi": _image_first,  # attn1: [video ; the row's unpadded T5 tokens], one kernel call per row
+    # [video ; valid ByT5 ; valid Qwen ; image-embedding, ByT5, Qwen pads]: no quotes in the prompt,
+    # so the positions index the Qwen tokens from the first text key on
+    "hunyuanvideo15": _image_first,
+    "kandinsky5": _cross,  # visual_transformer_blocks.N.cross_attention: q = video, k = the Qwen text
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with
@@ -76,7 +80,13 @@ TOKEN_ORDER = {
 # usual order, the default here), "cond_first" stacked as [cond, uncond], "separate" one forward of the
 # prompt and then one of the negative prompt at each step, "per_row" stacked [uncond, cond] but the
 # processor calls the kernel once per batch row (kernel call i of a processor call is row i).
-CFG = {"chroma": "separate", "lumina2": "separate", "zimage": "cond_first", "mochi": "per_row"}
+CFG = {
+    "chroma": "separate",
+    "lumina2": "separate",
+    "zimage": "cond_first",
+    "mochi": "per_row",
+    "kandinsky5": "separate",
+}
 # Pipelines that cannot run a single step (Mochi's linear-quadratic schedule divides by steps // 2).
 FEWEST_STEPS = {"mochi": 2}
 
@@ -199,7 +209,7 @@ def _explicit_map(calls, family, positions, image_tokens):
     to the word's text keys, averaged over heads, the word's tokens, conditional rows and calls."""
     maps = []
     for q, k, mask, scale, branch in calls:
-        if branch == "uncond":
+        if branch in ("uncond", "pred_uncond"):  # pred_uncond: diffusers' guiders (HunyuanVideo 1.5)
             continue
         rows = list(range(q.shape[0]))
         if q.shape[0] == 2 and branch in (None, "cond_uncond"):  # CFG stacked in one batch

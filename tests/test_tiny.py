@@ -38,6 +38,8 @@ PIPELINE_CLASS = {
     "skyreelsv2": "SkyReelsV2Pipeline",
     "ltx": "LTXPipeline",
     "mochi": "MochiPipeline",
+    "hunyuanvideo15": "HunyuanVideo15Pipeline",
+    "kandinsky5": "Kandinsky5T2VPipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -64,6 +66,8 @@ DENOISER_CALLS = {
     "skyreelsv2": (2, 1),
     "ltx": (1, 2),
     "mochi": (1, 2),
+    "hunyuanvideo15": (2, 1),  # the guider's forwards: the prompt's, then the negative prompt's
+    "kandinsky5": (2, 1),
 }
 
 
@@ -232,8 +236,10 @@ def test_pipeline_save_load_round_trip(family, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = type(pipe).from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    if hasattr(pipe, "default_sample_size"):  # an attribute, not saved: HiDream's tiny builder sets it
-        loaded.default_sample_size = pipe.default_sample_size
+    # attributes, not saved, that tiny builders set: HiDream's sample size, HunyuanVideo 1.5's crop
+    for name in ("default_sample_size", "prompt_template_encode_start_idx"):
+        if hasattr(pipe, name):
+            setattr(loaded, name, getattr(pipe, name))
     runs = [
         p(prompt=PROMPT, **tiny_call_kwargs(family), generator=torch.Generator().manual_seed(0))[0]
         for p in (pipe, loaded)

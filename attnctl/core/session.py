@@ -34,6 +34,9 @@ T = TypeVar("T")
 
 HOOK_NAME = "attnctl"
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
+# The cache contexts diffusers' guiders name a pipeline's forwards with (ClassifierFreeGuidance's
+# `_input_predictions`, e.g. HunyuanVideo 1.5), as the branches they are.
+_GUIDER_BRANCHES = {"pred_cond": "cond", "pred_uncond": "uncond"}
 
 
 @contextlib.contextmanager
@@ -338,6 +341,7 @@ class Session:
         if self.branch is None:  # controls name the branch of the forwards they make
             self._step_forwards += 1
         self._read_batch(module, adapter, args, kwargs)
+        context = _GUIDER_BRANCHES.get(context, context)
         branch = self.branch or context or self._separate_branch(adapter)
         self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch), adapter.cfg_batch)
 
@@ -392,9 +396,9 @@ class Session:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
         if cfg is None and isinstance(self.prompt_cfg, bool):
             cfg = self.prompt_cfg
-        if cfg is None and context == "cond_uncond":
-            # CogVideoX marks its batched forward so but keeps the CFG flag local to __call__;
-            # its `guidance_scale` property tells the same
+        if cfg is None and (context == "cond_uncond" or self.adapter.cfg_forwards):
+            # CogVideoX marks its batched forward so, Kandinsky 5 runs unnamed separate forwards, and
+            # both keep the CFG flag local to __call__; their `guidance_scale` property tells the same
             cfg = (getattr(self.pipe, "guidance_scale", None) or 0) > 1
         return bool(cfg)
 

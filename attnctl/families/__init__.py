@@ -13,6 +13,8 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .hidream import HiDreamAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .hunyuanvideo15 import HunyuanVideo15Adapter
+from .kandinsky5 import Kandinsky5Adapter
 from .ltx import LTXAdapter
 from .lumina2 import Lumina2Adapter
 from .mochi import MochiAdapter
@@ -47,6 +49,8 @@ ADAPTERS: list[FamilyAdapter] = [
     HunyuanVideoAdapter(),
     LTXAdapter(),
     MochiAdapter(),
+    HunyuanVideo15Adapter(),
+    Kandinsky5Adapter(),
 ]
 
 

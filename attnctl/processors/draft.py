@@ -118,18 +118,22 @@ class _Sparse(AttentionEdit):
     def _masked(
         self, call: AttentionCall, n_text: int, text_first: bool, options: dict
     ) -> torch.Tensor | None:
-        """Padded text keys (a boolean key mask [B, 1, 1, S]): drop them, run sparse on the rest.
+        """Padded text keys (a boolean key mask [B, 1, 1, S], or the pair mask [B, 1, S, S] of valid
+        queries and valid keys, HunyuanVideo 1.5's): drop them, run sparse on the rest.
 
         The padded text queries' own rows are computed densely with the mask, as the model does."""
         mask = call.mask
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
             return None
         q, k, v = call.query, call.key, call.value
         text = call.layout.text_k
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
         for b in range(q.shape[0]):
             row_mask = mask[b : b + 1] if mask.shape[0] > 1 else mask
-            valid = row_mask[0, 0, 0]
+            # an image query sees every valid key
+            valid = row_mask[0, 0, 0 if mask.shape[2] == 1 else call.layout.image_q.start]
+            if mask.shape[2] > 1 and not torch.equal(row_mask[0, 0], valid[:, None] & valid[None, :]):
+                return None  # a pair mask not made of one key mask
             if not bool(valid[call.layout.image_k].all()):
                 return None  # only padded text is supported
             keep, pad = valid.nonzero().flatten(), (~valid).nonzero().flatten()
@@ -138,7 +142,8 @@ class _Sparse(AttentionEdit):
                 *sub, text=int(valid[text].sum()), text_first=text_first, **options
             )
             if len(pad):  # the padded text queries, as the model computes them
+                pad_mask = row_mask[:, :, pad] if mask.shape[2] > 1 else row_mask
                 out[b : b + 1, :, pad] = sdpa(
-                    q[b : b + 1, :, pad], k[b : b + 1], v[b : b + 1], row_mask, call.kernel_scale
+                    q[b : b + 1, :, pad], k[b : b + 1], v[b : b + 1], pad_mask, call.kernel_scale
                 )
         return out

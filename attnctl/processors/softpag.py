@@ -369,7 +369,12 @@ class PerturbedGuidance(DenoiserWrapper):
 def _cfg_scale(session: Any) -> float | None:
     """The pipeline's CFG scale w when it combines ε_u + w·(ε_c - ε_u) after this call, else None."""
     pipe = session.pipe
+    guider = getattr(pipe, "guider", None)  # diffusers' guiders: a second condition is CFG's negative
     if session.rows.uncond or getattr(pipe, "do_classifier_free_guidance", False):
+        return session.adapter.cfg_scale(pipe)
+    if guider is not None and getattr(guider, "num_conditions", 1) > 1:
+        return session.adapter.cfg_scale(pipe)
+    if session.adapter.cfg_forwards and session._batched_cfg(None):  # separate, unnamed forwards
         return session.adapter.cfg_scale(pipe)
     return None
 

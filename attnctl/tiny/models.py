@@ -43,6 +43,11 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
              cross-attention from the video tokens.
   mochi      text keys = T5 tokens of the prompt, unpadded (the processor runs one kernel call per
              batch row on [video ; that row's valid text]), after the video tokens.
+  hunyuanvideo15  keys after the video: the ByT5 tokens of the prompt's quoted text (none without
+             quotes), the Qwen chat tokens of [system, user] from `prompt_template_encode_start_idx` on
+             (the tiny builder sets it to where the tiny tokenizer's template ends), then padding.
+  kandinsky5 cross-attention keys = Qwen tokens of `prompt_template.format(prompt)` from
+             `prompt_template_encode_start_idx` on (set by the tiny builder as for hunyuanvideo15).
 """
 
 from __future__ import annotations
@@ -89,8 +94,20 @@ FAMILIES = (
     "skyreelsv2",
     "ltx",
     "mochi",
+    "hunyuanvideo15",
+    "kandinsky5",
 )
-VIDEO_FAMILIES = ("wan", "cogvideox", "hunyuanvideo", "wanvace", "skyreelsv2", "ltx", "mochi")
+VIDEO_FAMILIES = (
+    "wan",
+    "cogvideox",
+    "hunyuanvideo",
+    "wanvace",
+    "skyreelsv2",
+    "ltx",
+    "mochi",
+    "hunyuanvideo15",
+    "kandinsky5",
+)
 
 
 def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
@@ -265,6 +282,8 @@ _PATCH_PIXELS = {
     "skyreelsv2": 16,
     "ltx": 4,  # the tiny VAE compresses 4x (the real one 32x with 1x1 patches)
     "mochi": 16,
+    "hunyuanvideo15": 16,
+    "kandinsky5": 16,
 }
 # Frames per latent frame of the video VAEs (default 4): (num_frames - 1) // factor + 1 latent frames.
 _TEMPORAL = {"mochi": 6}
@@ -418,6 +437,22 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "width": 128,
         "num_frames": 7,  # 2 latent frames (6x temporal VAE)
         "max_sequence_length": 32,
+        "output_type": "pt",
+    },
+    "hunyuanvideo15": {  # CFG: the pipeline's guider (guidance_scale 6.0) runs the prompt, then the negative
+        "num_inference_steps": 2,
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+        "output_type": "pt",
+    },
+    "kandinsky5": {  # CFG: a forward of the prompt, then one of the (default) negative prompt
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "height": 32,
+        "width": 32,
+        "num_frames": 5,
+        "max_sequence_length": 64,  # the default negative prompt whole
         "output_type": "pt",
     },
 }
@@ -1241,38 +1276,10 @@ def _build_flux2(seed: int) -> Any:
     )
 
 
-def _build_qwenimage(seed: int) -> Any:
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+def _qwen25_vl(tokenizer: Any, seed: int) -> Any:
+    """A tiny Qwen2.5-VL (text and vision towers) for the tiny Qwen tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = build_qwen_tokenizer()
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,  # 4 latent channels packed 2x2
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=3,
-        joint_attention_dim=16,
-        guidance_embeds=False,
-        axes_dims_rope=(8, 4, 4),
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(  # 2x spatial: an 8x8 token grid at 32 px
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
     special = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config={
@@ -1305,7 +1312,41 @@ def _build_qwenimage(seed: int) -> Any:
         image_token_id=special("<|image_pad|>"),
     )
     torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _build_qwenimage(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(  # 2x spatial: an 8x8 token grid at 32 px
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    text_encoder = _qwen25_vl(tokenizer, seed)
     return QwenImagePipeline(
         transformer=transformer,
         vae=vae,
@@ -1460,6 +1501,163 @@ def _build_mochi(seed: int) -> Any:
     )
 
 
+def _build_hunyuanvideo15(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from ..families.hunyuanvideo15 import qwen_template
+
+    tokenizer, byt5 = build_qwen_tokenizer(), ByT5Tokenizer()  # ByT5: bytes, no vocabulary file
+    torch.manual_seed(seed)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=9,  # latent (4) + condition latent (4) + condition mask (1)
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,  # as the real model: a 16x VAE, 1x1 patches
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4),
+        target_size=32,
+        task_type="t2v",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8, 8),
+        layers_per_block=1,
+        spatial_compression_ratio=16,
+        temporal_compression_ratio=4,
+    )
+    special = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=3,  # the pipeline reads the hidden state two layers from the top
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            bos_token_id=None,
+            eos_token_id=special("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+            rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            max_position_embeddings=2048,
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(byt5),
+            d_model=8,
+            d_kv=4,
+            d_ff=16,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=byt5.pad_token_id,
+            eos_token_id=byt5.eos_token_id,
+            decoder_start_token_id=byt5.pad_token_id,
+        )
+    ).eval()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=byt5,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    # The released crop (108) counts the real Qwen tokens of the [system, user] template before the
+    # prompt; the tiny tokenizer spells that part in more, so the tiny pipeline crops its own count.
+    head = qwen_template(pipe).partition("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(head)["input_ids"])
+    return pipe
+
+
+def _build_kandinsky5(seed: int) -> Any:
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        Kandinsky5T2VPipeline,
+        Kandinsky5Transformer3DModel,
+    )
+    from transformers import CLIPTextModel
+
+    tokenizer, clip = build_qwen_tokenizer(), build_clip_tokenizer(default_corpus())
+    torch.manual_seed(seed)
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=4,
+        in_text_dim=16,
+        in_text_dim2=8,
+        time_dim=16,
+        out_visual_dim=4,
+        patch_size=(1, 2, 2),  # as the real model: 16 pixels per token side
+        model_dim=16,
+        ff_dim=32,
+        num_text_blocks=1,
+        num_visual_blocks=2,
+        axes_dims=(2, 2, 4),  # head dim 8: 2 heads
+    )
+    with torch.no_grad():  # modulations start at zero (every block's gates shut): untrained weights
+        for module in transformer.modules():
+            if type(module).__name__ == "Kandinsky5Modulation":
+                module.out_layer.reset_parameters()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    text_encoder = _qwen25_vl(tokenizer, seed)
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModel(_clip_text_config(clip, hidden=8)).eval()
+    pipe = Kandinsky5T2VPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
+    # The released crop (128) counts the real Qwen tokens of the template before the prompt; the tiny
+    # tokenizer spells that part in more, so the tiny pipeline crops its own count.
+    head = pipe.prompt_template.partition("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(head)["input_ids"])
+    return pipe
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -1482,4 +1680,6 @@ _BUILDERS = {
     "skyreelsv2": _build_skyreelsv2,
     "ltx": _build_ltx,
     "mochi": _build_mochi,
+    "hunyuanvideo15": _build_hunyuanvideo15,
+    "kandinsky5": _build_kandinsky5,
 }
