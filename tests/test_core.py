@@ -78,17 +78,21 @@ def test_maps_only_matches_baseline_and_explicit_softmax(unet_pipe):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_restored_exactly_after_exception(family):
+def test_restored_exactly_after_exception(family, monkeypatch):
     pipe = tiny_pipeline(family)
     denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
     before = _processors(denoiser)
 
-    def boom(*args):
+    def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    # PixArt's pipeline has the older per-step `callback` (and takes other keywords silently)
+    # The failure mid-generation: the step callback, PixArt's older per-step `callback`, or for a
+    # pipeline with neither (HunyuanVideo 1.5) its scheduler's step
     params = inspect.signature(type(pipe).__call__).parameters
-    callback = {"callback_on_step_end" if "callback_on_step_end" in params else "callback": boom}
+    callback = {name: boom for name in ("callback_on_step_end", "callback") if name in params}
+    callback = dict(list(callback.items())[:1])
+    if not callback:
+        monkeypatch.setattr(type(pipe.scheduler), "step", boom)
     with pytest.raises(RuntimeError, match="boom"):
         with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
             _run(pipe, family, **callback)
