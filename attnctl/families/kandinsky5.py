@@ -16,7 +16,7 @@ import torch
 
 from . import chat
 from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
-from .wan import check_grid, video_grid
+from .wan import self_or_cross_layout, video_grid
 
 
 class Kandinsky5Adapter(FamilyAdapter):
@@ -51,11 +51,7 @@ class Kandinsky5Adapter(FamilyAdapter):
         session.grid = video_grid(inputs["hidden_states"].shape[1:4], tuple(patch))
 
     def seam_layout(self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int) -> Layout:
-        frames, height, width = check_grid(session.grid, queries, layer)
-        video = slice(0, queries)
-        if layer.kind == "self":
-            return Layout(video, video, None, frames, height, width)
-        return Layout(video, slice(0, 0), slice(0, keys), frames, height, width)
+        return self_or_cross_layout(session, layer, queries, keys)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return chat.positions(

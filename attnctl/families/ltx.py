@@ -16,7 +16,7 @@ import torch
 
 from ..core.tokens import token_positions
 from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
-from .wan import check_grid
+from .wan import self_or_cross_layout
 
 
 class LTXAdapter(FamilyAdapter):
@@ -46,11 +46,7 @@ class LTXAdapter(FamilyAdapter):
         session.grid = tuple(int(d) // p for d, p in zip(dims, patch, strict=True))
 
     def seam_layout(self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int) -> Layout:
-        frames, height, width = check_grid(session.grid, queries, layer)
-        video = slice(0, queries)
-        if layer.kind == "self":
-            return Layout(video, video, None, frames, height, width)
-        return Layout(video, slice(0, 0), slice(0, keys), frames, height, width)
+        return self_or_cross_layout(session, layer, queries, keys)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         return token_positions(pipe.tokenizer, prompt, word, occurrence, max_length=default_text_len(pipe))

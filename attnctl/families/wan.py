@@ -56,13 +56,9 @@ class WanAdapter(FamilyAdapter):
     def seam_layout(
         self, session: Any, layer: LayerInfo, call: int, queries: int, keys: int
     ) -> Layout | None:
-        frames, height, width = check_grid(session.grid, queries, layer)
-        video = slice(0, queries)
-        if layer.kind == "self":
-            return Layout(video, video, None, frames, height, width)
-        if keys != session.text_len:
+        if layer.kind == "cross" and keys != session.text_len:
             return None  # I2V's attention to the image embedding, beside the text attention
-        return Layout(video, slice(0, 0), slice(0, keys), frames, height, width)
+        return self_or_cross_layout(session, layer, queries, keys)
 
     def text_positions(self, pipe: Any, prompt: str, word: str, occurrence: int = 0) -> list[int]:
         # WanPipeline truncates to max_sequence_length, 512 by default (and I2V requires 512).
@@ -78,6 +74,16 @@ def patch_size(session: Any) -> tuple[int, int, int]:
 def video_grid(latent_fhw: torch.Size | tuple[int, ...], patch: tuple[int, int, int]) -> tuple[int, int, int]:
     """Token grid (frames, h, w) of a latent video [F, H, W] cut into (t, h, w) patches."""
     return tuple(size // p for size, p in zip(latent_fhw, patch, strict=True))  # type: ignore[return-value]
+
+
+def self_or_cross_layout(session: Any, layer: LayerInfo, queries: int, keys: int) -> Layout:
+    """A video model's self-attention over the video tokens, or its cross-attention from them to the
+    text keys (Wan, LTX-Video, Kandinsky 5)."""
+    frames, height, width = check_grid(session.grid, queries, layer)
+    video = slice(0, queries)
+    if layer.kind == "self":
+        return Layout(video, video, None, frames, height, width)
+    return Layout(video, slice(0, 0), slice(0, keys), frames, height, width)
 
 
 def check_grid(grid: tuple[int, int, int], tokens: int, layer: LayerInfo) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.controls import _REGISTRY, Control, FieldSpec
+from ..families.support import METHODS
 from ..pipelines.generate import generate
 from ..processors.layout import Region, draw_boxes
 
@@ -146,17 +147,8 @@ def prompt_words(prompt: str) -> list[str]:
     return list(dict.fromkeys(re.findall(r"[\w'-]+", prompt or "")))
 
 
-# the panels' order; a control not named here (e.g. a new one) comes after them
-PANEL_ORDER = (
-    "AttentionMaps",
-    "AttentionRegulation",
-    "AttendAndExcite",
-    "AStar",
-    "SoftPAG",
-    "PAG",
-    "Layout",
-    "DraftAttention",
-)
+# the panels' order: the support matrix's; a control not named there (e.g. a new one) comes after them
+PANEL_ORDER = METHODS
 
 
 def panel_controls() -> list[type[Control]]:
