@@ -89,3 +89,17 @@ def test_the_flex_processor_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="QwenImage21FlexAttnProcessor: its prefill is one flex call"):
         with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])):
             pass
+
+
+def test_image_scope_softpag_runs_on_the_image_only_call(pipe):
+    """The image-scope perturbation on a call whose queries are the image alone (fewer than its keys)."""
+    import torch
+
+    base = pipe(prompt=PROMPT, **tiny_call_kwargs("qwenimage21"), generator=torch.Generator().manual_seed(0))
+    with attnctl.control(pipe) as ctl:
+        layer = ctl.layers[0].name
+    with attnctl.control(pipe, attnctl.SoftPAG({layer: [0]}, u=0.5, scale=3.0, scope="image")):
+        out = pipe(
+            prompt=PROMPT, **tiny_call_kwargs("qwenimage21"), generator=torch.Generator().manual_seed(0)
+        )
+    assert torch.isfinite(out.images).all() and not torch.equal(out.images, base.images)

@@ -264,7 +264,12 @@ class _PerturbHeads(AttentionEdit):
         idx = torch.tensor(rows, device=out.device)
         if self._image_scope(call):
             goal = image_scope_attention(
-                call.query[rows], call.key[rows], call.value[rows], call.layout.image_k, call.scale
+                call.query[rows],
+                call.key[rows],
+                call.value[rows],
+                call.layout.image_k,
+                call.scale,
+                call.layout.image_q,
             )
             mixed = perturbed_output(out[rows], goal, heads, self.u, "identity")
         else:
@@ -288,6 +293,11 @@ def _values(call: AttentionCall, rows: list[int], target: str) -> torch.Tensor:
     keep = (mask if mask.dtype == torch.bool else mask > float("-inf")).to(v.dtype)[..., 0, :, None]
     mean = (v * keep).sum(2, keepdim=True) / keep.sum(2, keepdim=True).clamp_min(1)
     return mean.expand_as(v)
+
+
+def _image_q(call: AttentionCall) -> slice | None:
+    """The image queries where a call's queries are not its keys (Qwen-Image 2.1: the image only)."""
+    return None if call.query.shape[2] == call.key.shape[2] else call.layout.image_q
 
 
 def _own(call: AttentionCall, v: torch.Tensor) -> torch.Tensor:
