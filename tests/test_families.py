@@ -42,8 +42,18 @@ def _registers_text_image(queries, keys, n):
     return slice(keys - n, keys), slice(8, keys - n)
 
 
+def _prefix_then_target(queries, keys, n):
+    # Qwen-Image 2.1 (QwenImage21AttnProcessor): a prefill runs one call per prefix segment (queries:
+    # the segment, keys [0, end)), then the target image's (queries: the n target tokens, keys: the
+    # prefix then the target); a decode only the target's, over [cached prefix ; target]
+    if queries != n or keys <= queries:
+        return None  # a prefix segment's call: no image query
+    return slice(0, n), slice(0, keys - n)
+
+
 # Where image queries and text keys sit in the kernel call of a layer attending to text, written
-# here from the models' code (not from attnctl's adapters): (queries, keys, image tokens) -> slices.
+# here from the models' code (not from attnctl's adapters): (queries, keys, image tokens) -> slices,
+# or None for a call without image queries (no map comes from it).
 TOKEN_ORDER = {
     "sd": _cross,
     "sdxl": _cross,
@@ -73,6 +83,7 @@ TOKEN_ORDER = {
     # so the positions index the Qwen tokens from the first text key on
     "hunyuanvideo15": _image_first,
     "kandinsky5": _cross,  # visual_transformer_blocks.N.cross_attention: q = video, k = the Qwen text
+    "qwenimage21": _prefix_then_target,  # transformer_blocks.N.attn: [text ; image], block-causal
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with
@@ -214,7 +225,10 @@ def _explicit_map(calls, family, positions, image_tokens):
         rows = list(range(q.shape[0]))
         if q.shape[0] == 2 and branch in (None, "cond_uncond"):  # CFG stacked in one batch
             rows = [0] if CFG.get(family) == "cond_first" else [1]
-        image, text = TOKEN_ORDER[family](q.shape[2], k.shape[2], image_tokens or q.shape[2])
+        order = TOKEN_ORDER[family](q.shape[2], k.shape[2], image_tokens or q.shape[2])
+        if order is None:
+            continue
+        image, text = order
         if k.shape[1] != q.shape[1]:  # grouped-query attention
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = q[rows] @ k[rows].transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)

@@ -20,6 +20,7 @@ from .lumina2 import Lumina2Adapter
 from .mochi import MochiAdapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
+from .qwenimage21 import QwenImage21Adapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .skyreelsv2 import SkyReelsV2Adapter
@@ -35,6 +36,7 @@ ADAPTERS: list[FamilyAdapter] = [
     Flux2Adapter(),
     ChromaAdapter(),
     QwenImageAdapter(),
+    QwenImage21Adapter(),
     ZImageAdapter(),
     SanaAdapter(),
     PixArtAdapter(),

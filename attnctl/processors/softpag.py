@@ -249,7 +249,7 @@ class _PerturbHeads(AttentionEdit):
                 sub = (x[perturbed][:, rest] for x in (q, k, v))
                 block = call.default_kernel(*sub, None, call.kernel_scale)
                 out[perturbed[0] : perturbed[-1] + 1, rest] = block  # perturbed rows are the last, contiguous
-        out[perturbed] = perturbed_output(out[perturbed], v[perturbed], heads, 1.0, "identity")
+        out[perturbed] = perturbed_output(out[perturbed], _own(call, v)[perturbed], heads, 1.0, "identity")
         self._filled = True
         return out
 
@@ -264,7 +264,12 @@ class _PerturbHeads(AttentionEdit):
         idx = torch.tensor(rows, device=out.device)
         if self._image_scope(call):
             goal = image_scope_attention(
-                call.query[rows], call.key[rows], call.value[rows], call.layout.image_k, call.scale
+                call.query[rows],
+                call.key[rows],
+                call.value[rows],
+                call.layout.image_k,
+                call.scale,
+                call.layout.image_q,
             )
             mixed = perturbed_output(out[rows], goal, heads, self.u, "identity")
         else:
@@ -279,13 +284,32 @@ def _values(call: AttentionCall, rows: list[int], target: str) -> torch.Tensor:
     """The values the target mixes in: each query's own (identity) or, for the uniform target, the
     keys' values with masked keys left out of the mean."""
     v = call.value[rows]
-    if target == "identity" or call.mask is None:
+    if target == "identity":
+        return _own(call, v)
+    if call.mask is None:
         return v
     mask = call.mask if call.mask.shape[0] == 1 else call.mask[rows]
     check(mask.shape[-2] == 1, "target", target, "'identity' on layers with a per-query attention mask")
     keep = (mask if mask.dtype == torch.bool else mask > float("-inf")).to(v.dtype)[..., 0, :, None]
     mean = (v * keep).sum(2, keepdim=True) / keep.sum(2, keepdim=True).clamp_min(1)
     return mean.expand_as(v)
+
+
+def _image_q(call: AttentionCall) -> slice | None:
+    """The image queries where a call's queries are not its keys (Qwen-Image 2.1: the image only)."""
+    return None if call.query.shape[2] == call.key.shape[2] else call.layout.image_q
+
+
+def _own(call: AttentionCall, v: torch.Tensor) -> torch.Tensor:
+    """Each query's own value (the identity target). Where a call's queries are only its image
+    tokens, fewer than its keys (Qwen-Image 2.1's target image over [text prefix ; target]), they are
+    the image keys."""
+    queries, image_q, image_k = call.query.shape[2], call.layout.image_q, call.layout.image_k
+    if v.shape[2] == queries:
+        return v
+    if image_q != slice(0, queries) or image_k.stop - image_k.start != queries:
+        raise ValueError(f"{call.layer.name}: the identity target needs each query's own key")
+    return v[:, :, image_k]
 
 
 class PerturbedGuidance(DenoiserWrapper):

@@ -44,29 +44,37 @@ def perturbed_output(
     return result
 
 
-def image_scope_attention(query: Tensor, key: Tensor, value: Tensor, image: slice, scale: float) -> Tensor:
+def image_scope_attention(
+    query: Tensor, key: Tensor, value: Tensor, image: slice, scale: float, image_q: slice | None = None
+) -> Tensor:
     """Joint attention with the image block replaced by the identity (diffusers' SD3 PAG).
 
     Image queries attend only to their own image key and to every text key; text queries attend to
     everything as usual. Computed from [image query, text keys] logits and one self logit per query,
     merged exactly by log-sum-exp, so no N x N matrix or mask is built. Inputs [B, H, S, D].
     """
-    n = query.shape[2]
-    text = torch.cat([torch.arange(0, image.start), torch.arange(image.stop, n)]).to(query.device)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.index_select(2, text), key, value, scale=scale
-    )
+    image_q = (
+        image if image_q is None else image_q
+    )  # the image queries, where they sit elsewhere than its keys
+    n, device = query.shape[2], query.device
+    text_q = torch.cat([torch.arange(0, image_q.start), torch.arange(image_q.stop, n)]).to(device)
+    text = torch.cat([torch.arange(0, image.start), torch.arange(image.stop, key.shape[2])]).to(device)
     full = query.new_empty(query.shape[:3] + (value.shape[-1],))
-    full.index_copy_(2, text, out)
+    if len(text_q):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.index_select(2, text_q), key, value, scale=scale
+        )
+        full.index_copy_(2, text_q, out)
     acc = torch.promote_types(query.dtype, torch.float32)  # fp16/bf16 logits in fp32
-    qi, ki, vi = (x[:, :, image].to(acc) for x in (query, key, value))
+    qi = query[:, :, image_q].to(acc)
+    ki, vi = (x[:, :, image].to(acc) for x in (key, value))
     kt, vt = (x.index_select(2, text).to(acc) for x in (key, value))
     text_logits = (qi @ kt.transpose(-1, -2)) * scale  # [B, H, N_image, T]
     own = (qi * ki).sum(-1, keepdim=True) * scale  # [B, H, N_image, 1]
     text_lse = text_logits.logsumexp(-1, keepdim=True)
     text_out = text_logits.softmax(-1) @ vt
     # softmax over [own, text]: weight of the own key = sigmoid(own - lse(text))
-    full[:, :, image] = torch.lerp(text_out, vi, torch.sigmoid(own - text_lse)).to(full.dtype)
+    full[:, :, image_q] = torch.lerp(text_out, vi, torch.sigmoid(own - text_lse)).to(full.dtype)
     return full
 
 

@@ -46,6 +46,9 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   hunyuanvideo15  keys after the video: the ByT5 tokens of the prompt's quoted text (none without
              quotes), the Qwen chat tokens of [system, user] from `prompt_template_encode_start_idx` on
              (the tiny builder sets it to where the tiny tokenizer's template ends), then padding.
+  qwenimage21 text keys = Qwen chat tokens of `prompt_template_t2i.format(prompt)` from `_drop_idx`
+             on (its system turn dropped), before the image tokens; a prefill step's kernel calls
+             run the text (causal) first, then the image over [text ; image].
   kandinsky5 cross-attention keys = Qwen tokens of `prompt_template.format(prompt)` from
              `prompt_template_encode_start_idx` on (set by the tiny builder as for hunyuanvideo15).
 """
@@ -96,6 +99,7 @@ FAMILIES = (
     "mochi",
     "hunyuanvideo15",
     "kandinsky5",
+    "qwenimage21",
 )
 VIDEO_FAMILIES = (
     "wan",
@@ -284,6 +288,7 @@ _PATCH_PIXELS = {
     "mochi": 16,
     "hunyuanvideo15": 16,
     "kandinsky5": 16,
+    "qwenimage21": 16,  # the pipeline's fixed vae_scale_factor; latents unpatched
 }
 # Frames per latent frame of the video VAEs (default 4): (num_frames - 1) // factor + 1 latent frames.
 _TEMPORAL = {"mochi": 6}
@@ -453,6 +458,14 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "width": 32,
         "num_frames": 5,
         "max_sequence_length": 64,  # the default negative prompt whole
+        "output_type": "pt",
+    },
+    "qwenimage21": {
+        "num_inference_steps": 2,
+        "negative_prompt": " ",  # true CFG: a forward of the prompt, then one of the negative prompt
+        "true_cfg_scale": 4.0,
+        "height": 128,  # the VAE factor is 16: 8x8 tokens (Attention Regulation needs 8x8 maps)
+        "width": 128,
         "output_type": "pt",
     },
 }
@@ -1658,6 +1671,93 @@ def _build_kandinsky5(seed: int) -> Any:
     return pipe
 
 
+def _build_qwenimage21(seed: int) -> Any:
+    from unittest import mock
+
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+
+    tokenizer = build_qwen_tokenizer()
+    # Without torchvision, transformers cannot look up the video processor's class to check the
+    # arguments; text-to-image never reads the video processor, so there is none.
+    with mock.patch.object(Qwen3VLProcessor, "check_argument_for_proper_class", lambda _, __, arg: type(arg)):
+        processor = Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessorPil(),
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=tokenizer.chat_template,
+        )
+    special = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "vocab_size": len(tokenizer),
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "mrope_interleaved": True},
+            "rope_theta": 1000000.0,
+            "bos_token_id": None,
+            "eos_token_id": special("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+            "deepstack_visual_indexes": [1],
+        },
+        image_token_id=special("<|image_pad|>"),
+        video_token_id=special("<|video_pad|>"),
+        vision_start_token_id=special("<|vision_start|>"),
+        vision_end_token_id=special("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    text_encoder = Qwen3VLForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    transformer = QwenImage21Transformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage21(  # 16x spatial, as the pipeline assumes: an 8x8 token grid at 128 px
+        base_dim=4,
+        decoder_base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False] * 4,
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    return QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=processor,
+        transformer=transformer,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -1682,4 +1782,5 @@ _BUILDERS = {
     "mochi": _build_mochi,
     "hunyuanvideo15": _build_hunyuanvideo15,
     "kandinsky5": _build_kandinsky5,
+    "qwenimage21": _build_qwenimage21,
 }
