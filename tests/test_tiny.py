@@ -40,6 +40,7 @@ PIPELINE_CLASS = {
     "mochi": "MochiPipeline",
     "hunyuanvideo15": "HunyuanVideo15Pipeline",
     "kandinsky5": "Kandinsky5T2VPipeline",
+    "ltx2": "LTX2Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -68,6 +69,7 @@ DENOISER_CALLS = {
     "mochi": (1, 2),
     "hunyuanvideo15": (2, 1),  # the guider's forwards: the prompt's, then the negative prompt's
     "kandinsky5": (2, 1),
+    "ltx2": (1, 2),  # one "cond_uncond" forward (the tiny kwargs turn STG and modality isolation off)
 }
 
 
