@@ -84,6 +84,9 @@ TOKEN_ORDER = {
     "hunyuanvideo15": _image_first,
     "kandinsky5": _cross,  # visual_transformer_blocks.N.cross_attention: q = video, k = the Qwen text
     "qwenimage21": _prefix_then_target,  # transformer_blocks.N.attn: [text ; image], block-causal
+    # transformer_blocks.N.attn2: q = the video tokens, k = the connectors' text (audio attends in
+    # modules of its own: audio_attn2, audio_to_video_attn)
+    "ltx2": _cross,
 }
 
 # How a pipeline runs classifier-free guidance where it does not name the branches with

@@ -41,6 +41,7 @@ PIPELINE_CLASS = {
     "hunyuanvideo15": "HunyuanVideo15Pipeline",
     "kandinsky5": "Kandinsky5T2VPipeline",
     "qwenimage21": "QwenImage21Pipeline",
+    "ltx2": "LTX2Pipeline",
 }
 # (denoiser calls per step, batch rows per call) with the default kwargs: CFG batches uncond + cond
 # (sd, sdxl, sd3, cogvideox, pixart, auraflow, hidream, zimage), runs them as two calls (wan, lumina2,
@@ -70,6 +71,7 @@ DENOISER_CALLS = {
     "hunyuanvideo15": (2, 1),  # the guider's forwards: the prompt's, then the negative prompt's
     "kandinsky5": (2, 1),
     "qwenimage21": (2, 1),  # true CFG: named cond and uncond forwards
+    "ltx2": (1, 2),  # one "cond_uncond" forward (the tiny kwargs turn STG and modality isolation off)
 }
 
 

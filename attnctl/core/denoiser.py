@@ -150,13 +150,25 @@ def latent_input(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
 def denoiser_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     """The prediction in a denoiser's output (a `(sample, ...)` tuple with `return_dict=False`, else
     an output object with `.sample`), and a function that puts a replacement back in the same form;
-    a list of per-row predictions (Z-Image) is given stacked and put back as a list."""
+    a list of per-row predictions (Z-Image) is given stacked and put back as a list. A replacement
+    with fewer rows (perturbed rows folded out) cuts the output's other batch-first tensors alike."""
     sample = output[0] if isinstance(output, tuple) else output.sample
     rows = isinstance(sample, list)
+    batch = len(sample)
 
     def put(new: torch.Tensor) -> Any:
+        # other batch-first outputs (LTX-2's audio) lose the rows a wrapper appended and took out
+        def fit(x: Any) -> Any:
+            keep = len(new) < batch and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
+            return x[: len(new)] if keep else x
+
         new = list(new.unbind(0)) if rows else new
-        return (new, *output[1:]) if isinstance(output, tuple) else dataclasses.replace(output, sample=new)
+        if isinstance(output, tuple):
+            return (new, *map(fit, output[1:]))
+        others = {
+            f.name: fit(getattr(output, f.name)) for f in dataclasses.fields(output) if f.name != "sample"
+        }
+        return dataclasses.replace(output, sample=new, **others)
 
     return (torch.stack(sample) if rows else sample), put
 

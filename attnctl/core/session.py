@@ -11,7 +11,9 @@ Everything installed is recorded as an undo action and undone in reverse order i
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Collection, Iterator
@@ -37,6 +39,29 @@ DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
 # The cache contexts diffusers' guiders name a pipeline's forwards with (ClassifierFreeGuidance's
 # `_input_predictions`, e.g. HunyuanVideo 1.5), as the branches they are.
 _GUIDER_BRANCHES = {"pred_cond": "cond", "pred_uncond": "uncond"}
+# Other guidance forwards a pipeline names "uncond_<kind>" (LTX-2: "uncond_stg", "uncond_modality"):
+# predictions its formula subtracts, so the unconditional branch for controls.
+_UNCOND_PREFIX = "uncond_"
+
+
+class _Wrapped:
+    """A session's replacement of a method on an instance. A deep copy of the instance (LTX-2's
+    pipeline copies its scheduler for the audio) gets the method as it was, not the replacement."""
+
+    def __init__(self, fn: Callable, owner: Any, attr: str, had: bool, previous: Any):
+        functools.update_wrapper(self, fn)  # inspect.signature sees fn's (pipelines inspect `step`)
+        self.fn, self.owner, self.attr, self.had, self.previous = fn, owner, attr, had, previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        twin = memo.get(id(self.owner))
+        if twin is None:
+            return self
+        if self.had:
+            return copy.deepcopy(self.previous, memo)
+        return getattr(type(self.owner), self.attr).__get__(twin)
 
 
 @contextlib.contextmanager
@@ -185,7 +210,7 @@ class Session:
         """Replace `owner.attr` on the instance by `wrapper(original)` until the session ends."""
         had = attr in vars(owner)
         previous = vars(owner).get(attr)
-        setattr(owner, attr, wrapper(getattr(owner, attr)))
+        setattr(owner, attr, _Wrapped(wrapper(getattr(owner, attr)), owner, attr, had, previous))
 
         def undo() -> None:
             if had:
@@ -342,6 +367,8 @@ class Session:
             self._step_forwards += 1
         self._read_batch(module, adapter, args, kwargs)
         context = _GUIDER_BRANCHES.get(context, context)
+        if context is not None and context.startswith(_UNCOND_PREFIX):
+            context = "uncond"
         branch = self.branch or context or self._separate_branch(adapter)
         self.rows = BatchRows.of_batch(self.batch, branch, self._batched_cfg(branch), adapter.cfg_batch)
 

@@ -16,6 +16,7 @@ from .hunyuanvideo import HunyuanVideoAdapter
 from .hunyuanvideo15 import HunyuanVideo15Adapter
 from .kandinsky5 import Kandinsky5Adapter
 from .ltx import LTXAdapter
+from .ltx2 import LTX2Adapter
 from .lumina2 import Lumina2Adapter
 from .mochi import MochiAdapter
 from .pixart import PixArtAdapter
@@ -53,6 +54,7 @@ ADAPTERS: list[FamilyAdapter] = [
     MochiAdapter(),
     HunyuanVideo15Adapter(),
     Kandinsky5Adapter(),
+    LTX2Adapter(),
 ]
 
 

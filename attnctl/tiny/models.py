@@ -49,6 +49,8 @@ Where the text tokens sit (what `attnctl.core.tokens.token_positions` positions 
   qwenimage21 text keys = Qwen chat tokens of `prompt_template_t2i.format(prompt)` from `_drop_idx`
              on (its system turn dropped), before the image tokens; a prefill step's kernel calls
              run the text (causal) first, then the image over [text ; image].
+  ltx2       video cross-attention keys = the connectors' output: `<bos>` and the Gemma tokens of the
+             stripped prompt from key 0 on (the registers front-align them), then learnable registers.
   kandinsky5 cross-attention keys = Qwen tokens of `prompt_template.format(prompt)` from
              `prompt_template_encode_start_idx` on (set by the tiny builder as for hunyuanvideo15).
 """
@@ -100,6 +102,7 @@ FAMILIES = (
     "hunyuanvideo15",
     "kandinsky5",
     "qwenimage21",
+    "ltx2",
 )
 VIDEO_FAMILIES = (
     "wan",
@@ -111,6 +114,7 @@ VIDEO_FAMILIES = (
     "mochi",
     "hunyuanvideo15",
     "kandinsky5",
+    "ltx2",
 )
 
 
@@ -289,9 +293,10 @@ _PATCH_PIXELS = {
     "hunyuanvideo15": 16,
     "kandinsky5": 16,
     "qwenimage21": 16,  # the pipeline's fixed vae_scale_factor; latents unpatched
+    "ltx2": 2,  # the tiny VAE compresses 2x (the real one 32x with 1x1 patches)
 }
 # Frames per latent frame of the video VAEs (default 4): (num_frames - 1) // factor + 1 latent frames.
-_TEMPORAL = {"mochi": 6}
+_TEMPORAL = {"mochi": 6, "ltx2": 2}
 
 _CALL_KWARGS: dict[str, dict[str, Any]] = {
     "sd": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 32, "width": 32, "output_type": "pt"},
@@ -466,6 +471,21 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
         "true_cfg_scale": 4.0,
         "height": 128,  # the VAE factor is 16: 8x8 tokens (Attention Regulation needs 8x8 maps)
         "width": 128,
+        "output_type": "pt",
+    },
+    "ltx2": {  # CFG: one batch of [uncond, cond] (cache_context "cond_uncond")
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,
+        # no STG and no modality-isolation forwards (on by default: extra forwards per step)
+        "stg_scale": 0.0,
+        "audio_stg_scale": 0.0,
+        "modality_scale": 1.0,
+        "audio_modality_scale": 1.0,
+        "height": 32,  # 16x16 tokens (pipeline: a multiple of 32)
+        "width": 32,
+        "num_frames": 5,  # 3 latent frames
+        "frame_rate": 25.0,
+        "max_sequence_length": 16,  # a multiple of the tiny connectors' 8 registers
         "output_type": "pt",
     },
 }
@@ -1758,6 +1778,154 @@ def _build_qwenimage21(seed: int) -> Any:
     )
 
 
+def _build_ltx2(seed: int) -> Any:
+    """diffusers' fast-test LTX-2 components, with a Gemma 3 built in code and the connectors'
+    learnable registers on (8), as in LTX-2's checkpoints (the fast tests turn them off)."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    gemma = build_gemma_tokenizer(default_corpus())
+    gemma.padding_side = "left"  # what LTX2Pipeline sets before encoding
+    text_config = Gemma3TextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=64,
+        max_position_embeddings=512,
+        vocab_size=len(gemma),
+        pad_token_id=gemma.pad_token_id,
+        eos_token_id=gemma.eos_token_id,
+        bos_token_id=gemma.bos_token_id,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+    )
+    config = Gemma3Config(
+        text_config=text_config, vision_config=vision, mm_tokens_per_image=4, image_token_index=len(gemma) - 1
+    )
+    torch.manual_seed(seed)
+    text_encoder = Gemma3ForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=4,
+        audio_cross_attention_dim=8,
+        num_layers=2,
+        qk_norm="rms_norm_across_heads",
+        caption_channels=32,
+        rope_double_precision=False,
+        rope_type="split",
+    )
+    torch.manual_seed(seed)
+    connector = {
+        "num_attention_heads": 4,
+        "attention_head_dim": 8,
+        "num_layers": 1,
+        "num_learnable_registers": 8,
+    }
+    connectors = LTX2TextConnectors(
+        caption_channels=32,
+        text_proj_in_factor=text_config.num_hidden_layers + 1,
+        **{f"{m}_connector_{k}": v for m in ("video", "audio") for k, v in connector.items()},
+        connector_rope_base_seq_len=32,
+        rope_double_precision=False,
+        rope_type="split",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTX2Video(  # 2x spatial and temporal compression
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        layers_per_block=(1,),
+        decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False),
+        downsample_type=("spatial",),
+        upsample_residual=(False,),
+        upsample_factor=(1,),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    torch.manual_seed(seed)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        in_channels=2,
+        resolution=32,
+        latent_channels=2,
+        norm_type="pixel",
+        causality_axis="height",
+        dropout=0.0,
+        mid_block_add_attention=False,
+        sample_rate=16000,
+        mel_hop_length=160,
+        is_causal=True,
+        mel_bins=8,
+    )
+    torch.manual_seed(seed)
+    vocoder = LTX2Vocoder(
+        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000,
+    )
+    return LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=text_encoder,
+        tokenizer=gemma,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=vocoder,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sdxl": _build_sdxl,
@@ -1783,4 +1951,5 @@ _BUILDERS = {
     "hunyuanvideo15": _build_hunyuanvideo15,
     "kandinsky5": _build_kandinsky5,
     "qwenimage21": _build_qwenimage21,
+    "ltx2": _build_ltx2,
 }
