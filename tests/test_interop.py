@@ -264,3 +264,53 @@ def test_readme_shows_the_generated_works_with_table():
     assert table in readme, (
         f"README's 'works with' table is out of date; `attnctl families --interop` gives:\n{table}"
     )
+
+
+def test_compile_repeated_blocks_keeps_working():
+    """diffusers' regional compilation (each repeated block compiled) under control: as eager."""
+    pipe = tiny_pipeline("flux")
+    eager, eager_ctl = _run(pipe, "flux", attnctl.AttentionMaps(["cat"]), attnctl.PAG([0]))
+    torch._dynamo.reset()
+    pipe.transformer.compile_repeated_blocks()
+    compiled, ctl = _run(pipe, "flux", attnctl.AttentionMaps(["cat"]), attnctl.PAG([0]))
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert torch.allclose(ctl.maps["cat"], eager_ctl.maps["cat"], atol=1e-6)
+
+
+def test_qkv_projections_fused_inside_the_block_are_followed():
+    """fuse_qkv_projections() inside the block: the model's own processors compute q, k, v from the
+    fused projection, and attnctl takes them at the kernel as before."""
+    pipe = tiny_pipeline("flux")
+    plain, plain_ctl = _run(pipe, "flux", attnctl.AttentionMaps(["cat"]))
+    with attnctl.control(pipe, attnctl.AttentionMaps(["cat"])) as ctl:
+        pipe.transformer.fuse_qkv_projections()
+        out = pipe(
+            prompt=PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("flux")
+        ).images
+    assert pipe.transformer.transformer_blocks[0].attn.fused_projections
+    assert torch.allclose(out, plain, atol=1e-5)
+    assert torch.allclose(ctl.maps["cat"], plain_ctl.maps["cat"], atol=1e-5)
+
+
+def test_lora_loaded_with_load_lora_weights_is_what_controls_see(tmp_path):
+    """A LoRA saved with save_lora_weights and loaded with load_lora_weights (diffusers' own path):
+    observing leaves the adapted output as it is, and maps differ from the base model's."""
+    pytest.importorskip("peft", reason="peft is in the dev extra")
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = tiny_pipeline("flux")
+    source.transformer.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    FluxPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(source.transformer)
+    )
+    pipe = tiny_pipeline("flux")
+    base, base_ctl = _run(pipe, "flux", attnctl.AttentionMaps(["cat"]))
+    pipe.load_lora_weights(tmp_path)
+    adapted = pipe(
+        prompt=PROMPT, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("flux")
+    ).images
+    observed, ctl = _run(pipe, "flux", attnctl.AttentionMaps(["cat"]))
+    assert torch.equal(observed, adapted) and not torch.allclose(adapted, base, atol=1e-4)
+    assert not torch.allclose(ctl.maps["cat"], base_ctl.maps["cat"], atol=1e-6)
