@@ -368,3 +368,18 @@ def test_method(family, method):
         assert torch.equal(out, base) and ctl.maps["cat"].sum() > 0
     else:
         assert not torch.equal(out, base), f"{method} changed nothing on {name}"
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_every_pair_of_methods_composes(family):
+    """Any two methods in one control(): they run together to a finite image, or the pair is refused
+    at entry with one line (none is, on these families)."""
+    import itertools
+
+    pipe = tiny_pipeline(family)
+    methods = _applicable(pipe, family)
+    for a, b in itertools.combinations(methods, 2):
+        out = None
+        with attnctl.control(pipe, _control(a, pipe), _control(b, pipe)):
+            out = _run(pipe, family)
+        assert out is not None and torch.isfinite(out).all(), (a, b)
