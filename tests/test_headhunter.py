@@ -118,6 +118,30 @@ def test_a_result_from_other_settings_is_refused(tmp_path):
     assert _greedy(Known(), out=out, rounds=2, resume=False)["settings"]["rounds"] == 2  # start over
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r.pop("rounds"),
+        lambda r: r.update(selected=None),
+        lambda r: r.update(timing=None),
+        lambda r: r["rounds"][0].update(picked=["z"]),  # a head that is no candidate
+        lambda r: r["rounds"][0]["scores"].update(z=1.0),
+        lambda r: r["rounds"][0]["scores"].update(a="high"),
+        lambda r: r.update(selected=["b"]),
+    ],
+)
+def test_a_damaged_result_is_one_error_and_left_as_it_is(tmp_path, damage):
+    out = tmp_path / "heads.json"
+    _greedy(Known(), out=out)
+    result = json.loads(out.read_text())
+    damage(result)
+    out.write_text(json.dumps(result))
+    before = out.read_text()
+    with pytest.raises(ValueError, match=r"is a damaged head-search result \(.*\).*--no-resume"):
+        _greedy(Known(), out=out)
+    assert out.read_text() == before
+
+
 def test_search_on_a_tiny_model_and_softpag_reads_the_result(tmp_path, tiny_clip_path):
     pipe = tiny_pipeline("sd")
     heads = candidate_heads(pipe)

@@ -301,9 +301,42 @@ def _resumed(path: Path, settings: dict, objective: str) -> dict | None:
     if differ:
         raise ValueError(
             f"out={str(path)!r} holds a head search with other settings ({', '.join(differ)} differ): "
-            "give another file, or start over without resuming"
+            "give another file, or start over without resuming (--no-resume, resume=False)"
+        )
+    problem = _shape_problem(saved, settings["candidates"])
+    if problem:
+        raise ValueError(
+            f"out={str(path)!r} is a damaged head-search result ({problem}): give another file, or start "
+            "over without resuming (--no-resume, resume=False); the file is left as it is"
         )
     return saved
+
+
+def _shape_problem(saved: dict, candidates: list[str]) -> str | None:
+    """What is wrong with a saved result's shape (None: nothing): its rounds, scores, picks and
+    timing as `run` writes them, every picked head a candidate, the selection the picks in order."""
+    rounds, timing, selected = saved.get("rounds"), saved.get("timing"), saved.get("selected")
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+        return "'rounds' is not a list of rounds"
+    if not isinstance(selected, list) or not isinstance(timing, dict):
+        return "'selected' is not a list or 'timing' is not a mapping"
+    if not isinstance(timing.get("rounds"), list) or len(timing["rounds"]) != len(rounds):
+        return "'timing' does not have one entry per round"
+    picks: list[str] = []
+    for i, entry in enumerate(rounds):
+        scores, samples, picked = entry.get("scores"), entry.get("sample_scores"), entry.get("picked", ())
+        if not isinstance(scores, dict) or not isinstance(samples, dict):
+            return f"round {i} has no scores"
+        if any(c not in candidates or not isinstance(v, (int, float)) for c, v in scores.items()):
+            return f"round {i} scores a head that is no candidate, or a score that is no number"
+        if picked is None:
+            continue
+        if not isinstance(picked, list) or any(c not in candidates for c in picked):
+            return f"round {i} picked a head that is no candidate: {picked!r}"
+        picks += picked
+    if selected != picks:
+        return "'selected' is not the heads the rounds picked"
+    return None
 
 
 def _add_timing(result: dict, wall_seconds: float, processes: int) -> None:
