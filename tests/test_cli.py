@@ -213,6 +213,8 @@ def test_generate_bad_values_end_with_one_line(tmp_path, monkeypatch):
 def test_bad_values_of_every_command_end_with_one_line(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
+    not_utf8 = tmp_path / "prompts.txt"
+    not_utf8.write_bytes(b"\xff\xfe a cat")
     for args, message in (
         (["testbed", "eval-detector", "--n", "0"], "--n"),
         (["testbed", "train", "--smoke", "--out", str(a_file)], "is a file"),
@@ -238,6 +240,11 @@ def test_bad_values_of_every_command_end_with_one_line(tmp_path):
         (["headhunter", "--out", str(tmp_path)], "is a folder"),
         (["generate", "a cat", "--threads", "0"], "--threads"),
         (["layers", str(tmp_path / "missing")], "MODEL"),
+        (["generate", "a cat", "--guidance", "-5"], "--guidance"),
+        (["headhunter", "--guidance", "-1"], "--guidance"),
+        (["bench", "compose", "--guidance", "-1"], "--guidance"),
+        (["bench", "compose", "--model", "tiny:sd"], "not tiny:<family>"),
+        (["generate", "--prompts", str(not_utf8)], "is not UTF-8 text"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
@@ -310,3 +317,11 @@ def test_the_command_reports_bad_option_values_in_one_line(args, expected, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+def test_a_bare_command_group_prints_its_help_and_no_error(capsys):
+    for args in ([], ["bench"], ["testbed"]):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        out, err = capsys.readouterr()
+        assert done.value.code == 0 and "Usage" in out and "error" not in err, args

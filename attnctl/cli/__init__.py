@@ -67,6 +67,8 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(1)
     except typer.TyperException as e:  # typer's own click: usage errors and bad parameters
         message = e.format_message() if hasattr(e, "format_message") else str(e)
+        if not message:  # a bare command group: its help was printed, nothing went wrong
+            sys.exit(0)
         typer.echo(f"error: {message}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)

@@ -19,7 +19,7 @@ app = typer.Typer(no_args_is_help=True, help="Performance and quality benchmarks
 _JSON = typer.Option(None, "--json", help="Write the report (summary + records) here.")
 _MODEL = typer.Option(None, help="Pipeline folder (default: the bundled shapes model).")
 _STEPS = typer.Option(25, min=1, help="Denoising steps.")
-_GUIDANCE = typer.Option(7.5, help="Classifier-free guidance scale.")
+_GUIDANCE = typer.Option(7.5, min=0.0, help="Classifier-free guidance scale.")
 _THREADS = typer.Option(None, min=1, help="torch threads (default: torch's own choice).")
 _QUIET = typer.Option(False, help="Print only the summary table.")
 
@@ -138,6 +138,10 @@ def _prepare(sizes: str, json_out: Path | None, model: str | None, threads: int 
         torch.set_num_threads(threads)
     counts = tuple(list_option(sizes, int, "--sizes"))
     check_output(json_out)
+    if model is not None and model.startswith("tiny:"):
+        fail(
+            f"--model {model!r}: the testbed benchmarks score the shapes model (or a folder of one), not tiny:<family>"
+        )
     check_model(model)
     return counts
 

@@ -30,7 +30,9 @@ def load_model(model: str | None, option: str = "--model") -> Any:
     try:
         pipe = load_pipeline(model)
     except (OSError, ValueError) as e:
-        fail(f"cannot load model {model!r}: {e}")
+        # the hub client's advice points at a stack trace the command does not print
+        reason = str(e).replace(" Please check out the root cause in the stacktrace above.", "")
+        fail(f"cannot load model {model!r}: {reason}")
     pipe.set_progress_bar_config(disable=True)  # the command prints only what it wrote
     return pipe
 
@@ -41,6 +43,8 @@ def read_prompts(path: Path) -> list[str]:
         lines = path.read_text().splitlines()
     except OSError as e:
         fail(f"cannot read prompts file {str(path)!r}: {e.strerror}")
+    except UnicodeDecodeError:
+        fail(f"prompts file {str(path)!r} is not UTF-8 text (one prompt per line)")
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         fail(f"prompts file {str(path)!r} holds no prompt (one prompt per line)")

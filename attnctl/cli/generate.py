@@ -27,7 +27,7 @@ def generate(
     height: int | None = typer.Option(None, "--height", help="Image height (default: the model's)."),
     width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
     guidance: float | None = typer.Option(
-        None, "--guidance", help="Guidance scale (default: the pipeline's)."
+        None, "--guidance", min=0.0, help="Guidance scale (default: the pipeline's)."
     ),
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="torch threads (default: torch's own choice)."

@@ -23,7 +23,9 @@ def headhunter(
     rounds: int = typer.Option(2, "--rounds", help="R: greedy rounds."),
     top_k: int = typer.Option(3, "--top-k", help="k: heads added to the selection per round."),
     steps: int = typer.Option(25, "--steps", help="Denoising steps."),
-    guidance: float | None = typer.Option(None, "--guidance", help="CFG scale (default: the pipeline's)."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", min=0.0, help="CFG scale (default: the pipeline's)."
+    ),
     layers: str | None = typer.Option(
         None,
         "--layers",
