@@ -200,3 +200,74 @@ def test_the_page_can_open_with_saved_controls():
     from attnctl.ui.app import _controls_from_widgets
 
     assert _controls_from_widgets(app.attnctl_panels, values) == [c.to_dict() for c in controls]
+
+
+def test_a_flood_of_bad_and_oversized_requests_is_answered_at_once_while_good_ones_run(capfd):
+    """4 good requests and 20 bad or oversized ones at the same time (loopback, bounded): every bad
+    one is answered within 2 s with one error (the server logs one line for it, no traceback), the
+    good ones complete, resident memory stays bounded, and a later request equals a fresh one."""
+    import resource
+    import time
+
+    from gradio_client import Client
+
+    from attnctl.ui.app import Limits
+
+    limits = Limits(max_pixels=64 * 64, max_steps=4, max_iterations=5)
+    app = build_app(tiny_pipeline("sd"), model="tiny:sd", call_kwargs=dict(SIZE), steps=2, limits=limits)
+    app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, share=False)
+    try:
+        client = Client(app.local_url, verbose=False)
+        bad = [
+            ("a cat", "[]", 0, 2, 100000, 100000),  # height x width past the server's pixels
+            ("a cat", "[]", 0, 10**6, None, None),  # steps
+            (
+                "a cat",
+                json.dumps([{"kind": "AttentionRegulation", "targets": ["cat"], "iterations": 10**3}]),
+                0,
+                2,
+                None,
+                None,
+            ),
+            ("a cat", json.dumps([{"kind": "SoftPAG", "heads": "/etc/passwd"}]), 0, 2, None, None),
+            (
+                "a cat",
+                json.dumps([{"kind": "AStar", "concepts": ["cat"], "scale": "Infinity"}]),
+                0,
+                2,
+                None,
+                None,
+            ),
+            ("a cat", "[{", 0, 2, None, None),
+            ("a cat", "[]", -1, 2, None, None),
+        ] * 3
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = {}
+        jobs = []
+        for seed in range(4):
+            jobs.append(("good", client.submit("a cat and a frog", "[]", seed, 2, api_name="/generate")))
+        for args in bad[:20]:
+            started[len(jobs)] = time.monotonic()
+            jobs.append(("bad", client.submit(*args, api_name="/generate")))
+        for i, (kind, job) in enumerate(jobs):
+            if kind == "bad":
+                with pytest.raises(Exception) as err:
+                    job.result(timeout=30)
+                assert time.monotonic() - started[i] <= 2.0, (i, str(err.value))
+        goods = [job.result(timeout=120) for kind, job in jobs if kind == "good"]
+        assert len(goods) == 4 and all(g[0] for g in goods)
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        assert grown_mib < 500
+        import numpy as np
+        from PIL import Image
+
+        again = client.predict("a cat and a frog", "[]", 0, 2, api_name="/generate")
+        assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(goods[0][0])))
+    finally:
+        app.close()
+    logged = capfd.readouterr().err
+    refused = [line for line in logged.splitlines() if line.startswith("attnctl ui: refused a request:")]
+    assert len(refused) == 20 and "Traceback" not in logged
+    assert any("not a path on the server" in line for line in refused)
+    assert any("more than this server's 4096 pixels" in line for line in refused)
+    assert any("seed=-1 is not allowed" in line for line in refused)

@@ -24,6 +24,17 @@ def ui(
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="torch threads (default: torch's own choice)."
     ),
+    max_pixels: int = typer.Option(
+        1024 * 1024, "--max-pixels", min=1, help="Largest height x width a request may ask."
+    ),
+    max_steps: int = typer.Option(100, "--max-steps", min=1, help="Most denoising steps a request may ask."),
+    max_frames: int = typer.Option(129, "--max-frames", min=1, help="Most video frames a request may ask."),
+    max_iterations: int = typer.Option(
+        50, "--max-iterations", min=1, help="Most iterations per step a request's control may ask."
+    ),
+    max_seconds: float = typer.Option(
+        600.0, "--max-seconds", min=1.0, help="A request's generation stops after this many seconds."
+    ),
 ) -> None:
     """Serve the web demo (Gradio, in the package's ui extra).
 
@@ -38,9 +49,11 @@ def ui(
         torch.set_num_threads(threads)
     controls = read_controls(controls_file) if controls_file else []
     from attnctl.ui import launch
+    from attnctl.ui.app import Limits
 
     pipe = load_model(model)
     try:
-        launch(model, pipe=pipe, host=host, port=port, prompt=prompt, controls=controls)
+        limits = Limits(max_pixels, max_steps, max_frames, max_iterations, max_seconds)
+        launch(model, pipe=pipe, host=host, port=port, prompt=prompt, controls=controls, limits=limits)
     except OSError as e:  # e.g. the port is taken
         fail(f"cannot serve on {host}:{port or 7860}: {e}")

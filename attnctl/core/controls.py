@@ -195,6 +195,19 @@ class Control:
     def list_from_json(text: str) -> list[Control]:
         """Controls from JSON text: a list of control dicts (or one dict), as `to_dict()` writes
         them. Bad JSON or a bad control is a ValueError naming what is wrong."""
+        return Control.from_dicts(Control.dicts_from_json(text))
+
+    @staticmethod
+    def from_dicts(dicts: list[Any]) -> list[Control]:
+        """The controls of a list of control dicts; any malformed entry is one ValueError."""
+        try:
+            return [Control.from_dict(d) for d in dicts]
+        except (TypeError, RecursionError) as e:  # e.g. a list where a field takes a number
+            raise ValueError(f"controls JSON does not describe controls: {e}") from None
+
+    @staticmethod
+    def dicts_from_json(text: str) -> list[dict[str, Any]]:
+        """The control dicts of a controls JSON text, not yet built (what `list_from_json` builds)."""
         import json
 
         try:
@@ -206,10 +219,7 @@ class Control:
         data = [data] if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise ValueError(f"controls must be a JSON list of control dicts, got {type(data).__name__}")
-        try:
-            return [Control.from_dict(d) for d in data]
-        except (TypeError, RecursionError) as e:  # e.g. a list where a field takes a number
-            raise ValueError(f"controls JSON does not describe controls: {e}") from None
+        return data
 
 
 def _plain(value: Any) -> Any:

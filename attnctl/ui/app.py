@@ -10,8 +10,11 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +207,45 @@ def _widget(spec: FieldSpec, gr: Any, value: Any) -> Any:
     return gr.Textbox(value=value, label=label, info=info, placeholder=placeholder)
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (`attnctl ui --max-pixels ...`): the image's pixels
+    (height x width), denoising steps, video frames, a control's iterations per step (Attention
+    Regulation's, A-STAR's and Attend-and-Excite's refinement) and seconds of generation."""
+
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 100
+    max_frames: int = 129
+    max_iterations: int = 50
+    max_seconds: float = 600.0
+
+    def check(self, kwargs: dict[str, Any], controls: list[dict]) -> None:
+        """One ValueError naming the request's value and the server's limit, before any work."""
+        height, width = kwargs.get("height"), kwargs.get("width")
+        if height is not None and width is not None and height * width > self.max_pixels:
+            raise ValueError(
+                f"height x width = {height} x {width} is more than this server's {self.max_pixels} pixels"
+            )
+        for name, limit in (("steps", self.max_steps), ("num_frames", self.max_frames)):
+            if kwargs.get(name) is not None and kwargs[name] > limit:
+                raise ValueError(f"{name}={kwargs[name]} is more than this server's {limit}")
+        for c in (c for c in controls if isinstance(c, dict)):
+            for name in ("iterations", "max_refinement"):
+                value = c.get(name)
+                if isinstance(value, int) and value > self.max_iterations:
+                    raise ValueError(
+                        f"{c.get('kind')}.{name}={value} is more than this server's {self.max_iterations}"
+                    )
+            # the server's files are not the request's to name: head-search results and subject images
+            if isinstance(c.get("heads"), str):
+                raise ValueError(f"{c.get('kind')}.heads: the web demo takes heads, not a path on the server")
+            for region in c.get("regions") or ():
+                if isinstance(region, dict) and region.get("image") is not None:
+                    raise ValueError(
+                        "Layout regions: the web demo takes no subject image paths on the server"
+                    )
+
+
 def build_app(
     pipe: Any,
     *,
@@ -212,9 +254,11 @@ def build_app(
     steps: int = 25,
     prompt: str = "a red circle and a blue square",
     controls: list[Control] | None = None,
+    limits: Limits = Limits(),
 ) -> Any:
     """The Gradio app for `pipe`. `call_kwargs` go to every pipeline call (e.g. a tiny model's
-    size); `steps`, `prompt` and `controls` (e.g. a saved config) are the values the page opens with."""
+    size); `steps`, `prompt` and `controls` (e.g. a saved config) are the values the page opens with;
+    `limits` bound what one request may ask."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -230,25 +274,35 @@ def build_app(
 
     def run(prompt, controls, seed, steps, height=None, width=None, baseline=True, progress=gr.Progress()):
         try:
-            controls = Control.list_from_json(controls or "")
+            # checked before any work and before waiting for the pipeline: a bad or oversized
+            # request is answered at once, whatever runs
+            dicts = Control.dicts_from_json(controls or "")
             kwargs = {**call_kwargs}
             for name, value in (("height", height), ("width", width)):
                 if value not in (None, ""):
                     kwargs[name] = _int(name, value)
-            kwargs.update(seed=_int("seed", seed), steps=_int("steps", steps))
+            kwargs.update(seed=_int("seed", seed, low=0), steps=_int("steps", steps, low=1))
+            limits.check({"height": height, "width": width, **call_kwargs, **kwargs}, dicts)
+            controls = Control.from_dicts(dicts)
+            deadline = time.monotonic() + limits.max_seconds
+
+            def step(desc: str) -> Callable[[int, int], None]:
+                def on_step(i: int, n: int) -> None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the request ran past this server's {limits.max_seconds:g} s")
+                    progress((i, n), desc=desc)
+
+                return on_step
+
             with lock:
-                result = generate(
-                    pipe, prompt, controls, on_step=lambda i, n: progress((i, n), desc="controlled"), **kwargs
-                )
-                plain = None
-                if baseline:
-                    plain = generate(
-                        pipe, prompt, [], on_step=lambda i, n: progress((i, n), desc="baseline"), **kwargs
-                    )
-        except ValueError as e:  # bad input (the controls' own messages)
-            raise gr.Error(str(e)) from None
+                result = generate(pipe, prompt, controls, on_step=step("controlled"), **kwargs)
+                plain = generate(pipe, prompt, [], on_step=step("baseline"), **kwargs) if baseline else None
+        except (ValueError, TimeoutError) as e:  # bad input (the controls' own messages), time limit
+            _log_rejected(str(e))
+            raise gr.Error(str(e), print_exception=False) from None
         except Exception as e:  # noqa: BLE001 - the server keeps serving; the user sees why
-            raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
+            _log_rejected(f"generation failed: {type(e).__name__}: {e}")
+            raise gr.Error(f"generation failed: {type(e).__name__}: {e}", print_exception=False) from None
         words = None
         for c in controls:
             if c.kind == "AttentionMaps" and c.tokens:
@@ -274,8 +328,10 @@ def build_app(
             with gr.Column(scale=2):
                 prompt_box = gr.Textbox(value=prompt, label="prompt", elem_id="prompt")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
-                    steps_box = gr.Slider(1, 100, value=steps, step=1, label="steps")
+                    seed = gr.Number(value=0, precision=0, label="seed")  # checked in run(), by name
+                    steps_box = gr.Number(
+                        value=steps, precision=0, label=f"steps (at most {limits.max_steps})"
+                    )
                     height_box = gr.Number(value=height, precision=0, minimum=8, label="height")
                     width_box = gr.Number(value=width, precision=0, minimum=8, label="width")
                     baseline = gr.Checkbox(value=True, label="baseline too")
@@ -353,7 +409,9 @@ def build_app(
         )
         load.click(_showing_errors(from_json, gr), controls_json, flat, api_name=False)
     app.attnctl_panels = panels
-    return app.queue(default_concurrency_limit=1)
+    # Requests are taken as they come (a bad one answered at once); generations run one at a time
+    # on the pipeline (the lock in `run`).
+    return app.queue(default_concurrency_limit=None)
 
 
 def _showing_errors(fn: Any, gr: Any) -> Any:
@@ -451,11 +509,16 @@ def _default_size(pipe: Any, call_kwargs: dict) -> tuple[int, int]:
     return side, side
 
 
-def _int(name: str, value: Any) -> int:
+def _log_rejected(message: str) -> None:
+    """One line in the server's log per refused request (no traceback)."""
+    print(f"attnctl ui: refused a request: {message}", file=sys.stderr, flush=True)
+
+
+def _int(name: str, value: Any, low: int | None = None) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not allowed: an integer")
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        raise ValueError(f"{name}={value!r} is not allowed: an integer{'' if low is None else f' >= {low}'}")
     return value
 
 
