@@ -245,6 +245,10 @@ def test_bad_values_of_every_command_end_with_one_line(tmp_path):
         (["bench", "compose", "--guidance", "-1"], "--guidance"),
         (["bench", "compose", "--model", "tiny:sd"], "not tiny:<family>"),
         (["generate", "--prompts", str(not_utf8)], "is not UTF-8 text"),
+        (["headhunter", "--samples", "-2"], "--samples"),
+        (["headhunter", "--top-k", "0"], "--top-k"),
+        (["bench", "pag", "--samples", "0"], "--samples"),
+        (["bench", "compose", "--seeds", "0"], "--seeds"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)

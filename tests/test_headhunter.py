@@ -7,11 +7,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import attnctl
 from attnctl import headhunter
-from attnctl.cli import app
 from attnctl.headhunter import (
     ClipScore,
     candidate_heads,
@@ -243,20 +241,35 @@ def test_testbed_objective_is_the_fraction_of_objects_in_their_colours():
 
 
 def _invoke(*args):
-    return CliRunner().invoke(app, ["headhunter", "--model", "tiny:sd", "--steps", "2", *args])
+    """The `attnctl` command as a user runs it (through `main`, which turns usage errors into one
+    `error:` line)."""
+    import contextlib
+    import io
+    import types
+
+    from attnctl.cli import main
+
+    out = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(["headhunter", "--model", "tiny:sd", "--steps", "2", *args])
+        except SystemExit as e:
+            code = e.code or 0
+    return types.SimpleNamespace(exit_code=code, output=out.getvalue())
 
 
 @pytest.mark.parametrize(
     "args, names",
     [
-        (["--samples", "0"], "samples=0"),
-        (["--rounds", "0"], "rounds=0"),
+        (["--samples", "0"], "--samples"),
+        (["--rounds", "0"], "--rounds"),
         (["--layers", "mid_block", "--top-k", "5", "--rounds", "2"], "top_k=5"),
         (["--objective", "pickscore"], "'pickscore'"),
         (["--objective", "clip:/nowhere"], "clip:/nowhere"),
         (["--layers", "nope"], "'nope'"),
         (["--u", "2"], "u=2.0"),
-        (["--steps", "0"], "steps=0"),
+        (["--steps", "0"], "--steps"),
         (["--prompts", "/nowhere.txt"], "/nowhere.txt"),
         (["--model", "tiny:nope"], "tiny:nope"),
     ],

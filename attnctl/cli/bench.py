@@ -31,8 +31,10 @@ def compose(
         "or softpag:RESULT.json (SoftPAG on a head search's selected heads, u = 1, scale 3).",
     ),
     sizes: str = typer.Option("1,2,3", help="Object counts to test, comma-separated."),
-    prompts: int = typer.Option(12, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."),
-    seeds: int = typer.Option(4, help="Seeds per prompt."),
+    prompts: int = typer.Option(
+        12, min=1, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."
+    ),
+    seeds: int = typer.Option(4, min=1, help="Seeds per prompt."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
     steps: int = _STEPS,
@@ -67,8 +69,8 @@ def compose(
 
 def maps(
     sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
-    prompts: int = typer.Option(12, help="Prompts per object count from the fixed held-out lists."),
-    seeds: int = typer.Option(2, help="Seeds per prompt."),
+    prompts: int = typer.Option(12, min=1, help="Prompts per object count from the fixed held-out lists."),
+    seeds: int = typer.Option(2, min=1, help="Seeds per prompt."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
     steps: int = _STEPS,
@@ -101,8 +103,10 @@ def layout(
         "crop_merge, crop_merge_every_step, crop_merge_span, crop_merge_all, hide_words).",
     ),
     sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
-    prompts: int = typer.Option(10, help="Prompts per object count from the fixed held-out lists (cycled)."),
-    seeds: int = typer.Option(10, help="Seeds per prompt; each seed also draws the boxes."),
+    prompts: int = typer.Option(
+        10, min=1, help="Prompts per object count from the fixed held-out lists (cycled)."
+    ),
+    seeds: int = typer.Option(10, min=1, help="Seeds per prompt; each seed also draws the boxes."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
     steps: int = _STEPS,
@@ -233,7 +237,7 @@ def draft(
 
 def pag(
     models: str = typer.Option("testbed,sd3", help="Models, comma-separated: testbed (bundled), sd3 (tiny)."),
-    samples: int = typer.Option(8, help="Pairs (CFG, CFG + SoftPAG) timed back to back per model."),
+    samples: int = typer.Option(8, min=1, help="Pairs (CFG, CFG + SoftPAG) timed back to back per model."),
     batch: str = typer.Option("auto", help="SoftPAG's batch mode: auto (one batched forward) or split."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report here."),
     threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's own choice)."),

@@ -18,11 +18,11 @@ def headhunter(
         "three-object training combinations, none of them a benchmark prompt).",
     ),
     samples: int = typer.Option(
-        16, "--samples", help="M: generations per candidate (prompt i mod P, seed 900000 + i)."
+        16, "--samples", min=1, help="M: generations per candidate (prompt i mod P, seed 900000 + i)."
     ),
-    rounds: int = typer.Option(2, "--rounds", help="R: greedy rounds."),
-    top_k: int = typer.Option(3, "--top-k", help="k: heads added to the selection per round."),
-    steps: int = typer.Option(25, "--steps", help="Denoising steps."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="R: greedy rounds."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="k: heads added to the selection per round."),
+    steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
     guidance: float | None = typer.Option(
         None, "--guidance", min=0.0, help="CFG scale (default: the pipeline's)."
     ),
@@ -39,7 +39,7 @@ def headhunter(
     ),
     u: float = typer.Option(1.0, "--u", help="SoftPAG's u, toward the identity map (1: PAG's perturbation)."),
     scale: float = typer.Option(3.0, "--scale", help="SoftPAG's guidance scale s."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Samples generated per pipeline call."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples generated per pipeline call."),
     out: Path = typer.Option(
         Path("headhunter.json"), "--out", "-o", help="Result JSON, rewritten after every candidate."
     ),
