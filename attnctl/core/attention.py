@@ -45,12 +45,14 @@ class AttentionEdit:
         return True
 
     def logit_bias(self, call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
-        """Logits of the conditional rows' image queries to the text keys, [Bc, H, N_image, T] fp32."""
+        """Logits of the conditional rows' image queries to the text keys, [Bc, H, N_image, T] fp32;
+        the call's own tensor, which the edit may change in place."""
         return logits
 
     def post_softmax(self, call: AttentionCall, probs: torch.Tensor, unedited: torch.Tensor) -> torch.Tensor:
         """Probabilities of the same entries after the logit edits (softmax over all keys), and before
-        any edit; [Bc, H, N_image, T]. Rows need not sum to 1 afterwards."""
+        any edit; [Bc, H, N_image, T]. Rows need not sum to 1 afterwards; `probs` may be changed in
+        place."""
         return probs
 
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
@@ -331,15 +333,17 @@ def _edit_text_columns(
     1 - Σ_T p + Σ_T e^(l+b-lse), the other keys' probabilities are scaled by Z/Z', so
     O' = (O - p_T V_T) Z/Z' + p'_T V_T, p'_T the edited text probabilities."""
     image, text = call.layout.image_q, call._text_keys()
-    unedited_logits = call.text_logits(rows)
-    logits = unedited_logits
-    for e in biases:
-        logits = e.logit_bias(call, logits)
     lse = call.image_lse(rows)[..., None]
-    unedited = (unedited_logits - lse).exp()
-    numerators = (logits - lse).exp()
-    ratio = 1 - unedited.sum(-1, keepdim=True) + numerators.sum(-1, keepdim=True)  # Z'/Z
-    probs = numerators / ratio
+    logits = call.text_logits(rows)
+    unedited = (logits - lse).exp()
+    for e in biases:  # edits may change the logits in place: they are this call's own
+        logits = e.logit_bias(call, logits)
+    # e^(l+b-lse) / (Z'/Z): in place, one [Bc, H, N, T] tensor fewer, unless autograd records it
+    # (latent guidance through an edited call keeps exp's output for its backward)
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    probs = (logits - lse).exp() if grad else logits.sub_(lse).exp_()
+    ratio = 1 - unedited.sum(-1, keepdim=True) + probs.sum(-1, keepdim=True)  # Z'/Z
+    probs = probs / ratio if grad else probs.div_(ratio)
     for e in posts:
         probs = e.post_softmax(call, probs, unedited)
     call.probs = probs

@@ -105,7 +105,7 @@ class _Regulator(AttentionEdit):
     def logit_bias(self, call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
         targets, _ = self.columns.get(call.session)
         layout = call.layout
-        edited = logits.clone()
+        edited = logits  # the call's own: biased in place, image by image after its optimisation
         for i in range(logits.shape[0]):  # one conditional image at a time: its own target columns
             state = self.states.setdefault(f"{call.layer.name}/{i}", RegulationState(seed=self.spec.seed))
             state.step = call.session.step
@@ -125,7 +125,7 @@ class _Regulator(AttentionEdit):
             )
             cols = torch.tensor(targets[i], device=logits.device)
             bias = info.bias.to(logits.dtype).reshape(logits.shape[1], layout.image_tokens, len(cols))
-            edited[i] = edited[i].index_add(-1, cols, bias)
+            edited[i].index_add_(-1, cols, bias)
             if hasattr(call.session, "log"):
                 call.session.log.setdefault("AttentionRegulation", []).append(
                     {
@@ -142,7 +142,6 @@ class _Regulator(AttentionEdit):
         # AR puts the start/end-of-text columns back to their unedited probabilities (rows then no
         # longer sum to 1): part of the method, reproduced as published.
         _, restore = self.columns.get(call.session)
-        probs = probs.clone()
         for i, cols in enumerate(restore):
             probs[i, ..., cols] = unedited[i, ..., cols]
         return probs
