@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -23,17 +24,9 @@ def pipe():
 
 def _encoded_ids(pipe, prompt):
     """The T5 input ids of the prompt's row, as the pipeline gives them to its encoder."""
-    seen = []
-
-    def record(module, args, kwargs):
-        seen.append(kwargs["input_ids"].clone())
-
-    hook = pipe.text_encoder.register_forward_pre_hook(record, with_kwargs=True)
-    try:
+    with encoder_ids(pipe.text_encoder) as seen:
         pipe(prompt, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("auraflow"))
-    finally:
-        hook.remove()
-    return seen[0][0].tolist()  # the prompt first, then the negative prompt
+    return seen[0]  # the prompt first, then the negative prompt
 
 
 def test_text_positions_land_on_the_word_in_the_encoded_ids(pipe):

@@ -4,12 +4,11 @@ each of the pipeline's separate CFG forwards."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from diffusers import ChromaTransformer2DModel
 from diffusers.models.transformers import transformer_flux
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -31,22 +30,8 @@ def _run(pipe, **overrides):
     return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
-@contextlib.contextmanager
-def _encoded_ids(pipe):
-    """The input ids each text-encoder call of the pipeline receives."""
-    seen = []
-    hook = pipe.text_encoder.register_forward_pre_hook(
-        lambda _, args, kwargs: seen.append((kwargs.get("input_ids", args[0] if args else None))[0].tolist()),
-        with_kwargs=True,
-    )
-    try:
-        yield seen
-    finally:
-        hook.remove()
-
-
 def test_text_positions_land_on_the_word_in_the_encoded_sequence(pipe):
-    with _encoded_ids(pipe) as seen:
+    with encoder_ids(pipe.text_encoder) as seen:
         _run(pipe, num_inference_steps=1)
     ids = seen[0]  # the prompt's (the negative prompt's comes second)
     adapter = adapter_for(pipe.transformer)
@@ -57,7 +42,7 @@ def test_text_positions_land_on_the_word_in_the_encoded_sequence(pipe):
 
 
 def test_prompt_span_is_the_words_then_the_end_token(pipe):
-    with _encoded_ids(pipe) as seen:
+    with encoder_ids(pipe.text_encoder) as seen:
         _run(pipe, num_inference_steps=1)
     ids = seen[0]
     words, ends = adapter_for(pipe.transformer).prompt_span(pipe, PROMPT)

@@ -4,11 +4,10 @@ prompt span, and reference-image tokens after the generated ones kept out of the
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from PIL import Image
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -29,19 +28,6 @@ def _run(pipe, **overrides):
     return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
-@contextlib.contextmanager
-def _encoded_ids(encoder):
-    """The input ids each call of the text encoder receives."""
-    seen = []
-    hook = encoder.register_forward_pre_hook(
-        lambda _, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
-    )
-    try:
-        yield seen
-    finally:
-        hook.remove()
-
-
 def _check_words_and_span(pipe, ids, tokenizer, start, end):
     adapter = adapter_for(pipe.transformer)
     for word in ("cat", "hippopotamus", "frog"):
@@ -55,7 +41,7 @@ def _check_words_and_span(pipe, ids, tokenizer, start, end):
 
 
 def test_dev_positions_land_on_the_word_after_the_system_turn(pipe):
-    with _encoded_ids(pipe.text_encoder) as seen:
+    with encoder_ids(pipe.text_encoder) as seen:
         _run(pipe, num_inference_steps=1)
     (ids,) = seen
     assert len(ids) == tiny_call_kwargs("flux2")["max_sequence_length"]  # every key, padding too
@@ -87,7 +73,7 @@ def test_klein_positions_land_on_the_word_in_its_qwen3_turn(pipe):
         tokenizer=tokenizer,
         transformer=pipe.transformer,
     )
-    with _encoded_ids(klein.text_encoder) as seen:
+    with encoder_ids(klein.text_encoder) as seen:
         klein.encode_prompt(PROMPT, max_sequence_length=64, text_encoder_out_layers=(1,))
     (ids,) = seen
     _check_words_and_span(klein, ids, tokenizer, "<|im_start|>", "<|im_end|>")

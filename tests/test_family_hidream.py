@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -24,17 +25,13 @@ def pipe():
 
 
 def _encoded_t5_ids(pipe, prompt):
-    seen = []
-    hook = pipe.text_encoder_3.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    try:
+    with encoder_ids(pipe.text_encoder_3) as seen:
         pipe(
             prompt,
             generator=torch.Generator().manual_seed(0),
             **tiny_call_kwargs("hidream", num_inference_steps=1),
         )
-    finally:
-        hook.remove()
-    return seen[0][0].tolist()  # the prompt first, then the negative prompt
+    return seen[0]  # the prompt first, then the negative prompt
 
 
 def test_text_positions_land_on_the_word_in_the_encoded_t5_ids(pipe):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import encoder_ids_and_text_lengths
 
 import attnctl
 import attnctl.processors.draft as draft
@@ -22,20 +23,8 @@ def pipe():
 
 
 def test_positions_land_on_the_word_after_the_cropped_template(pipe):
-    ids, text = [], []
-    hooks = [
-        pipe.text_encoder.register_forward_pre_hook(
-            lambda _, a, kw: ids.append(kw["input_ids"][0].tolist()), with_kwargs=True
-        ),
-        pipe.transformer.register_forward_pre_hook(
-            lambda _, a, kw: text.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True
-        ),
-    ]
-    try:
+    with encoder_ids_and_text_lengths(pipe) as (ids, text):
         pipe(prompt=PROMPT, **tiny_call_kwargs("kandinsky5", num_inference_steps=1))
-    finally:
-        for h in hooks:
-            h.remove()
     crop = pipe.prompt_template_encode_start_idx
     keys = ids[0][crop:]
     assert text[0] == len(keys)  # the prompt's forward sees the ids after the crop

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -31,13 +32,9 @@ def _run(pipe, prompt=PROMPT, **overrides):
 
 def _encoded_ids(pipe, prompt=PROMPT):
     """The T5 ids of the prompt's row, as the pipeline gives them to its encoder (prompt first)."""
-    seen = []
-    hook = pipe.text_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    try:
+    with encoder_ids(pipe.text_encoder) as seen:
         _run(pipe, prompt)
-    finally:
-        hook.remove()
-    return seen[0][0].tolist()
+    return seen[0]
 
 
 def test_text_positions_land_on_the_word_in_the_encoded_ids(pipe):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.denoiser import DenoiserWrapper
@@ -24,13 +25,9 @@ def pipe():
 
 def _encoded_ids(pipe, prompt):
     """The T5 input ids of the prompt's conditional row, as the pipeline gives them to its encoder."""
-    seen = []
-    hook = pipe.text_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    try:
+    with encoder_ids(pipe.text_encoder) as seen:
         pipe(prompt, generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("pixart"))
-    finally:
-        hook.remove()
-    return seen[0][0].tolist()  # encode_prompt encodes the prompt first, then the negative
+    return seen[0]  # encode_prompt encodes the prompt first, then the negative
 
 
 def test_text_positions_land_on_the_word_in_the_encoded_ids(pipe):

@@ -4,12 +4,12 @@ queries, and the Edit pipelines' text positions refused with the reason."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import re
 
 import pytest
 import torch
+from recording import encoder_ids_and_text_lengths
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -24,27 +24,8 @@ def pipe():
     return tiny_pipeline("qwenimage")
 
 
-@contextlib.contextmanager
-def _encoded(pipe):
-    """The input ids of each text-encoder call and the text length of each denoiser call."""
-    ids, text = [], []
-    hooks = [
-        pipe.text_encoder.register_forward_pre_hook(
-            lambda _, args, kwargs: ids.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
-        ),
-        pipe.transformer.register_forward_pre_hook(
-            lambda _, args, kwargs: text.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
-        ),
-    ]
-    try:
-        yield ids, text
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def test_positions_land_on_the_word_after_the_dropped_system_turn(pipe):
-    with _encoded(pipe) as (ids, text):
+    with encoder_ids_and_text_lengths(pipe) as (ids, text):
         pipe(prompt=PROMPT, **tiny_call_kwargs("qwenimage", num_inference_steps=1))
     drop = pipe.prompt_template_encode_start_idx
     assert drop == 34  # the tiny tokenizer spells the system turn in as many tokens as Qwen's

@@ -5,9 +5,8 @@ and the flex processor refused with the reason."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
+from recording import encoder_ids_and_text_lengths
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -22,27 +21,8 @@ def pipe():
     return tiny_pipeline("qwenimage21")
 
 
-@contextlib.contextmanager
-def _encoded(pipe):
-    """The input ids of each text-encoder call and the text length of each denoiser call."""
-    ids, text = [], []
-    hooks = [
-        pipe.text_encoder.register_forward_pre_hook(
-            lambda _, args, kwargs: ids.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
-        ),
-        pipe.transformer.register_forward_pre_hook(
-            lambda _, args, kwargs: text.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
-        ),
-    ]
-    try:
-        yield ids, text
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def test_positions_land_on_the_word_after_the_dropped_system_turn(pipe):
-    with _encoded(pipe) as (ids, text):
+    with encoder_ids_and_text_lengths(pipe) as (ids, text):
         pipe(prompt=PROMPT, **tiny_call_kwargs("qwenimage21", num_inference_steps=1))
     drop = pipe._drop_idx
     assert pipe.processor.tokenizer.decode(ids[0][:drop]).startswith("<|im_start|>system\n")
@@ -67,7 +47,7 @@ class _Layouts(AttentionEdit):
 
 
 def test_only_the_target_image_call_is_seen_at_prefill_and_decode(pipe):
-    with _encoded(pipe) as (_, text):
+    with encoder_ids_and_text_lengths(pipe) as (_, text):
         pipe(prompt=PROMPT, **tiny_call_kwargs("qwenimage21", negative_prompt=None))
     layouts, image = _Layouts(), 8 * 8
     with attnctl.control(pipe) as session:
