@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import encoder_ids
 
 import attnctl
 from attnctl.families import adapter_for
@@ -23,23 +24,18 @@ def pipe():
 def _encoded_keys(pipe, prompt, **overrides):
     """The token ids of the text keys the transformer sees for the conditional prompt, and the
     conditional row's key mask: what the text encoder really received, cut as the pipeline cuts it."""
-    seen = []
-    hook = pipe.text_encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get("input_ids", args[0] if args else None)),
-        with_kwargs=True,
-    )
     masks = []
-    hook2 = pipe.transformer.register_forward_pre_hook(
+    hook = pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: masks.append(kwargs["encoder_attention_mask"]), with_kwargs=True
     )
     try:
-        kwargs = tiny_call_kwargs("sana", num_inference_steps=1, **overrides)
-        pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+        with encoder_ids(pipe.text_encoder) as seen:
+            kwargs = tiny_call_kwargs("sana", num_inference_steps=1, **overrides)
+            pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
     finally:
         hook.remove()
-        hook2.remove()
     length = kwargs["max_sequence_length"]
-    ids = seen[0][0].tolist()  # the prompt is encoded first, then the negative prompt
+    ids = seen[0]  # the prompt is encoded first, then the negative prompt
     keys = [ids[0]] + ids[-length + 1 :]  # SanaPipeline.encode_prompt's select_index
     return keys, masks[0][-1].tolist()  # CFG rows are [uncond, cond]
 

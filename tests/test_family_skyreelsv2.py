@@ -1,14 +1,13 @@
 """SkyReels-V2: what the generic family tests (text-to-video) cannot see: the words' positions in the UMT5
-ids the pipeline really encodes, structural matching by its own processor, I2V's image-context attention
-kept as the model made it, and the diffusion-forcing pipeline on the same denoiser (a timestep per
-frame; causal blocks, whose per-pair mask keeps DraftAttention dense)."""
+ids the pipeline really encodes, structural matching by its own processor, and the diffusion-forcing
+pipeline on the same denoiser (a timestep per frame; causal blocks, whose per-pair mask keeps
+DraftAttention dense). Its I2V image context: tests/test_family_video.py."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -33,14 +32,10 @@ class _Calls(AttentionEdit):
 
 
 def test_text_positions_land_on_the_word_in_the_encoded_ids(pipe):
-    seen = []
-    hook = pipe.text_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    try:
+    with encoder_ids(pipe.text_encoder) as seen:
         kwargs = tiny_call_kwargs("skyreelsv2", num_inference_steps=1, output_type="latent")
         pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
-    finally:
-        hook.remove()
-    ids = seen[0][0].tolist()  # the prompt first, then the negative prompt
+    ids = seen[0]  # the prompt first, then the negative prompt
     adapter = adapter_for(pipe.transformer)
     assert adapter.name == "skyreelsv2"
     for word in ("Cat", "frog"):
@@ -56,44 +51,6 @@ def test_structural_matching_by_its_processor(pipe):
     assert [(x.name, x.kind) for x in adapter.layers(wrapper)] == [
         (f"blocks.{i}.attn{j}", kind) for i in (0, 1) for j, kind in ((1, "self"), (2, "cross"))
     ]
-
-
-def test_i2v_image_context_is_kept():
-    """attn2 of an I2V model also attends to CLIP image tokens (the context before the last 512), in a
-    separate kernel call: controls see the text attention only, and the output stays bit-identical."""
-    from diffusers import SkyReelsV2Transformer3DModel
-
-    torch.manual_seed(0)
-    model = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=32,
-        ffn_dim=16,
-        num_layers=1,
-        image_dim=8,
-        added_kv_proj_dim=24,
-    ).eval()
-    inputs = {
-        "hidden_states": torch.randn(1, 4, 2, 4, 6),
-        "timestep": torch.tensor([500]),
-        "encoder_hidden_states": torch.randn(1, 512, 16),  # diffusers hard-codes 512 text tokens
-        "encoder_hidden_states_image": torch.randn(1, 3, 8),
-        "return_dict": False,
-    }
-    with torch.no_grad():
-        base = model(**inputs)[0]
-        calls = _Calls()
-        with attnctl.control(SimpleNamespace(transformer=model)) as ctl:
-            ctl.add_edit(ctl.select("blocks.0.attn2"), calls)
-            out = model(**inputs)[0]
-    assert torch.equal(base, out)
-    assert [(keys, lay.text_k) for _, keys, lay, _ in calls.seen] == [(512, slice(0, 512))]
-    lay = calls.seen[0][2]
-    assert (lay.frames, lay.height, lay.width) == (2, 2, 3)
 
 
 def test_diffusion_forcing_with_causal_blocks():

@@ -1,5 +1,5 @@
 """Video DiT adapters (Wan, CogVideoX, HunyuanVideo): exactness, maps against an explicit softmax, restore;
-Wan 2.2's two experts (Wan and Wan VACE)."""
+Wan 2.2's two experts (Wan and Wan VACE); the I2V image context of Wan and SkyReels-V2."""
 
 from __future__ import annotations
 
@@ -136,12 +136,15 @@ def test_hunyuan_positions_follow_the_crop():
     assert pipe.tokenizer.decode([ids[p] for p in positions]).strip() == "frog"
 
 
-def test_wan_i2v_image_context_is_kept():
-    """Wan 2.1 I2V: attn2 also attends to image-embedding tokens; controls see the text keys only."""
-    from diffusers import WanTransformer3DModel
+@pytest.mark.parametrize("model_class", ["WanTransformer3DModel", "SkyReelsV2Transformer3DModel"])
+def test_i2v_image_context_is_kept(model_class):
+    """Wan 2.1 and SkyReels-V2 I2V: attn2 also attends to CLIP image tokens (the context before the last
+    512), in a separate kernel call: controls see the text attention only, and the output stays
+    bit-identical."""
+    import diffusers
 
     torch.manual_seed(0)
-    model = WanTransformer3DModel(
+    model = getattr(diffusers, model_class)(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -168,8 +171,8 @@ def test_wan_i2v_image_context_is_kept():
             ctl.add_edit(ctl.select("blocks.0.attn2"), capture)
             out = model(**inputs)[0]
     assert torch.equal(base, out)
+    assert [(c["key"].shape[2], c["layout"].text_k) for c in capture.calls] == [(512, slice(0, 512))]
     layout = capture.calls[0]["layout"]
-    assert capture.calls[0]["key"].shape[2] == 512 and layout.text_k == slice(0, 512)
     assert (layout.frames, layout.height, layout.width) == (2, 2, 3)
 
 

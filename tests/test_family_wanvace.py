@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from recording import encoder_ids
 
 import attnctl
 from attnctl.core.attention import AttentionEdit
@@ -39,13 +40,9 @@ class _Calls(AttentionEdit):
 
 
 def test_text_positions_land_on_the_word_in_the_encoded_ids(pipe):
-    seen = []
-    hook = pipe.text_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    try:
+    with encoder_ids(pipe.text_encoder) as seen:
         _run(pipe, num_inference_steps=1)
-    finally:
-        hook.remove()
-    ids = seen[0][0].tolist()  # the prompt first, then the negative prompt
+    ids = seen[0]  # the prompt first, then the negative prompt
     adapter = adapter_for(pipe.transformer)
     assert adapter.name == "wanvace"
     for word in ("Cat", "frog"):
