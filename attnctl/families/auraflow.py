@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 
 class AuraFlowAdapter(FamilyAdapter):
@@ -28,8 +28,7 @@ class AuraFlowAdapter(FamilyAdapter):
     seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        modules = attention_modules(denoiser).items()
-        return [LayerInfo(path, "joint", m.heads, block_of(path), i) for i, (path, m) in enumerate(modules)]
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         patch = session.denoisers[0].config.patch_size

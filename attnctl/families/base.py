@@ -224,6 +224,17 @@ def attention_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in denoiser.named_modules() if _has_processor(m)}
 
 
+def attention_layers(
+    denoiser: torch.nn.Module, kind_of: Callable[[str, torch.nn.Module], str | None], heads: str = "heads"
+) -> list[LayerInfo]:
+    """The layers of a denoiser: its attention modules (`attention_modules`) to which `kind_of(path,
+    module)` gives a kind, numbered in model order; None leaves a module out. `heads`: the modules'
+    attribute holding their head count."""
+    kinds = ((path, module, kind_of(path, module)) for path, module in attention_modules(denoiser).items())
+    kept = [(path, module, kind) for path, module, kind in kinds if kind is not None]
+    return [LayerInfo(p, kind, getattr(m, heads), block_of(p), i) for i, (p, m, kind) in enumerate(kept)]
+
+
 def _has_processor(module: torch.nn.Module) -> bool:
     processor = getattr(module, "processor", None)
     if processor is None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 from .wan import check_grid
 
 
@@ -26,12 +26,7 @@ class CogVideoXAdapter(FamilyAdapter):
     seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out = []
-        for name in denoiser.attn_processors:
-            path = name.removesuffix(".processor")
-            module = denoiser.get_submodule(path)
-            out.append(LayerInfo(path, "joint", module.heads, block_of(path), len(out)))
-        return out
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         latents = inputs["hidden_states"]  # [B, F, C, H, W]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import prompt_positions, token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 
 class CogView4Adapter(FamilyAdapter):
@@ -27,10 +27,7 @@ class CogView4Adapter(FamilyAdapter):
     seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out: list[LayerInfo] = []
-        for path, module in attention_modules(denoiser).items():
-            out.append(LayerInfo(path, "joint", module.heads, block_of(path), len(out)))
-        return out
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         p = session.denoisers[0].config.patch_size

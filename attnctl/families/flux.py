@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 
 class FluxAdapter(FamilyAdapter):
@@ -26,12 +26,7 @@ class FluxAdapter(FamilyAdapter):
     seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out = []
-        for name in denoiser.attn_processors:
-            path = name.removesuffix(".processor")
-            module = denoiser.get_submodule(path)
-            out.append(LayerInfo(path, "joint", module.heads, block_of(path), len(out)))
-        return out
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         img_ids = inputs.get("img_ids")

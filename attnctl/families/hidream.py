@@ -19,7 +19,7 @@ import torch
 
 from ..core.tokens import token_positions
 from .auraflow import _default_length, special_span
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 
 class HiDreamAdapter(FamilyAdapter):
@@ -35,8 +35,7 @@ class HiDreamAdapter(FamilyAdapter):
     }
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        modules = attention_modules(denoiser).items()
-        return [LayerInfo(path, "joint", m.heads, block_of(path), i) for i, (path, m) in enumerate(modules)]
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         latent = inputs["hidden_states"]

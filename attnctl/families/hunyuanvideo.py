@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 from .wan import check_grid, video_grid
 
 # HunyuanVideoPipeline's default `max_sequence_length` (text tokens kept after the crop).
@@ -38,14 +38,9 @@ class HunyuanVideoAdapter(FamilyAdapter):
     seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out = []
-        for name in denoiser.attn_processors:
-            path = name.removesuffix(".processor")
-            if not path.startswith(("transformer_blocks.", "single_transformer_blocks.")):
-                continue  # the context embedder's token refiner: text-only
-            module = denoiser.get_submodule(path)
-            out.append(LayerInfo(path, "joint", module.heads, block_of(path), len(out)))
-        return out
+        # the context embedder's token refiner (text-only) is no layer
+        blocks = ("transformer_blocks.", "single_transformer_blocks.")
+        return attention_layers(denoiser, lambda path, module: "joint" if path.startswith(blocks) else None)
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         latents = inputs["hidden_states"]  # [B, C, F, H, W]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import chat
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 from .wan import check_grid, video_grid
 
 
@@ -35,10 +35,9 @@ class HunyuanVideo15Adapter(FamilyAdapter):
     )
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        modules = [
-            (p, m) for p, m in attention_modules(denoiser).items() if p.startswith("transformer_blocks.")
-        ]
-        return [LayerInfo(p, "joint", m.heads, block_of(p), i) for i, (p, m) in enumerate(modules)]
+        return attention_layers(
+            denoiser, lambda path, module: "joint" if path.startswith("transformer_blocks.") else None
+        )
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         config = session.denoisers[0].config

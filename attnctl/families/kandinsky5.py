@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import chat
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 from .wan import self_or_cross_layout, video_grid
 
 
@@ -35,11 +35,11 @@ class Kandinsky5Adapter(FamilyAdapter):
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         kinds = {"self_attention": "self", "cross_attention": "cross"}
-        modules = [(p, m) for p, m in attention_modules(denoiser).items() if p.startswith("visual_")]
-        return [
-            LayerInfo(p, kinds[p.rsplit(".", 1)[1]], m.num_heads, block_of(p), i)
-            for i, (p, m) in enumerate(modules)
-        ]
+        return attention_layers(
+            denoiser,
+            lambda path, module: kinds[path.rsplit(".", 1)[1]] if path.startswith("visual_") else None,
+            heads="num_heads",
+        )
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         if inputs.get("sparse_params") is not None:

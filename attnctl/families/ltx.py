@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 from .wan import self_or_cross_layout
 
 
@@ -28,11 +28,7 @@ class LTXAdapter(FamilyAdapter):
     seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out = []
-        for path, module in attention_modules(denoiser).items():
-            kind = "cross" if path.endswith("attn2") else "self"
-            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
-        return out
+        return attention_layers(denoiser, lambda path, module: "cross" if path.endswith("attn2") else "self")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         if inputs.get("num_frames") is None:

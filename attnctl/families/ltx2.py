@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import prompt_positions, token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 from .wan import check_grid
 
 _LAYERS = {"attn1": "self", "attn2": "cross"}
@@ -37,11 +37,7 @@ class LTX2Adapter(FamilyAdapter):
     seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out = []
-        for path, module in attention_modules(denoiser).items():
-            if (kind := _LAYERS.get(path.rpartition(".")[2])) is not None:
-                out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
-        return out
+        return attention_layers(denoiser, lambda path, module: _LAYERS.get(path.rpartition(".")[2]))
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         config = session.denoisers[0].config

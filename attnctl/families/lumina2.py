@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import prompt_positions, token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 _REFINER = (
     "Lumina 2's context refiner mixes every text token before the joint layers: appended region "
@@ -36,12 +36,12 @@ class Lumina2Adapter(FamilyAdapter):
     refuses = {"Layout": _REFINER}  # noqa: RUF012 - read only
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out: list[LayerInfo] = []
-        for path, module in attention_modules(denoiser).items():
-            if not path.startswith("context_refiner."):  # text-only
-                kind = "self" if path.startswith("noise_refiner.") else "joint"
-                out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
-        return out
+        def kind(path: str, module: torch.nn.Module) -> str | None:
+            if path.startswith("context_refiner."):  # text-only
+                return None
+            return "self" if path.startswith("noise_refiner.") else "joint"
+
+        return attention_layers(denoiser, kind)
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         p = session.denoisers[0].config.patch_size

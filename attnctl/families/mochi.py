@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 from .ltx import default_text_len
 
 
@@ -28,8 +28,7 @@ class MochiAdapter(FamilyAdapter):
     seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        modules = attention_modules(denoiser).items()
-        return [LayerInfo(p, "joint", m.heads, block_of(p), i) for i, (p, m) in enumerate(modules)]
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         latents = inputs["hidden_states"]  # [B, C, F, H, W]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 
 class PixArtAdapter(FamilyAdapter):
@@ -26,10 +26,9 @@ class PixArtAdapter(FamilyAdapter):
     seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        return [
-            LayerInfo(path, "cross" if m.is_cross_attention else "self", m.heads, block_of(path), i)
-            for i, (path, m) in enumerate(attention_modules(denoiser).items())
-        ]
+        return attention_layers(
+            denoiser, lambda path, module: "cross" if module.is_cross_attention else "self"
+        )
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         patch = session.denoisers[0].config.patch_size

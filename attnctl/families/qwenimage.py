@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import chat
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 
 class QwenImageAdapter(FamilyAdapter):
@@ -25,8 +25,7 @@ class QwenImageAdapter(FamilyAdapter):
     seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        modules = attention_modules(denoiser).items()
-        return [LayerInfo(path, "joint", m.heads, block_of(path), i) for i, (path, m) in enumerate(modules)]
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         first = inputs["img_shapes"][0]  # per sample: [generated (f, h, w), condition images...]

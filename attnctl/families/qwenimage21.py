@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import chat
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers, attention_modules
 
 _FLEX = "QwenImage21FlexAttnProcessor"
 
@@ -32,9 +32,8 @@ class QwenImage21Adapter(FamilyAdapter):
     }
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        modules = attention_modules(denoiser).items()
-        _refuse_flex(m.processor for _, m in modules)
-        return [LayerInfo(path, "joint", m.heads, block_of(path), i) for i, (path, m) in enumerate(modules)]
+        _refuse_flex(m.processor for m in attention_modules(denoiser).values())
+        return attention_layers(denoiser, lambda path, module: "joint")
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         for denoiser in session.denoisers:

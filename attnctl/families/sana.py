@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import prompt_positions, token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 _LINEAR = (
     "Sana's self-attention is linear (ReLU kernels, no softmax kernel call): no attention map to perturb"
@@ -32,11 +32,9 @@ class SanaAdapter(FamilyAdapter):
     refuses = {"SoftPAG": _LINEAR, "PAG": _LINEAR}  # noqa: RUF012 - read only
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out: list[LayerInfo] = []
-        for path, module in attention_modules(denoiser).items():
-            kind = "cross" if module.is_cross_attention else "self"
-            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
-        return out
+        return attention_layers(
+            denoiser, lambda path, module: "cross" if module.is_cross_attention else "self"
+        )
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         p = session.denoisers[0].config.patch_size

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import TokenTruncatedError, token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 
 class SD3Adapter(FamilyAdapter):
@@ -25,14 +25,11 @@ class SD3Adapter(FamilyAdapter):
     seam = "sdpa"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out = []
-        for name in denoiser.attn_processors:
-            path = name.removesuffix(".processor")
-            module = denoiser.get_submodule(path)
-            # attn has added (text) projections; SD3.5's attn2 has none and sees image tokens only
-            kind = "self" if getattr(module, "added_kv_proj_dim", None) is None else "joint"
-            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
-        return out
+        # attn has added (text) projections; SD3.5's attn2 has none and sees image tokens only
+        return attention_layers(
+            denoiser,
+            lambda path, module: "self" if getattr(module, "added_kv_proj_dim", None) is None else "joint",
+        )
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         sample = inputs["hidden_states"]  # latent [B, C, H, W]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.tokens import token_positions
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 # WanPipeline's default max_sequence_length (I2V requires it: diffusers treats the last 512 context
 # tokens of an I2V call as text).
@@ -40,13 +40,12 @@ class WanAdapter(FamilyAdapter):
     seam = "dispatch"
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
-        out = []
-        for path, module in attention_modules(denoiser).items():
+        def kind(path: str, module: torch.nn.Module) -> str | None:
             if path.startswith("vace_blocks."):
-                continue  # VACE's control branch: its queries are the control video's tokens
-            kind = "cross" if module.is_cross_attention else "self"
-            out.append(LayerInfo(path, kind, module.heads, block_of(path), len(out)))
-        return out
+                return None  # VACE's control branch: its queries are the control video's tokens
+            return "cross" if module.is_cross_attention else "self"
+
+        return attention_layers(denoiser, kind)
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         # I2V passes the image embedding separately (`encoder_hidden_states_image`), so the

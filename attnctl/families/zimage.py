@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import chat
-from .base import FamilyAdapter, LayerInfo, Layout, attention_modules, block_of
+from .base import FamilyAdapter, LayerInfo, Layout, attention_layers
 
 PAD = 32  # SEQ_MULTI_OF: image and caption are each padded to a multiple of it
 
@@ -36,10 +36,7 @@ class ZImageAdapter(FamilyAdapter):
 
     def layers(self, denoiser: torch.nn.Module) -> list[LayerInfo]:
         kinds = {"noise_refiner": "self", "layers": "joint"}  # context_refiner: the caption alone
-        modules = [(p, m) for p, m in attention_modules(denoiser).items() if p.split(".")[0] in kinds]
-        return [
-            LayerInfo(p, kinds[p.split(".")[0]], m.heads, block_of(p), i) for i, (p, m) in enumerate(modules)
-        ]
+        return attention_layers(denoiser, lambda path, module: kinds.get(path.split(".")[0]))
 
     def observe_forward(self, session: Any, inputs: dict[str, Any]) -> None:
         x, captions = inputs["x"], inputs["cap_feats"]
