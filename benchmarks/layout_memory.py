@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from maps_memory import MIB, MMAP_THRESHOLD, _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+from maps_memory import MIB, _peak_rss_bytes, _reset_peak_rss, _rss_bytes, run_child
 
 PROMPT = "a cat and a frog"
 
@@ -65,16 +62,7 @@ def main() -> None:
 
 
 def _in_subprocess(args: argparse.Namespace, mode: str) -> dict:
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    argv = ["--size", str(args.size), "--steps", str(args.steps), "--child", mode]
-    done = subprocess.run(
-        [sys.executable, __file__, *argv], capture_output=True, text=True, check=False, env=env
-    )
-    if done.returncode != 0:
-        sys.exit(f"the '{mode}' run failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, ["--size", str(args.size), "--steps", str(args.steps), "--child", mode], mode)
 
 
 def measure(args: argparse.Namespace, layout: bool) -> dict:

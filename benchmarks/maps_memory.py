@@ -87,19 +87,21 @@ def _in_subprocess(mode: str) -> dict:
     if "--json" in argv:  # only the parent writes the report
         i = argv.index("--json")
         del argv[i : i + 2]
-    # The repository root on the path, so the benchmark runs from a checkout without installing.
+    return run_child(__file__, [*argv, "--child", mode], mode)
+
+
+def run_child(script: str, argv: list[str], label: str) -> dict:
+    """Run a benchmark script in its own Python process (the repository root on its path, so it runs
+    from a checkout without installing; glibc's mmap threshold fixed) and return the JSON of its last
+    output line; exit with its error output if it fails."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     done = subprocess.run(
-        [sys.executable, __file__, *argv, "--child", mode],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
+        [sys.executable, script, *argv], capture_output=True, text=True, check=False, env=env
     )
     if done.returncode != 0:
-        sys.exit(f"the '{mode}' run failed:\n{done.stderr}")
+        sys.exit(f"the '{label}' run failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from maps_memory import MIB, MMAP_THRESHOLD, _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402
+from maps_memory import MIB, _peak_rss_bytes, _reset_peak_rss, _rss_bytes, run_child  # noqa: E402
 
 PROMPT = "a cat and a frog"
 MODELS = {
@@ -110,23 +108,9 @@ def main() -> None:
 
 
 def _in_subprocess(args: argparse.Namespace, variant: str) -> dict:
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    command = [
-        sys.executable,
-        __file__,
-        "--model",
-        args.model,
-        "--threads",
-        str(args.threads),
-        "--child",
-        variant,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        sys.exit(f"the '{variant}' run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(
+        __file__, ["--model", args.model, "--threads", str(args.threads), "--child", variant], variant
+    )
 
 
 def measure(model: str, variant: str, threads: int) -> dict:
