@@ -1,4 +1,5 @@
-"""What family tests record from a pipeline's own calls: the ids its text encoder receives."""
+"""What family tests record from a pipeline's own calls: the ids its text encoder receives, and the
+calls of DraftAttention's sparse kernel."""
 
 from __future__ import annotations
 
@@ -35,3 +36,19 @@ def encoder_ids_and_text_lengths(pipe) -> Iterator[tuple[list[list[int]], list[i
             yield ids, text
     finally:
         hook.remove()
+
+
+def draft_kernel_calls(monkeypatch) -> list[tuple[int, int, int, int, int]]:
+    """Each call of DraftAttention's sparse kernel, passed through: (queries, text tokens, frames,
+    height, width)."""
+    from attnctl.processors import draft
+
+    calls = []
+    sparse = draft.draft_attention
+
+    def record(q, k, v, **kw):
+        calls.append((q.shape[2], kw["text"], kw["frames"], kw["height"], kw["width"]))
+        return sparse(q, k, v, **kw)
+
+    monkeypatch.setattr(draft, "draft_attention", record)
+    return calls

@@ -9,9 +9,9 @@ import contextlib
 
 import pytest
 import torch
+from recording import draft_kernel_calls
 
 import attnctl
-import attnctl.processors.draft as draft
 from attnctl.families import adapter_for
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
@@ -99,14 +99,7 @@ def test_draft_runs_sparse_under_the_pair_mask(pipe, monkeypatch):
     """The model masks padded text with mask_q & mask_k [B, 1, S, S]: DraftAttention keeps its
     sparse kernel on the valid tokens (not a dense fallback) and the padded text queries' rows as the
     model computes them."""
-    calls = []
-    sparse = draft.draft_attention
-
-    def record(q, k, v, **kw):
-        calls.append((q.shape[2], kw["text"], kw["frames"], kw["height"], kw["width"]))
-        return sparse(q, k, v, **kw)
-
-    monkeypatch.setattr(draft, "draft_attention", record)
+    calls = draft_kernel_calls(monkeypatch)
     kwargs = tiny_call_kwargs("hunyuanvideo15", height=48, width=64)  # 2 x 3 x 4 tokens: padded edges
     with attnctl.control(pipe, attnctl.DraftAttention(sparsity=0.5, pool=(2, 2), dense_steps=0.0)):
         out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).frames

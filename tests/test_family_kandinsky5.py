@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from recording import encoder_ids_and_text_lengths
+from recording import draft_kernel_calls, encoder_ids_and_text_lengths
 
 import attnctl
-import attnctl.processors.draft as draft
 from attnctl.families import adapter_for
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
@@ -67,14 +66,7 @@ def test_unnamed_cfg_forwards_are_the_prompt_then_the_negative_prompt(pipe):
 
 
 def test_draft_runs_sparse_on_padded_edges(pipe, monkeypatch):
-    calls = []
-    sparse = draft.draft_attention
-
-    def record(q, k, v, **kw):
-        calls.append((q.shape[2], kw["text"], kw["frames"], kw["height"], kw["width"]))
-        return sparse(q, k, v, **kw)
-
-    monkeypatch.setattr(draft, "draft_attention", record)
+    calls = draft_kernel_calls(monkeypatch)
     kwargs = tiny_call_kwargs("kandinsky5", height=48, width=64)  # 2 x 3 x 4 tokens
     with attnctl.control(pipe, attnctl.DraftAttention(sparsity=0.5, pool=(2, 2), dense_steps=0.0)):
         out = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).frames
