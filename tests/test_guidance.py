@@ -284,6 +284,30 @@ def test_gradient_forward_ends_at_the_last_map(pipe, control, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("family", "read", "unread"),
+    [
+        ("flux", "transformer_blocks.0", "single_transformer_blocks.0"),
+        ("sd3", "transformer_blocks.0", "transformer_blocks.1"),
+    ],
+)
+def test_dit_guidance_reads_the_first_half_of_blocks(family, read, unread):
+    # a DiT attends at one token grid: the loss reads the text layers of the first half of its blocks
+    # (guidance.DIT_DEPTH) and the gradient forward never enters the blocks after them
+    dit = tiny_pipeline(family)
+    denoiser = dit.transformer
+    calls = {name: _Calls(denoiser.get_submodule(name)) for name in (read, unread)}
+    try:
+        with attnctl.control(dit, attnctl.AStar(["cat", "frog"])) as ctl:
+            _run(dit, family, num_inference_steps=2)
+    finally:
+        for c in calls.values():
+            c.handle.remove()
+    forwards = 2  # 2 steps (SD3: CFG rows in one batch)
+    assert ctl.log["AStar"] and calls[read].count == forwards + 1  # + the one gradient forward
+    assert calls[unread].count == forwards
+
+
+@pytest.mark.parametrize(
     "control", [attnctl.AttendAndExcite(["cat", "frog"], max_refinement=2), attnctl.AStar(["cat", "frog"])]
 )
 def test_gradient_forward_computes_only_what_the_loss_needs(pipe, control, monkeypatch):

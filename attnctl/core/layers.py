@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,14 +105,15 @@ def format_layers(layers: Sequence[LayerInfo]) -> str:
 
 
 def working_layers(
-    layers: Sequence[LayerInfo], height: int, width: int, min_side: int = 1
+    layers: Sequence[LayerInfo], height: int, width: int, min_side: int = 1, depth: float = 1.0
 ) -> list[LayerInfo]:
     """The text-attending layers the attention-guidance methods read by default.
 
     Rule: the text-attending level at latent/4, else the lowest one above it (else the finest);
     a method that needs maps of at least `min_side` per side (Attention Regulation: 8) takes the
     lowest level that has them instead of a smaller one (SD 1.5 at 128 px: 8x8, not 4x4). A DiT
-    attends at one token grid in every layer, so the rule takes every text-attending layer.
+    attends at one token grid in every layer, so the rule takes every text-attending layer there, or,
+    with `depth` < 1, those of the first `depth` of its text-attending blocks (at least one block).
     The papers read the 16x16 maps of SD at 512 px, a 64x64 latent: latent/4, the coarsest level
     that still has spatial detail. The rule gives 16 there, 24 for SD 2 at 768 px, 32 for SDXL at
     1024 px (whose text-attending levels are latent/2 and latent/4) and 8 for the bundled testbed
@@ -125,7 +127,12 @@ def working_layers(
     side = {layer.name: -(-short // layer.downsample) for layer in text}
     usable = [s for s in side.values() if s >= max(-(-short // 4), min_side)]
     chosen = min(usable) if usable else max(side.values())
-    return [layer for layer in text if side[layer.name] == chosen]
+    picked = [layer for layer in text if side[layer.name] == chosen]
+    if depth < 1 and all(layer.downsample == 1 for layer in layers):  # one token grid: a DiT
+        blocks = list(dict.fromkeys(layer.block for layer in picked))
+        kept = set(blocks[: max(1, math.ceil(depth * len(blocks)))])
+        picked = [layer for layer in picked if layer.block in kept]
+    return picked
 
 
 class WorkingLayers:
@@ -135,9 +142,9 @@ class WorkingLayers:
     The rule needs the latent size, known only when the denoiser runs, so the control installs on
     every `candidates` layer and asks `includes` per call; the rule runs once per grid."""
 
-    def __init__(self, session: Any, layers: Any = None, min_side: int = 1):
+    def __init__(self, session: Any, layers: Any = None, min_side: int = 1, depth: float = 1.0):
         fixed = None if layers is None else session.select(layers, kinds=("cross", "joint"))
-        self.min_side = min_side
+        self.min_side, self.depth = min_side, depth
         self.candidates = fixed or [layer for layer in session.layers if layer.kind in ("cross", "joint")]
         self._fixed = None if fixed is None else {layer.name for layer in fixed}
         self._by_grid: dict[tuple[int, int], set[str]] = {}
@@ -151,5 +158,7 @@ class WorkingLayers:
             return self._fixed
         grid = session.grid[1:]
         if grid not in self._by_grid:
-            self._by_grid[grid] = {x.name for x in working_layers(session.layers, *grid, self.min_side)}
+            self._by_grid[grid] = {
+                x.name for x in working_layers(session.layers, *grid, self.min_side, self.depth)
+            }
         return self._by_grid[grid]

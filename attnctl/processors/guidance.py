@@ -48,6 +48,11 @@ SOFTMAX_OVER = ("auto", "context", "prompt")
 AUTO_SOFTMAX = {"sd1": "context"}
 # Models whose text keys are one CLIP sequence with the start token at 0: where "context" is defined.
 CONTEXT_VARIANTS = ("sd1", "sd2", "sdxl")
+# On a model that attends at one token grid (a DiT) the maps are read, by default, in the text-attending
+# layers of the first half of its blocks: layout and semantics form there, finer detail later (Li et
+# al. 2026, "Unraveling MMDiT Blocks"), and the gradient forward ends at the last of them, so an update
+# runs and differentiates through half of the denoiser. A stated default, not tuned on real weights.
+DIT_DEPTH = 0.5
 
 
 # The fields Attend-and-Excite and A-STAR share (one definition, one help text).
@@ -57,7 +62,8 @@ def _layers() -> Any:
         kind="layers",
         optional=True,
         help="Layer paths or block indices (None: the cross-attention level at latent/4, else the "
-        "lowest above it: 16x16 on SD at 512 px, 32x32 on SDXL at 1024 px).",
+        "lowest above it: 16x16 on SD at 512 px, 32x32 on SDXL at 1024 px; on a DiT the text-attending "
+        "layers of its first half of blocks).",
     )
 
 
@@ -91,7 +97,8 @@ class AttendAndExcite(Control):
     """Attend-and-Excite: push each token's strongest map pixel up, L = max_k (1 - max A_k).
 
     tokens: the subject words. layers: None = `working_layers`, the cross-attention level at
-    latent/4, else the lowest above it (16x16 on SD at 512 px, 32x32 on SDXL at 1024 px).
+    latent/4, else the lowest above it (16x16 on SD at 512 px, 32x32 on SDXL at 1024 px); on a DiT
+    the text-attending layers of its first half of blocks (`DIT_DEPTH`).
     guided_fraction: guide the first fraction of the steps (reference: 25 of 50).
     scale: step size a_i = scale*sqrt(linspace(1, .5)).
     thresholds: iterative refinement {step: T} for a 50-step run (scaled to the run's step count):
@@ -227,7 +234,7 @@ def resolve_softmax_over(choice: str, session: Any) -> str:
 
 
 def _install(session: Any, spec: Any, words: list[str]) -> None:
-    layers = WorkingLayers(session, spec.layers)
+    layers = WorkingLayers(session, spec.layers, depth=DIT_DEPTH)
     collector = _Collector(layers)
     session.add_edit(layers.candidates, collector)
     guide = _Guide(spec, words, resolve_softmax_over(spec.softmax_over, session), collector)
