@@ -271,3 +271,82 @@ def test_a_flood_of_bad_and_oversized_requests_is_answered_at_once_while_good_on
     assert any("not a path on the server" in line for line in refused)
     assert any("more than this server's 4096 pixels" in line for line in refused)
     assert any("seed=-1 is not allowed" in line for line in refused)
+
+
+def _progress_step(line: str) -> int | None:
+    """The step of a queue event stream's progress message (None for any other line)."""
+    if not line.startswith("data:"):
+        return None
+    message = json.loads(line[5:])
+    if message.get("msg") != "progress" or not message.get("progress_data"):
+        return None
+    return message["progress_data"][-1].get("index")
+
+
+@pytest.mark.parametrize("leave", ["closes the stream", "cancels the job"])
+def test_a_generation_stops_when_its_client_goes_away(leave, capfd):
+    """A slow request (500 steps, about 12 s here) whose client goes away mid-run: it closes the
+    queue's event stream (what a closed page does) or cancels the job (gradio_client's
+    `job.cancel()`). The server stops that generation within a few steps and logs one line, the
+    pipeline is left as before, and a later request equals the same request made before."""
+    import re
+    import time
+    import uuid
+
+    import httpx
+    import numpy as np
+    from gradio_client import Client
+    from PIL import Image
+
+    from attnctl.ui.app import Limits
+
+    pipe = tiny_pipeline("sd")
+    processors = dict(pipe.unet.attn_processors)
+    limits = Limits(max_steps=500)
+    app = build_app(pipe, model="tiny:sd", call_kwargs=dict(SIZE), steps=2, limits=limits)
+    app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, share=False)
+    try:
+        client = Client(app.local_url, verbose=False)
+        controls = json.dumps([attnctl.AStar(["cat", "frog"]).to_dict()])
+        request = ("a cat and a frog", controls, 5)
+        before = client.predict(*request, 2, api_name="/generate")
+        capfd.readouterr()
+        if leave == "closes the stream":
+            api = app.local_url.rstrip("/") + "/gradio_api"
+            session = uuid.uuid4().hex
+            fn_index = next(i for i, fn in app.fns.items() if fn.api_name == "generate")
+            body = {"data": [*request, 500, None, None, True], "fn_index": fn_index, "session_hash": session}
+            httpx.post(f"{api}/queue/join", json=body, timeout=10).raise_for_status()
+            with httpx.stream("GET", f"{api}/queue/data", params={"session_hash": session}, timeout=30) as s:
+                lines = s.iter_lines()
+                assert any((_progress_step(line) or 0) >= 3 for line in lines), "no progress came"
+            left = time.monotonic()  # the stream is closed here
+        else:
+            job = client.submit(*request, 500, api_name="/generate")
+            deadline = time.monotonic() + 30
+            while not any((p.index or 0) >= 3 for p in job.status().progress_data or ()):
+                assert time.monotonic() < deadline and not job.done()
+                time.sleep(0.02)
+            job.cancel()
+            left = time.monotonic()
+        logged = ""
+        while "attnctl ui: request cancelled:" not in logged and time.monotonic() - left < 10:
+            time.sleep(0.05)
+            logged += capfd.readouterr().err
+        stopped = [line for line in logged.splitlines() if line.startswith("attnctl ui: request cancelled:")]
+        assert len(stopped) == 1, logged
+        why = "disconnected" if leave == "closes the stream" else "cancelled the request"
+        found = re.fullmatch(rf".*: client {why} at step (\d+) of 500 \(controlled image\)", stopped[0])
+        assert found and 3 <= int(found[1]) < 250, stopped[0]
+        assert time.monotonic() - left < 10
+        # the pipeline as before: attnctl's restore ran on the error raised at that step
+        assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
+        assert "step" not in vars(pipe.scheduler) and "forward" not in vars(pipe.unet)
+        assert "encode_prompt" not in vars(pipe)
+        after = client.predict(*request, 2, api_name="/generate")
+        for i in (0, 1):  # the controlled image and the baseline
+            assert np.array_equal(np.asarray(Image.open(after[i])), np.asarray(Image.open(before[i])))
+    finally:
+        app.close()
+    logged += capfd.readouterr().err
+    assert "Traceback" not in logged and "refused a request" not in logged

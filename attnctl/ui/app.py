@@ -273,6 +273,7 @@ def build_app(
     lock = threading.Lock()  # one generation at a time on the pipeline, whatever the queue does
 
     def run(prompt, controls, seed, steps, height=None, width=None, baseline=True, progress=gr.Progress()):
+        gone = _client_gone()
         try:
             # checked before any work and before waiting for the pipeline: a bad or oversized
             # request is answered at once, whatever runs
@@ -290,6 +291,9 @@ def build_app(
                 def on_step(i: int, n: int) -> None:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the request ran past this server's {limits.max_seconds:g} s")
+                    why = gone()
+                    if why:  # nobody waits for the images: stop here (attnctl restores the pipeline)
+                        raise RequestCancelled(f"client {why} at step {i} of {n} ({desc} image)")
                     progress((i, n), desc=desc)
 
                 return on_step
@@ -297,6 +301,9 @@ def build_app(
             with lock:
                 result = generate(pipe, prompt, controls, on_step=step("controlled"), **kwargs)
                 plain = generate(pipe, prompt, [], on_step=step("baseline"), **kwargs) if baseline else None
+        except RequestCancelled as e:
+            _log_cancelled(str(e))
+            raise gr.Error(f"request cancelled: {e}", print_exception=False) from None
         except (ValueError, TimeoutError) as e:  # bad input (the controls' own messages), time limit
             _log_rejected(str(e))
             raise gr.Error(str(e), print_exception=False) from None
@@ -410,7 +417,8 @@ def build_app(
         load.click(_showing_errors(from_json, gr), controls_json, flat, api_name=False)
     app.attnctl_panels = panels
     # Requests are taken as they come (a bad one answered at once); generations run one at a time
-    # on the pipeline (the lock in `run`).
+    # on the pipeline (the lock in `run`); a generation whose client has gone away (closed the page
+    # or the event stream, or cancelled the job) stops at its next denoising step.
     return app.queue(default_concurrency_limit=None)
 
 
@@ -507,6 +515,39 @@ def _default_size(pipe: Any, call_kwargs: dict) -> tuple[int, int]:
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     side = int(sample * scale)
     return side, side
+
+
+class RequestCancelled(Exception):
+    """Raised at a denoising step of a request whose client has gone away."""
+
+
+def _client_gone() -> Callable[[], str | None]:
+    """For the queued request running in this thread: a check whether its client has gone away.
+    It answers "disconnected" once the client's event stream has closed (Gradio's queue then marks
+    the event not alive) and "cancelled the request" once the client cancelled the job (`/cancel`,
+    e.g. gradio_client's `job.cancel()`: the queue drops the event, while this thread runs on, as
+    Gradio cannot stop a function running in a worker thread); otherwise None. It reads the state
+    of Gradio's queue (gradio 6; tests/test_ui.py checks both ways of going away); outside a queued
+    event, or with a Gradio whose queue keeps that state elsewhere, it always answers None."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    if not isinstance(events, dict) or event_id not in events:
+        return lambda: None
+
+    def gone() -> str | None:
+        event = events.get(event_id)
+        if event is None:
+            return "cancelled the request"
+        return None if getattr(event, "alive", True) else "disconnected"
+
+    return gone
+
+
+def _log_cancelled(message: str) -> None:
+    """One line in the server's log per generation stopped because its client went away."""
+    print(f"attnctl ui: request cancelled: {message}", file=sys.stderr, flush=True)
 
 
 def _log_rejected(message: str) -> None:
