@@ -118,13 +118,25 @@ VIDEO_FAMILIES = (
 )
 
 
-def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
+def tiny_pipeline(
+    family: str,
+    seed: int = 0,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **denoiser_config: Any,
+) -> Any:
     """Build the standard diffusers pipeline of `family` from tiny seeded components (fp32, CPU).
 
     `denoiser_config` overrides entries of the UNet/transformer config, e.g.
-    `tiny_pipeline("wan", num_layers=8, attention_head_dim=64)` for a deeper model in benchmarks."""
+    `tiny_pipeline("wan", num_layers=8, attention_head_dim=64)` for a deeper model in benchmarks.
+    `device` and `dtype` move the pipeline (default: CPU, fp32), the denoiser's
+    `_keep_in_fp32_modules` kept in fp32 as `from_pretrained(torch_dtype=...)` keeps them; a denoiser
+    built from overrides is built there directly, its weights drawn on the device in `dtype`, so a
+    real-size denoiser needs neither a CPU copy nor an fp32 one (FLUX.1's 12B parameters: 24 GB in
+    bf16, not 48 GB)."""
     builder = _BUILDERS.get(_check_family(family))
-    with _private_rng():
+    with _private_rng(device):
         pipe = builder(seed)
         if denoiser_config:
             name = "unet" if hasattr(pipe, "unet") else "transformer"
@@ -135,9 +147,20 @@ def tiny_pipeline(family: str, seed: int = 0, **denoiser_config: Any) -> Any:
                     f"{unknown} are not {type(old).__name__} config entries; known: {sorted(old.config)}"
                 )
             torch.manual_seed(seed)
-            # Overrides as keyword arguments: in a config dict, diffusers would reset the entries the
-            # model was built with at their defaults (`_use_default_values`) and drop such overrides.
-            pipe.register_modules(**{name: type(old).from_config(old.config, **denoiser_config).eval()})
+            with torch.device(device or "cpu"), _default_dtype(dtype):
+                # Overrides as keyword arguments: in a config dict, diffusers would reset the entries
+                # the model was built with at their defaults (`_use_default_values`) and drop them.
+                denoiser = type(old).from_config(old.config, **denoiser_config).eval()
+            pipe.register_modules(**{name: denoiser})
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    if dtype is not None:
+        # As `from_pretrained(torch_dtype=...)` loads it: the modules the model names stay fp32.
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        keep = denoiser._keep_in_fp32_modules or ()
+        for path, module in denoiser.named_modules():
+            if any(name in path.split(".") for name in keep):
+                module.float()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -254,13 +277,32 @@ _BUILDING = threading.Lock()
 
 
 @contextlib.contextmanager
-def _private_rng() -> Iterator[None]:
+def _private_rng(device: str | torch.device | None = None) -> Iterator[None]:
     """The random stream of one build: diffusers and transformers modules initialise their weights
     from torch's global generator (they take no generator), so the builders seed it per component;
     the lock keeps builds in other threads from drawing from it meanwhile (two threads building at
-    once get the same weights as one), and the caller's stream is restored afterwards."""
-    with _BUILDING, torch.random.fork_rng(devices=[]):
+    once get the same weights as one), and the caller's stream is restored afterwards (the CPU's,
+    and that of the CUDA `device` where weights are drawn there)."""
+    device = torch.device(device or "cpu")
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    with _BUILDING, torch.random.fork_rng(devices=cuda):
         yield
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Modules built inside create their floating-point weights in `dtype` (None: unchanged)."""
+    saved = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def _check_family(family: str) -> str:
