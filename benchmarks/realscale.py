@@ -10,6 +10,10 @@ warm-up call; plain runs before and after the variants, and every ratio is again
 flux: FLUX.1's attention width (24 heads x 128) with 2 double- and 2 single-stream blocks, 4,096
 image tokens (1024 px) and 512 text tokens, bf16, one denoising step, latent output. The text
 encoders are attnctl's tiny ones (their cost is not under test), so the context embedding is 32 wide.
+wan: Wan 2.1 1.3B's width (12 heads x 128, feed-forward 8,960) with 2 of its 30 blocks, 480x832 px
+and 81 frames (32,760 video tokens), 512 text tokens, CFG, bf16, one step; tiny text encoder and VAE.
+DraftAttention is measured on a sparse step (dense_steps=0; the first block dense, as the paper).
+Each model's "depth" is the real model's (`benchmarks/gpu.py` builds it on a GPU).
 """
 
 from __future__ import annotations
@@ -35,11 +39,21 @@ MODELS = {
             "num_attention_heads": 24,
             "axes_dims_rope": (16, 56, 56),
         },
+        "depth": {"num_layers": 19, "num_single_layers": 38},
         "call": {"height": 256, "width": 256, "max_sequence_length": 512},  # tiny VAE: 4 px a token side
         "dtype": "bfloat16",
+        "variants": ("plain", "maps", "regulation", "excite", "astar", "softpag", "layout"),
+    },
+    "wan": {
+        "family": "wan",
+        "config": {"num_layers": 2, "num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960},
+        "depth": {"num_layers": 30},
+        "call": {"num_frames": 81, "height": 480, "width": 832, "max_sequence_length": 512},
+        "dtype": "bfloat16",
+        "variants": ("plain", "maps", "softpag", "draft"),  # what attnctl supports on Wan
     },
 }
-VARIANTS = ("plain", "maps", "regulation", "excite", "astar", "softpag", "layout")
+VARIANTS = ("plain", "maps", "regulation", "excite", "astar", "softpag", "layout", "draft")
 
 
 def controls(variant: str, layers: list) -> list:
@@ -53,12 +67,13 @@ def controls(variant: str, layers: list) -> list:
         "regulation": [attnctl.AttentionRegulation(words)],
         "excite": [attnctl.AttendAndExcite(words, max_refinement=3)],
         "astar": [attnctl.AStar(words)],
-        "softpag": [attnctl.SoftPAG({first: list(range(12))}, u=1.0, scale=3.0)],
+        "softpag": [attnctl.SoftPAG({first: list(range(layers[0].heads // 2 or 1))}, u=1.0, scale=3.0)],
         "layout": [
             attnctl.Layout(
                 [attnctl.Region([0, 0, 0.5, 1], "a cat"), attnctl.Region([0.5, 0, 1, 1], "a frog")]
             )
         ],
+        "draft": [attnctl.DraftAttention(sparsity=0.9, dense_steps=0.0)],
     }[variant]
 
 
@@ -66,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="flux")
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS)
+        "--variants", help="comma-separated, from " + ", ".join(VARIANTS) + " (default: the model's)"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -75,10 +90,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.model, args.child, args.threads)))
         return
-    variants = [v for v in args.variants.split(",") if v and v != "plain"]
-    bad = [v for v in variants if v not in VARIANTS]
+    known = MODELS[args.model]["variants"]
+    variants = [v for v in (args.variants or ",".join(known)).split(",") if v and v != "plain"]
+    bad = [v for v in variants if v not in known]
     if bad:
-        parser.error(f"--variants {','.join(bad)}: not one of {', '.join(VARIANTS)}")
+        parser.error(f"--variants {','.join(bad)}: not one of {', '.join(known)}")
     runs = {"plain_before": _in_subprocess(args, "plain")}
     for v in variants:
         runs[v] = _in_subprocess(args, v)
@@ -122,7 +138,7 @@ def measure(model: str, variant: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     spec = MODELS[model]
-    pipe = tiny_pipeline(spec["family"], **spec["config"]).to(getattr(torch, spec["dtype"]))
+    pipe = tiny_pipeline(spec["family"], dtype=getattr(torch, spec["dtype"]), **spec["config"])
     kwargs = tiny_call_kwargs(spec["family"], num_inference_steps=1, output_type="latent", **spec["call"])
     with attnctl.control(pipe) as probe:
         layers = [x for x in probe.layers if x.kind in ("self", "joint")]
