@@ -1,12 +1,14 @@
 """Kernel benchmark of DraftAttention (arXiv 2505.14708): dense SDPA vs the block-sparse backends.
 
 `run_kernel_bench` times, in one run and on the same inputs, dense SDPA and `draft_attention`
-with each sparse backend at each sparsity (batch 1, fp32; per case a warm-up run that also absorbs
-torch.compile, then `repeats` dense and sparse runs back to back: medians, and the median of the
-per-pair speedups). Sparse times are end to end: draft, block
+with each sparse backend at each sparsity (batch 1, fp32 on the CPU by default; per case a warm-up
+run that also absorbs torch.compile, then `repeats` dense and sparse runs back to back: medians, and
+the median of the per-pair speedups). Sparse times are end to end: draft, block
 selection, mask/plan building, permutation, attention, inverse permutation. The mask-building
-part (draft + block mask + backend plan) is also timed on its own. Accuracy is the relative L2
-error of each sparse output against dense attention.
+part (draft + block mask + backend plan) and the attention alone (the backend's kernel on the built
+plan: every backend gets the same block mask) are also timed on their own. On CUDA every timed call
+ends with a synchronize. Accuracy is the relative L2 error of each sparse output against dense
+attention.
 
 Inputs are synthetic but structured like video attention: queries and keys share a smooth
 (low-frequency) function of the token's (frame, row, column) position plus noise, so attention is
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from ..kernels import BACKENDS, DraftLayout, SparsePlan, draft_attention
 from ..kernels.draft import check_sparsity, select_blocks
+from ..kernels.sparse import _pairing_works
 
 FRAME = (32, 64)  # tokens per frame (rows, columns) in the benchmark video: 2,048 tokens
 
@@ -43,6 +46,8 @@ def run_kernel_bench(
     pool: tuple[int, int] = (8, 16),
     seed: int = 0,
     threads: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Time dense SDPA against DraftAttention backends; print a table, return a JSON-able dict.
@@ -59,7 +64,9 @@ def run_kernel_bench(
         torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            results = _run(tokens, sparsities, heads, head_dim, repeats, backends, pool, seed, echo)
+            results = _run(
+                tokens, sparsities, heads, head_dim, repeats, backends, pool, seed, device, dtype, echo
+            )
     finally:
         torch.set_num_threads(saved_threads)
     echo(format_table(results))
@@ -75,15 +82,19 @@ def _run(
     backends: Sequence[str],
     pool: tuple[int, int],
     seed: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
     rows, cols = FRAME
+    device = torch.device(device)
     results: dict[str, Any] = {
         "config": {
             "heads": heads,
             "head_dim": head_dim,
             "batch": 1,
-            "dtype": "float32",
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "frame": [rows, cols],
             "pool": list(pool),
             "repeats": repeats,
@@ -97,8 +108,8 @@ def _run(
     for n in tokens:
         frames = n // (rows * cols)
         shape = {"frames": frames, "height": rows, "width": cols, "pool": tuple(pool)}
-        q, k, v = _video_qkv(frames, rows, cols, heads, head_dim, seed)
-        dense = functools.partial(F.scaled_dot_product_attention, q, k, v)
+        q, k, v = (x.to(device, dtype) for x in _video_qkv(frames, rows, cols, heads, head_dim, seed))
+        dense = _synced(functools.partial(F.scaled_dot_product_attention, q, k, v))
         dense_out = dense()
         for sparsity in sparsities:
             for backend in backends:
@@ -213,7 +224,8 @@ def _decode_wan(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
 def format_table(results: dict[str, Any]) -> str:
     """The benchmark's runs as a fixed-width text table."""
     cfg = results["config"]
-    head = f"DraftAttention kernels: B=1 H={cfg['heads']} D={cfg['head_dim']} fp32, pool {cfg['pool']}, "
+    head = f"DraftAttention kernels: B=1 H={cfg['heads']} D={cfg['head_dim']} {cfg['dtype']}, "
+    head += f"{cfg.get('device', 'cpu')}, pool {cfg['pool']}, "
     head += f"median of {cfg['repeats']}, {cfg['threads']} threads, torch {cfg['torch']}, "
     head += f"load average {cfg['load_average_before'][0]} -> {cfg['load_average_after'][0]}"
     return "\n".join([head, _HEADER, *map(_row, results["runs"])])
@@ -221,14 +233,15 @@ def format_table(results: dict[str, Any]) -> str:
 
 _HEADER = (
     f"{'tokens':>7} {'sparsity':>8} {'backend':>8} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} "
-    f"{'mask ms':>8} {'1st ms':>8} {'rel L2':>8}"
+    f"{'mask ms':>8} {'attn ms':>8} {'1st ms':>8} {'rel L2':>8}"
 )
 
 
 def _row(r: dict[str, Any]) -> str:
     return (
         f"{r['tokens']:>7} {r['sparsity']:>8} {r['backend']:>8} {r['dense_ms']:>9.1f} {r['sparse_ms']:>9.1f} "
-        f"{r['speedup']:>6.2f}x {r['mask_ms']:>8.1f} {r['first_call_ms']:>8.0f} {r['rel_l2']:>8.4f}"
+        f"{r['speedup']:>6.2f}x {r['mask_ms']:>8.1f} {r['attend_ms']:>8.1f} {r['first_call_ms']:>8.0f} "
+        f"{r['rel_l2']:>8.4f}"
     )
 
 
@@ -246,14 +259,23 @@ def _time_sparse(
     """One case: after a warm-up, `repeats` (dense, sparse) pairs timed back to back; the speedup
     is the median of the per-pair ratios, so that a load change on a shared machine during the run
     moves both sides of a ratio alike."""
-    call = functools.partial(
-        draft_attention, q, k, v, text=0, text_first=False, sparsity=sparsity, backend=backend, **shape
+    call = _synced(
+        functools.partial(
+            draft_attention, q, k, v, text=0, text_first=False, sparsity=sparsity, backend=backend, **shape
+        )
     )
     start = time.perf_counter()
     out = call()  # warm-up; includes compiling flex for this shape
     first_ms = 1e3 * (time.perf_counter() - start)
     pairs = [(_times_ms(dense, 1, warmup=0)[0], _times_ms(call, 1, warmup=0)[0]) for _ in range(repeats)]
-    mask_ms = _median_ms(functools.partial(_build_mask, q, k, backend, sparsity, shape), repeats)
+    build = _synced(functools.partial(_build_plan, q, k, v, backend, sparsity, shape))
+    mask_ms = _median_ms(build, repeats)
+    plan = build()
+    qk, kk, vk = (plan.layout.to_kernel(x) for x in (q, k, v))
+    attend_ms = _median_ms(
+        _synced(functools.partial(plan.attend, qk, kk, vk, 1.0 / math.sqrt(q.shape[-1]))), repeats
+    )
+    out, dense_out = out.float(), dense_out.float()
     error = torch.linalg.vector_norm(out - dense_out) / torch.linalg.vector_norm(dense_out)
     return {
         "dense_ms": round(statistics.median(d for d, _ in pairs), 2),
@@ -261,21 +283,39 @@ def _time_sparse(
         "speedup": round(statistics.median(d / s for d, s in pairs), 2),
         "pairs_ms": [[round(d, 3), round(s, 3)] for d, s in pairs],
         "mask_ms": round(mask_ms, 2),
+        "attend_ms": round(attend_ms, 2),
         "first_call_ms": round(first_ms, 1),
         "rel_l2": round(error.item(), 5),
     }
 
 
-def _build_mask(
-    q: torch.Tensor, k: torch.Tensor, backend: str, sparsity: float, shape: dict[str, Any]
-) -> None:
+def _build_plan(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, sparsity: float, shape: dict[str, Any]
+) -> SparsePlan:
     """Draft + block selection + the backend's plan (what `draft_attention` builds per call)."""
     layout = DraftLayout.of(text=0, text_first=False, **shape)
     qk, kk = layout.to_kernel(q), layout.to_kernel(k)
     keep = select_blocks(layout, qk, kk, sparsity, 1.0 / math.sqrt(q.shape[-1]))
     plan = SparsePlan(backend, layout.kernel_block_mask(keep), layout)
-    # Force the lazily built per-backend structures.
-    _ = plan._groups if plan.backend == "gather" else plan._flex_mask
+    # Force the lazily built per-backend structures (those `attend` will use).
+    if plan.backend == "gather":
+        _ = plan._groups if _pairing_works(q, k, v) else plan._plain_groups
+    elif plan.backend != "dense":
+        _ = plan._flex_mask
+    return plan
+
+
+def _synced(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """fn, and on CUDA a synchronize after it: a timed call then ends when its kernels do."""
+    if not torch.cuda.is_available():
+        return fn
+
+    def call() -> torch.Tensor:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
