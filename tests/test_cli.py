@@ -155,6 +155,18 @@ def test_bench_bad_values_end_with_one_line():
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
+def test_ui_without_gradio_names_the_extra(monkeypatch):
+    """Installed from a wheel there is no clone: the message names the package's extra."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a)
+    )
+    result = runner.invoke(app, ["ui"])
+    assert result.exit_code == 2 and 'pip install "attnctl[ui]"' in result.output, result.output
+
+
 def test_version_and_short_help_everywhere():
     import attnctl
 

@@ -42,7 +42,10 @@ def ui(
     import importlib.util
 
     if importlib.util.find_spec("gradio") is None:
-        fail("the web demo needs Gradio, in attnctl's ui extra: pip install -e '.[ui]' in a clone")
+        fail(
+            'the web demo needs Gradio, in attnctl\'s ui extra: pip install "attnctl[ui]" '
+            '(in a clone: pip install -e ".[ui]")'
+        )
     import torch
 
     if threads:

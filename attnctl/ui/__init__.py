@@ -1,4 +1,4 @@
-"""The Gradio web demo (`pip install -e ".[ui]"`, then `attnctl ui`)."""
+"""The Gradio web demo (`pip install "attnctl[ui]"`, then `attnctl ui`)."""
 
 from __future__ import annotations
 
