@@ -90,7 +90,7 @@ def objects(prompt: str) -> list[str]:
 
 @functools.cache
 def font(size: int) -> Any:
-    """Pillow's own font (the same file everywhere; a bitmap font where Pillow has no FreeType)."""
+    """Pillow's own font, embedded in Pillow (the same everywhere; Pillow's wheels have the FreeType it needs)."""
     return ImageFont.load_default(size=size)
 
 
@@ -185,6 +185,17 @@ def panel(
         draw.text((gap, y), text, fill=FAINT, font=font(size - 1))
         y += line
     return sheet
+
+
+def title_strip(text: str, width: int, size: int = 15, gap: int = 8) -> Any:
+    """A heading `width` pixels wide, as `panel` draws its own."""
+    head = wrap(text, width - 2 * gap, size)
+    line = text_size("Ag", size)[1] + 7
+    strip = Image.new("RGB", (width, gap + len(head) * line), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, text_line in enumerate(head):
+        draw.text((gap, gap + i * line), text_line, fill=INK, font=font(size))
+    return strip
 
 
 def stack(*parts: Any, gap: int = 4) -> Any:
@@ -513,20 +524,9 @@ def guidance(kind: str) -> Any:
 def pag() -> Any:
     softpag = attnctl.SoftPAG({block: [0, 1] for block in SOFTPAG_BLOCKS})
     rows, labels, _ = comparison(
-        lambda words: [
-            ("PAG (mid block)", [attnctl.PAG(["mid_block"])]),
-            ("SoftPAG (heads 0, 1)", [softpag]),
-        ],
-        False,
+        lambda words: [("PAG", [attnctl.PAG(["mid_block"])]), ("SoftPAG", [softpag])], False
     )
-    grid = panel(
-        rows,
-        labels,
-        heading="PAG and SoftPAG, scale 3: the baseline, PAG on the mid block, SoftPAG on heads 0 and 1 of each 8x8 self-attention layer (u = 1) "
-        + unless_named(),
-        note=note(maps=False, scale=3),
-        size=12,
-    )
+    grid = panel(rows, labels, note=note(maps=False, scale=3), size=12)
     names = {"none": "none", "pag": "PAG (mid block)", "softpag": "SoftPAG (heads 0, 1)"}
     names["softpag:benchmarks/results/headhunter_testbed.json"] = "SoftPAG (searched heads)"
     chart = bars(
@@ -535,7 +535,12 @@ def pag() -> Any:
         1.0,
         note="Negative result: none of them beats none beyond noise on this model (compose_pag.json).",
     )
-    return stack(grid, chart)
+    body = side(grid, chart, gap=16)
+    heading = (
+        "PAG and SoftPAG, scale 3: the baseline, PAG on the mid block, SoftPAG on heads 0 and 1 of each 8x8 "
+        "self-attention layer (u = 1) " + unless_named()
+    )
+    return stack(title_strip(heading, body.size[0]), body)
 
 
 LAYOUTS = [
