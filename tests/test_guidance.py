@@ -308,6 +308,47 @@ def test_dit_guidance_reads_the_first_half_of_blocks(family, read, unread):
 
 
 @pytest.mark.parametrize(
+    ("family", "overrides", "checkpointed"),
+    [
+        ("flux", {"num_layers": 2, "num_single_layers": 2}, ["transformer_blocks.0"]),
+        ("sd3", {"num_layers": 4}, ["transformer_blocks.0"]),
+    ],
+)
+def test_dit_gradient_forward_checkpoints_the_blocks_before_the_last(
+    family, overrides, checkpointed, monkeypatch
+):
+    # the blocks before the last one the loss reads keep only their inputs and are recomputed in the
+    # backward: the same losses and images bit for bit as without, and with Attention Regulation
+    # (whose calls keep state) nothing is checkpointed
+    dit = tiny_pipeline(family, **overrides)
+    ran = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counted(function, *args, **kwargs):
+        ran.append(function.__self__)
+        return checkpoint(function, *args, **kwargs)
+
+    def run(*controls):
+        with attnctl.control(dit, attnctl.AStar(["cat", "frog"], iterations=2), *controls) as ctl:
+            images = _run(dit, family, num_inference_steps=3)
+        return images, [e["loss"] for e in ctl.log["AStar"]]
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    images, losses = run()
+    names = {name: m for name, m in dit.transformer.named_modules()}
+    assert {next(n for n, m in names.items() if m is block) for block in ran} == set(checkpointed)
+    assert len(ran) == len(losses) * len(checkpointed)  # once per gradient forward
+    with monkeypatch.context() as m:
+        m.setattr(guidance, "_checkpointed", lambda *a: contextlib.nullcontext())
+        plain_images, plain_losses = run()
+    assert losses == plain_losses and torch.equal(images, plain_images)
+    ran.clear()
+    run(attnctl.AttentionRegulation(["cat"]))
+    assert not ran
+    assert all("forward" not in vars(m) for m in dit.transformer.modules())  # the blocks as they were
+
+
+@pytest.mark.parametrize(
     "control", [attnctl.AttendAndExcite(["cat", "frog"], max_refinement=2), attnctl.AStar(["cat", "frog"])]
 )
 def test_gradient_forward_computes_only_what_the_loss_needs(pipe, control, monkeypatch):

@@ -40,6 +40,11 @@ CHUNK_ELEMENTS = 1 << 22
 class AttentionEdit:
     """What a control does inside attention calls. Override what you need; the rest stays a no-op."""
 
+    # Whether a call run again inside a control's gradient forward (a gradient checkpoint recomputes
+    # blocks during the backward) gives the same result and leaves the edit as it was: False for an
+    # edit that is active there and keeps state per call (Attention Regulation's optimisation).
+    replayable: bool = True
+
     def active(self, session: Any, layer: LayerInfo) -> bool:
         """Whether this edit takes part in the current call of `layer` (e.g. only on some steps)."""
         return True

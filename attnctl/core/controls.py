@@ -166,9 +166,11 @@ class Control:
         """Raise ValueError for what the fields' rules do not cover (override; call `check`)."""
 
     def install(self, session: Any) -> None:  # pragma: no cover - every control overrides this
+        """Put the control's edits, wrappers and hooks on the session (each control's own)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement install()")
 
     def to_dict(self) -> dict[str, Any]:
+        """The control as plain JSON data, `{"kind": ..., field: value, ...}` (`Control.from_dict` reads it)."""
         fields = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"kind": self.kind, **fields}
 

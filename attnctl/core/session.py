@@ -128,6 +128,7 @@ class Session:
 
     # ---- installing -------------------------------------------------------------------------
     def install(self, controls: tuple[Control, ...]) -> None:
+        """Check that the controls work on this pipeline and together, then install each; `control()` calls it."""
         self._check_not_controlled()
         self._check_not_fullgraph(controls)
         caches = [c for d in self.denoisers for c in caches_of(d)]
@@ -203,7 +204,12 @@ class Session:
         """Run `wrapper` around every denoiser call (its `after` in reverse order of adding)."""
         self.wrappers.append(wrapper)
 
+    def installed_edits(self) -> list[AttentionEdit]:
+        """Every attention edit installed, in any layer, each once."""
+        return list({id(e): e for edits in self._edits.values() for e in edits}.values())
+
     def edits_for(self, layer: LayerInfo) -> list[AttentionEdit]:
+        """The attention edits taking part in the current call of `layer`."""
         return [e for e in self._edits.get(layer.name, ()) if e.active(self, layer)]
 
     def wrap(self, owner: Any, attr: str, wrapper: Callable[[Callable], Callable]) -> None:
@@ -436,6 +442,7 @@ class Session:
 
     @property
     def num_steps(self) -> int:
+        """The number of denoising steps of the current run (0 before the scheduler is set)."""
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         return 0 if timesteps is None else len(timesteps)
 

@@ -75,6 +75,10 @@ CACHES = {
     "mag_cache_leader_block_hook": "MagCache",
 }
 _SKIPPED = "its gradient forward needs every block, which this cache skips or predicts from earlier steps"
+_REUSED = (
+    "the cache reuses attention outputs in place of the gradient forward's own: no map there, and no gradient "
+    "through the reused layers"
+)
 _BATCH = "the cache reuses attention outputs across denoiser calls whose batch the perturbed branch changes"
 _HALF = (
     "the cache runs some steps on the conditional half of the batch alone, which attnctl's rows do not follow"
@@ -87,6 +91,7 @@ CACHE_REFUSALS = {
         for c in ("FirstBlockCache", "TaylorSeerCache", "MagCache")
     },
     **{(m, "PyramidAttentionBroadcast"): _BATCH for m in ("SoftPAG", "PAG")},
+    **{(m, "PyramidAttentionBroadcast"): _REUSED for m in ("AttendAndExcite", "AStar")},
     **{(m, "FasterCache"): _HALF for m in METHODS if m != "DraftAttention"},
 }
 

@@ -30,18 +30,22 @@ class Processes:
 
     @property
     def index(self) -> int:
+        """This process's index, 0 to count - 1."""
         return self.state.process_index
 
     @property
     def count(self) -> int:
+        """The number of processes."""
         return self.state.num_processes
 
     @property
     def is_main(self) -> bool:
+        """Whether this is the process that writes reports and result files."""
         return self.state.is_main_process
 
     @property
     def device(self) -> torch.device:
+        """The device this process runs on."""
         return self.state.device
 
     def shard(self, items: Sequence[T]) -> list[T]:

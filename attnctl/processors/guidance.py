@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from ..core.attention import AttentionCall, AttentionEdit, overrides
 from ..core.controls import Control, check, param
@@ -255,6 +256,7 @@ class _Collector(AttentionEdit):
         self.layers = layers
         self.columns: list[int] = []
         self.recording = False
+        self.replaying = False  # a checkpointed block recomputed in the backward: the same maps, unrecorded
         self.total: torch.Tensor | None = None
         self.count = 0
         self.seen: set[str] = set()
@@ -267,13 +269,13 @@ class _Collector(AttentionEdit):
         self.recording = False
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
-        return self.recording and self.layers.includes(session, layer)
+        return (self.recording or self.replaying) and self.layers.includes(session, layer)
 
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
         """At the last layer the loss reads only its maps are needed: record them and end the forward
         before the attention output is computed. Not where another edit changes this call's
         probabilities: they exist only after the kernel (`attend`), and `observe` reads them there."""
-        if not call.cond_rows:  # a kernel call of other rows only (a processor that runs row by row)
+        if not call.cond_rows or self.replaying:  # other rows only (a processor that runs row by row)
             return None
         last = self.seen | {call.layer.name} >= self.layers.names(call.session)
         if last and not any(overrides(e, "logit_bias") or overrides(e, "post_softmax") for e in call.edits):
@@ -286,6 +288,8 @@ class _Collector(AttentionEdit):
         layout = call.layout
         probs = call.text_probs(self.columns)  # [images, N, C]
         maps = probs.reshape(probs.shape[0], layout.frames * layout.height, layout.width, len(self.columns))
+        if self.replaying:
+            return  # the recomputation needs the same operations, not another record
         if self.total is not None and maps.shape != self.total.shape:
             raise ValueError(
                 f"guidance layers must share one map size; {call.layer.name} has {tuple(maps.shape[1:3])}, "
@@ -421,7 +425,8 @@ class _Guide(DenoiserWrapper):
             args, kwargs = latent_input(session, *inputs)[1](x)  # a list latent's rows: views of x
             self.collector.start(union)
             try:
-                module(*args, **kwargs)
+                with _checkpointed(session, module, self.collector):
+                    module(*args, **kwargs)
             except _MapsRecorded:
                 pass  # every map the loss reads is recorded; the rest of the denoiser cannot change it
             finally:
@@ -433,8 +438,60 @@ class _Guide(DenoiserWrapper):
                 maps = normalize_concept_maps(attn[row], groups, softmax, smooth=self.spec.smooth)
                 losses.append(self.spec._loss(maps, self.states[i]))
             # each loss depends on its own row of x only, so the gradient of the sum is each one's own
-            (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
+            self.collector.replaying = True
+            try:
+                (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
+            finally:
+                self.collector.replaying = False
         return [float(v) for v in losses], grad
+
+
+@contextlib.contextmanager
+def _checkpointed(session: Any, module: torch.nn.Module, collector: _Collector) -> Iterator[None]:
+    """On a DiT, the gradient forward keeps only the inputs of the blocks before the last one it reads
+    and recomputes each block in the backward (torch.utils.checkpoint), so its memory is about one
+    block's activations whatever the depth, for one more forward of those blocks. Exact: the
+    recomputation runs the same operations (the collector repeats its maps unrecorded). Not where an
+    edit active in the gradient forward keeps state per call (`AttentionEdit.replayable`), not for a
+    block with diffusers' hooks inside (`_hooked`), nor on a UNet, whose early exit leaves little to
+    keep."""
+    layers = session.layers
+    names = collector.layers.names(session)
+    dit = all(layer.downsample == 1 for layer in layers)
+    if not dit or not names or not all(e.replayable for e in session.installed_edits()):
+        yield
+        return
+    last = max((layer for layer in layers if layer.name in names), key=lambda layer: layer.index).block
+    blocks = list(dict.fromkeys(layer.block for layer in layers))
+    patched = []
+    for path in blocks[: blocks.index(last)]:
+        block = module.get_submodule(path)
+        if isinstance(block, (torch.nn.ModuleList, torch.nn.ModuleDict)) or _hooked(block):
+            continue
+        own = block.__dict__.get("forward")  # a forward set on the instance (diffusers' hooks), else None
+        block.forward = _checkpoint_call(block.forward)
+        patched.append((block, own))
+    try:
+        yield
+    finally:
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
+def _hooked(block: torch.nn.Module) -> bool:
+    """Whether diffusers' hooks act inside the block (caches, offload): they count or move per call,
+    and a recomputation would call them again."""
+    return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in block.modules())
+
+
+def _checkpoint_call(forward: Callable) -> Callable:
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed
 
 
 @contextlib.contextmanager

@@ -105,10 +105,12 @@ class Region:
         check_number("scale", self.scale, low=0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The region as plain JSON data (`Region.from_dict` reads it)."""
         return {**dataclasses.asdict(self), "box": list(self.box)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Region:
+        """A region from `to_dict()` data, validated as the constructor does."""
         return cls(**data)
 
 

@@ -45,6 +45,7 @@ class AttentionMaps(Control):
         session.add_edit(layers, _Recorder(self, store))
 
     def words(self, prompt: str) -> list[str]:
+        """The words recorded for `prompt`: `tokens`, else every word of the prompt in order."""
         if self.tokens is not None:
             return list(self.tokens)
         return list(dict.fromkeys(re.findall(r"[\w'-]+", prompt)))

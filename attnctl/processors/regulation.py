@@ -87,6 +87,8 @@ class AttentionRegulation(Control):
 
 
 class _Regulator(AttentionEdit):
+    replayable = False  # each call optimises the layer's weights from where the last one left them
+
     def __init__(self, spec: AttentionRegulation, layers: WorkingLayers | None, columns: Callable):
         self.spec = spec
         self.layers = layers  # None: the plain processor, which decides per call itself
@@ -94,6 +96,7 @@ class _Regulator(AttentionEdit):
         self.states: dict[str, RegulationState] = {}
 
     def reset(self, session: Any) -> None:
+        """Forget the optimised weights of every layer (a new generation starts)."""
         self.states.clear()
 
     def active(self, session: Any, layer: LayerInfo) -> bool:
