@@ -1,7 +1,7 @@
 """Diagnostic: Attend-and-Excite and A-STAR at smaller step sizes than the papers' 20 on the testbed.
 
 The papers tuned `scale` = 20 on SD's 4x64x64 latent; the bundled model's latent is 4x16x16. The
-same prompts and seeds as `attnctl bench compose --sizes 2,3 --prompts 6 --seeds 2` (24 samples per
+same prompts and seeds as `attnctl bench compose --sizes 2,3 --num-prompts 6 --seeds 2` (24 samples per
 method), all methods run on each sample in turn.
 
     python benchmarks/compose_step_size.py   # writes benchmarks/results/compose_step_size.json

@@ -138,7 +138,7 @@ def test_bench_layout_command(tmp_path):
     out = tmp_path / "layout.json"
     result = runner.invoke(
         app,
-        ["bench", "layout", "--method", "none,crop_merge", "--sizes", "2", "--prompts", "1", "--seeds", "1",
+        ["bench", "layout", "--method", "none,crop_merge", "--sizes", "2", "--num-prompts", "1", "--seeds", "1",
          "--steps", "2", "--json", str(out), "--quiet"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -323,7 +323,7 @@ def test_list_options_take_commas_and_repeats(tmp_path):
     [
         (["generate", "a red circle", "--threads", "0"], "error: Invalid value for '--threads'"),
         (["testbed", "train", "--ground-weight", "-1"], "error: Invalid value for '--ground-weight'"),
-        (["bench", "compose", "--prompts", "abc"], "error: Invalid value for '--prompts'"),
+        (["bench", "compose", "--num-prompts", "abc"], "error: Invalid value for '--num-prompts'"),
         (["bogus"], "error: No such command 'bogus'."),
     ],
 )

@@ -62,7 +62,7 @@ def test_head_search_on_two_processes_equals_one(tmp_path, tiny_clip_path):
 
 
 def test_bench_compose_on_two_processes_equals_one(tmp_path):
-    args = ["bench", "compose", "--method", "none,pag", "--sizes", "2,3", "--prompts", "1", "--seeds", "2"]
+    args = ["bench", "compose", "--method", "none,pag", "--sizes", "2,3", "--num-prompts", "1", "--seeds", "2"]
     args += ["--steps", "2", "--quiet"]
     _attnctl(*args, "--json", "one.json", processes=1, cwd=tmp_path)
     log = _attnctl(*args, "--json", "two.json", processes=2, cwd=tmp_path)

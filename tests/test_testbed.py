@@ -181,9 +181,12 @@ def test_bench_compose_writes_json(tmp_path):
     out = tmp_path / "compose.json"
     result = CliRunner().invoke(
         app,
+        # --prompts: the count's old name, a hidden alias of --num-prompts for one release
         ["bench", "compose", "--prompts", "1", "--seeds", "2", "--steps", "2", "--json", str(out), "--quiet"],
     )
     assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(app, ["bench", "compose", "--help"]).output
+    assert "--num-prompts" in shown and "--prompts " not in shown
     report = json.loads(out.read_text())
     assert report["config"]["methods"] == ["none"] and len(report["records"]) == 6
     for group in ("1", "2", "3", "2+3", "overall"):

@@ -17,6 +17,9 @@ app = typer.Typer(no_args_is_help=True, help="Performance and quality benchmarks
 
 # The options every testbed benchmark (compose, maps, layout) takes, declared once.
 _JSON = typer.Option(None, "--json", help="Write the report (summary + records) here.")
+# `--prompts` was this count before it became `--num-prompts` (`generate` and `headhunter` take
+# `--prompts FILE`); kept for one release, hidden.
+_OLD_PROMPTS = typer.Option(None, "--prompts", min=1, hidden=True)
 _MODEL = typer.Option(None, help="Pipeline folder (default: the bundled shapes model).")
 _STEPS = typer.Option(25, min=1, help="Denoising steps.")
 _GUIDANCE = typer.Option(7.5, min=0.0, help="Classifier-free guidance scale.")
@@ -32,8 +35,9 @@ def compose(
     ),
     sizes: str = typer.Option("1,2,3", help="Object counts to test, comma-separated."),
     prompts: int = typer.Option(
-        12, min=1, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."
+        12, "--num-prompts", min=1, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."
     ),
+    old_prompts: int | None = _OLD_PROMPTS,
     seeds: int = typer.Option(4, min=1, help="Seeds per prompt."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
@@ -50,6 +54,7 @@ def compose(
     from attnctl.testbed.bench import format_table, run_compose
 
     counts = _prepare(sizes, json_out, model, threads)
+    prompts = old_prompts or prompts
     with processes() as procs:
         _run_and_report(
             run_compose,
@@ -69,7 +74,10 @@ def compose(
 
 def maps(
     sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
-    prompts: int = typer.Option(12, min=1, help="Prompts per object count from the fixed held-out lists."),
+    prompts: int = typer.Option(
+        12, "--num-prompts", min=1, help="Prompts per object count from the fixed held-out lists."
+    ),
+    old_prompts: int | None = _OLD_PROMPTS,
     seeds: int = typer.Option(2, min=1, help="Seeds per prompt."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
@@ -82,6 +90,7 @@ def maps(
     from attnctl.testbed.localisation import format_maps, run_maps
 
     counts = _prepare(sizes, json_out, model, threads)
+    prompts = old_prompts or prompts
     _run_and_report(
         run_maps,
         format_maps,
@@ -104,8 +113,9 @@ def layout(
     ),
     sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
     prompts: int = typer.Option(
-        10, min=1, help="Prompts per object count from the fixed held-out lists (cycled)."
+        10, "--num-prompts", min=1, help="Prompts per object count from the fixed held-out lists (cycled)."
     ),
+    old_prompts: int | None = _OLD_PROMPTS,
     seeds: int = typer.Option(10, min=1, help="Seeds per prompt; each seed also draws the boxes."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
@@ -118,6 +128,7 @@ def layout(
     from attnctl.testbed.placement import format_placement, run_placement
 
     counts = _prepare(sizes, json_out, model, threads)
+    prompts = old_prompts or prompts
     _run_and_report(
         run_placement,
         format_placement,
