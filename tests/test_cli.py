@@ -341,3 +341,22 @@ def test_a_bare_command_group_prints_its_help_and_no_error(capsys):
             main(args)
         out, err = capsys.readouterr()
         assert done.value.code == 0 and "Usage" in out and "error" not in err, args
+
+
+def test_threads_default_to_one_for_a_small_model(tmp_path, monkeypatch):
+    """A model under SMALL_MODEL denoiser parameters runs on one thread unless --threads says otherwise;
+    a large one keeps torch's own choice."""
+    import torch
+
+    from attnctl.cli import common
+
+    base = ["generate", "a cat", "--model", "tiny:sd", "--steps", "1", "--out", str(tmp_path)]
+    try:
+        torch.set_num_threads(2)
+        assert runner.invoke(app, base).exit_code == 0 and torch.get_num_threads() == 1
+        assert runner.invoke(app, [*base, "--threads", "2"]).exit_code == 0 and torch.get_num_threads() == 2
+        monkeypatch.setattr(common, "SMALL_MODEL", 1)  # every model counts as large
+        torch.set_num_threads(2)
+        assert runner.invoke(app, base).exit_code == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

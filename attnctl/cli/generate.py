@@ -7,7 +7,16 @@ from typing import Any
 
 import typer
 
-from .common import MODEL_HELP, check_output, check_size, fail, load_model, read_controls, read_prompts
+from .common import (
+    MODEL_HELP,
+    THREADS_HELP,
+    check_output,
+    check_size,
+    fail,
+    load_model,
+    read_controls,
+    read_prompts,
+)
 
 
 def generate(
@@ -29,9 +38,7 @@ def generate(
     guidance: float | None = typer.Option(
         None, "--guidance", min=0.0, help="Guidance scale (default: the pipeline's)."
     ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
-    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     region: list[str] | None = typer.Option(
         None,
         "--region",
@@ -50,13 +57,10 @@ def generate(
     With --prompts, one image per line of the file: <index>.png (and
     <index>_maps.png, <index>_layout.png). Under `accelerate launch` the prompts are shared out
     among the processes and each image is written once."""
-    import torch
 
     import attnctl
     from attnctl.headhunter.distributed import processes
 
-    if threads:
-        torch.set_num_threads(threads)
     words = [w.strip() for w in maps.split(",") if w.strip()] if maps else []
     if maps is not None and not words:
         raise typer.BadParameter(
@@ -76,7 +80,7 @@ def generate(
         mine = procs.shard(list(enumerate(texts)))
         if not mine:
             return
-        pipe = procs.to_device(load_model(model))
+        pipe = procs.to_device(load_model(model, threads=threads))
         check_size(pipe, height=height, width=width)
         from attnctl.pipelines import call_defaults
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import MODEL_HELP, check_output, fail, load_model, read_prompts, split_commas
+from .common import MODEL_HELP, THREADS_HELP, check_output, fail, load_model, read_prompts, split_commas
 
 
 def headhunter(
@@ -46,9 +46,7 @@ def headhunter(
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Skip the candidates --out already scored."
     ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
-    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """HeadHunter: greedy search for the heads whose perturbation guides best.
 
@@ -57,14 +55,11 @@ def headhunter(
     the top k. --out is rewritten after every candidate (a rerun resumes);
     SoftPAG(heads=OUT, top=N) reads it. Under `accelerate launch` the
     candidates are shared out among the processes."""
-    import torch
 
     from attnctl.headhunter import candidate_heads, objective_from_name, processes, search, testbed
     from attnctl.pipelines import call_defaults
     from attnctl.testbed.data import parse_caption, search_prompts
 
-    if threads:
-        torch.set_num_threads(threads)
     texts = search_prompts() if prompts is None else read_prompts(prompts)
     check_output(out, "--out")
     with processes() as procs:
@@ -73,7 +68,7 @@ def headhunter(
             if score is testbed:
                 for text in texts:  # before any generation
                     parse_caption(text)
-            pipe = procs.to_device(load_model(model))
+            pipe = procs.to_device(load_model(model, threads=threads))
             patterns = [int(x) if x.isdigit() else x for x in split_commas(layers)] if layers else None
             result = search(
                 pipe,

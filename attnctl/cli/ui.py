@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import MODEL_HELP, fail, load_model, read_controls
+from .common import MODEL_HELP, THREADS_HELP, fail, load_model, read_controls
 
 
 def ui(
@@ -21,9 +21,7 @@ def ui(
     prompt: str = typer.Option(
         "a red circle and a blue square", "--prompt", help="The prompt the page opens with."
     ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="torch threads (default: torch's own choice)."
-    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     max_pixels: int = typer.Option(
         1024 * 1024, "--max-pixels", min=1, help="Largest height x width a request may ask."
     ),
@@ -46,15 +44,12 @@ def ui(
             'the web demo needs Gradio, in attnctl\'s ui extra: pip install "attnctl[ui]" '
             '(in a clone: pip install -e ".[ui]")'
         )
-    import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     controls = read_controls(controls_file) if controls_file else []
     from attnctl.ui import launch
     from attnctl.ui.app import Limits
 
-    pipe = load_model(model)
+    pipe = load_model(model, threads=threads)
     try:
         limits = Limits(max_pixels, max_steps, max_frames, max_iterations, max_seconds)
         launch(model, pipe=pipe, host=host, port=port, prompt=prompt, controls=controls, limits=limits)
