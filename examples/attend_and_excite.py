@@ -5,9 +5,11 @@ python examples/attend_and_excite.py
 
 from pathlib import Path
 
-from _common import compare
+from _common import compare, setup
 
 import attnctl
+
+setup(__doc__)
 
 words = ["circle", "square", "triangle"]
 compare(

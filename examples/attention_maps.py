@@ -6,11 +6,13 @@ python examples/attention_maps.py
 from pathlib import Path
 
 import torch
+from _common import bundled_pipeline, setup
 
 import attnctl
-from attnctl.pipelines import load_pipeline
 
-pipe = load_pipeline()
+setup(__doc__)
+
+pipe = bundled_pipeline()
 prompt = "a yellow triangle and a blue circle"
 with attnctl.control(pipe, attnctl.AttentionMaps()) as ctl:  # every word of the prompt
     image = pipe(prompt, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images[0]

@@ -10,11 +10,13 @@ python examples/layout.py
 
 from pathlib import Path
 
-from _common import compare
+from _common import compare, setup
 from PIL import Image
 
 import attnctl
 from attnctl.processors.layout import render_layout
+
+setup(__doc__)
 
 prompt = "a red circle and a blue square"
 regions = [

@@ -6,9 +6,11 @@ python examples/softpag.py
 
 from pathlib import Path
 
-from _common import compare
+from _common import compare, setup
 
 import attnctl
+
+setup(__doc__)
 
 prompt = "a red circle and a blue square"
 words = ["circle", "square"]

@@ -38,22 +38,9 @@ def _entry(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    _quiet_third_party()
+    from attnctl.pipelines import quiet
 
-
-def _quiet_third_party() -> None:
-    """Commands print only what the user asked for: no diffusers/transformers notices, deprecation
-    warnings or loading bars. Only the command does this; attnctl used from Python leaves them be."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
+    quiet()  # commands print only what the user asked for
 
 
 def main(args: list[str] | None = None) -> None:

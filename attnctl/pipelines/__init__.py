@@ -10,6 +10,23 @@ import torch
 TINY_PREFIX = "tiny:"
 
 
+def quiet() -> None:
+    """Print only what you ask for: diffusers' and transformers' notices and loading bars off (errors
+    still show), future and deprecation warnings hidden. Process-wide; the `attnctl` command and the
+    examples call it, attnctl itself never does. Denoising bars are per pipeline:
+    `pipe.set_progress_bar_config(disable=True)`."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def load_pipeline(
     model: str | Path | None = None, *, dtype: torch.dtype | None = None, device: str | None = None
 ) -> Any:

@@ -214,6 +214,7 @@ class AttentionRegulationProcessor:
         )  # fmt: skip
 
     def reset(self) -> None:
+        """Start over, as for a new generation: the per-layer call counts and optimised weights go."""
         self._calls: dict[int, int] = {}
         self._edit = _Regulator(self.spec, None, self._fixed_columns)
 
