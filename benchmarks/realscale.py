@@ -10,6 +10,8 @@ warm-up call; plain runs before and after the variants, and every ratio is again
 flux: FLUX.1's attention width (24 heads x 128) with 2 double- and 2 single-stream blocks, 4,096
 image tokens (1024 px) and 512 text tokens, bf16, one denoising step, latent output. The text
 encoders are attnctl's tiny ones (their cost is not under test), so the context embedding is 32 wide.
+sd15: SD 1.5's UNet (the whole of it) at 512 px (a 64x64 latent), fp32, CFG, one step; tiny text encoder
+(77 tokens, 32 wide) and VAE.
 wan: Wan 2.1 1.3B's width (12 heads x 128, feed-forward 8,960) with 2 of its 30 blocks, 480x832 px
 and 81 frames (32,760 video tokens), 512 text tokens, CFG, bf16, one step; tiny text encoder and VAE.
 DraftAttention is measured on a sparse step (dense_steps=0; the first block dense, as the paper).
@@ -42,6 +44,22 @@ MODELS = {
         "depth": {"num_layers": 19, "num_single_layers": 38},
         "call": {"height": 256, "width": 256, "max_sequence_length": 512},  # tiny VAE: 4 px a token side
         "dtype": "bfloat16",
+        "variants": ("plain", "maps", "regulation", "excite", "astar", "softpag", "layout"),
+    },
+    "sd15": {
+        "family": "sd",
+        "config": {  # SD 1.5's UNet; cross-attention from the tiny text encoder's 32-wide states
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "layers_per_block": 2,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+            "sample_size": 64,
+        },
+        "depth": {},
+        "call": {"height": 128, "width": 128, "guidance_scale": 7.5},  # tiny VAE: 2 px a latent side
+        "dtype": "float32",
         "variants": ("plain", "maps", "regulation", "excite", "astar", "softpag", "layout"),
     },
     "wan": {

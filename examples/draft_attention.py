@@ -1,9 +1,10 @@
 """DraftAttention on a tiny Wan video model (untrained, offline): block-sparse video attention, same call.
 
 At 16,384 video tokens (61 frames of 512x512) attention is most of the work, and skipping 90% of
-its blocks shows: the sparse run is about twice as fast as the dense one here. At a few thousand
-tokens the draft, block selection and permutations cost about what they save, and there is no
-speedup (the docs' DraftAttention page charts both).
+its blocks shows. On 2 shared CPU cores it printed "dense 307.4 s, DraftAttention(0.9) 191.2 s:
+1.61x, PSNR 42.2 dB" (the first of the 4 steps and the first block stay dense, as in the paper; a
+few minutes in all). At a few thousand tokens the draft, block selection and permutations cost
+about what they save, and there is no speedup (the docs' DraftAttention page charts both).
 
 python examples/draft_attention.py
 """
