@@ -185,3 +185,58 @@ def test_malformed_controls_json_is_one_value_error(text):
 def test_repeated_concepts_name_the_field():
     with pytest.raises(ValueError, match=r"concepts=\['cat', 'Cat'\] is not allowed: distinct words"):
         attnctl.AStar(["cat", "Cat"])
+
+
+# ---- found by the bad-input audit (benchmarks/audit.py) ----------------------------------------------
+@pytest.mark.parametrize("value", [1e39, 1e300])
+def test_numbers_past_float32_name_the_field(value):
+    """The models compute in float32 (or less): a larger number would be inf there (a NaN image, or
+    a RuntimeError converting it)."""
+    with pytest.raises(ValueError, match=r"^lr=.* is not allowed: a finite number in \(0, 3\.4e\+38\]"):
+        attnctl.AttentionRegulation(["cat"], lr=value)
+    attnctl.AttentionRegulation(["cat"], lr=3.4e38)  # the largest allowed
+
+
+def test_a_json_number_of_too_many_digits_is_a_json_error():
+    text = '[{"kind": "AStar", "concepts": ["cat"], "scale": ' + "9" * 5000 + "}]"
+    with pytest.raises(ValueError, match=r"^controls are not valid JSON: a number of more than \d+ digits$"):
+        Control.list_from_json(text)
+
+
+def test_long_values_are_shortened_in_messages():
+    for make in (
+        lambda: attnctl.AStar([""] * 100_000),
+        lambda: Control.from_dict({"kind": "x" * 100_000}),
+        lambda: Control.from_dict({"kind": "AStar", "concepts": ["cat"], "y" * 100_000: 1}),
+    ):
+        with pytest.raises(ValueError) as err:
+            make()
+        message = str(err.value)
+        assert len(message) < 1000 and "\n" not in message and "characters)" in message
+
+
+@pytest.mark.parametrize(
+    "thresholds",
+    [{"²": 0.5}, {"0": True}, {"99999999999999999999": 0.5}, {"1.5": 0.5}, {"0": float("nan")}],
+)
+def test_bad_refinement_thresholds_name_the_field(thresholds):
+    with pytest.raises(ValueError, match="^thresholds="):
+        attnctl.AttendAndExcite(["cat"], thresholds=thresholds)
+    text = json.dumps([{"kind": "AttendAndExcite", "tokens": ["cat"], "thresholds": thresholds}])
+    with pytest.raises(ValueError, match="^thresholds="):
+        Control.list_from_json(text)
+
+
+@pytest.mark.parametrize("pool", [(10**30, 8), (8, 2**63)])
+def test_draft_pool_and_blocks_are_64_bit_integers(pool):
+    with pytest.raises(ValueError, match="^pool="):
+        attnctl.DraftAttention(pool=pool)
+    with pytest.raises(ValueError, match="^dense_blocks="):
+        attnctl.DraftAttention(dense_blocks=(10**30,))
+
+
+def test_a_long_word_not_in_the_prompt_is_shortened():
+    pipe = tiny_pipeline("sd")
+    with pytest.raises(ValueError) as err:
+        _generate(pipe, attnctl.AttentionMaps(["x" * 10_000]))
+    assert len(str(err.value)) < 1000 and "is not in the prompt" in str(err.value)

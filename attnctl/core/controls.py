@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, ClassVar
 
 _REGISTRY: dict[str, type[Control]] = {}
@@ -18,6 +19,8 @@ _REGISTRY: dict[str, type[Control]] = {}
 KINDS = ("number", "integer", "bool", "choice", "text", "words", "layers", "steps", "regions", "data")
 # Integers are bounded by what torch and numpy take (seeds, counts): a signed 64-bit integer.
 INT_MAX = 2**63 - 1
+# Numbers are bounded by what the models compute in: float32 (a larger value would be inf there).
+FLOAT_MAX = 3.4e38
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +186,15 @@ class Control:
         data = dict(data)
         kind = data.pop("kind", None)
         if not isinstance(kind, str) or kind not in _REGISTRY:
-            raise ValueError(f"unknown control kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}")
+            raise ValueError(
+                f"unknown control kind {shown(kind)}; known kinds: {', '.join(sorted(_REGISTRY))}"
+            )
         cls = _REGISTRY[kind]
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in data if k not in names]
         if unknown:
             raise ValueError(
-                f"{kind} has no field {', '.join(map(repr, unknown))}; its fields: {', '.join(names)}"
+                f"{kind} has no field {', '.join(map(shown, unknown))}; its fields: {', '.join(names)}"
             )
         return cls(**data)
 
@@ -218,6 +223,9 @@ class Control:
             raise ValueError(f"controls are not valid JSON: {e}") from None
         except RecursionError:
             raise ValueError("controls are not valid JSON: nested too deeply") from None
+        except ValueError:  # Python reads integers of at most sys.get_int_max_str_digits() digits
+            digits = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+            raise ValueError(f"controls are not valid JSON: a number of more than {digits} digits") from None
         data = [data] if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise ValueError(f"controls must be a JSON list of control dicts, got {type(data).__name__}")
@@ -247,7 +255,16 @@ def _num(x: float) -> str:
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:
     """Raise the project's standard error for a bad field: `name=value: allowed`."""
     if not ok:
-        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+        raise ValueError(f"{name}={shown(value)} is not allowed: {allowed}")
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """`repr(value)` for an error message: at most `limit` characters (then its length)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def check_words(name: str, words: Any, *, allow_none: bool = False, min_len: int = 1) -> None:
@@ -283,10 +300,13 @@ def _in_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> bool:
-    """A finite number (an integer within INT_MAX either way) between the bounds."""
+    """A finite number between the bounds: an int within INT_MAX either way (what torch takes), a
+    float within FLOAT_MAX (float32's range)."""
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         return False
-    if not math.isfinite(value) if isinstance(value, float) else abs(value) > INT_MAX:
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT_MAX):
+        return False
+    if isinstance(value, int) and abs(value) > INT_MAX:
         return False
     if low is not None and (value <= low if low_open else value < low):
         return False
@@ -296,11 +316,11 @@ def _in_range(
 def _range_rule(
     integer: bool, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
 ) -> str:
-    """The words of a range: "a finite number in [0, inf)", "an integer in [1, 1000]"."""
+    """The words of a range: "a finite number in [0, 3.4e+38]", "an integer in [1, 1000]"."""
     if integer:
         lo = _num(-INT_MAX) if low is None else _num(low)
         hi = _num(INT_MAX) if high is None else _num(high)
         return f"an integer in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
-    lo = "(-inf" if low is None else f"{'(' if low_open else '['}{_num(low)}"
-    hi = "inf)" if high is None else f"{_num(high)}{')' if high_open else ']'}"
+    lo = "[-3.4e+38" if low is None else f"{'(' if low_open else '['}{_num(low)}"
+    hi = "3.4e+38]" if high is None else f"{_num(high)}{')' if high_open else ']'}"
     return f"a finite number in {lo}, {hi}"

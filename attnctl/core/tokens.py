@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .controls import shown
+
 __all__ = [
     "TokenNotFoundError",
     "TokenTruncatedError",
@@ -71,10 +73,10 @@ def token_positions(
 
     matches = [(len(head) + start, len(head) + end) for start, end in word_spans(prompt, word)]
     if not matches:
-        raise TokenNotFoundError(f"{word!r} is not in the prompt; {_listing(tokenizer, prompt)}")
+        raise TokenNotFoundError(f"{shown(word)} is not in the prompt; {_listing(tokenizer, prompt)}")
     if not -len(matches) <= occurrence < len(matches):
         raise TokenNotFoundError(
-            f"occurrence={occurrence} of {word!r} is out of range: the prompt has {len(matches)}; "
+            f"occurrence={occurrence} of {shown(word)} is out of range: the prompt has {len(matches)}; "
             f"{_listing(tokenizer, prompt)}"
         )
     start, end = matches[occurrence]
@@ -83,7 +85,7 @@ def token_positions(
     ids, offsets, special = _encode(tokenizer, text)
     positions = [i for i, (s, e) in enumerate(offsets) if not special[i] and s < end and e > start]
     if not positions:  # e.g. the word became part of a token that spans other text only
-        raise TokenNotFoundError(f"{word!r} has no tokens of its own; {_listing(tokenizer, prompt)}")
+        raise TokenNotFoundError(f"{shown(word)} has no tokens of its own; {_listing(tokenizer, prompt)}")
     # Sentencepiece may emit the word-start mark "▁" as a token of its own before the word's pieces;
     # it belongs to the word.
     first = positions[0] - 1
@@ -96,7 +98,7 @@ def token_positions(
         lost = [p for p in positions if p >= len(kept) or kept[p] != ids[p]]
         if lost:
             raise TokenTruncatedError(
-                f"{word!r} (token positions {positions}) was truncated away: the pipeline keeps only "
+                f"{shown(word)} (token positions {positions}) was truncated away: the pipeline keeps only "
                 f"the first {limit} tokens; {_listing(tokenizer, prompt)}"
             )
     return positions

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..core.attention import AttentionCall, AttentionEdit
-from ..core.controls import Control, check, param
+from ..core.controls import Control, _in_range, check, param
 from ..core.session import in_steps
 from ..families.base import LayerInfo, sdpa
 from ..kernels import BACKENDS, draft_attention
@@ -64,11 +64,11 @@ class DraftAttention(Control):
 
     def validate(self) -> None:
         ok = isinstance(self.pool, (list, tuple)) and len(self.pool) == 2
-        ok = ok and all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in self.pool)
+        ok = ok and all(_in_range(p, True, 1, None) for p in self.pool)
         check(ok, "pool", self.pool, "two integers >= 1: (rows, columns) of a draft region")
         self.pool = tuple(self.pool)
         ok = isinstance(self.dense_blocks, (list, tuple)) and all(
-            isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.dense_blocks
+            _in_range(b, True, 0, None) for b in self.dense_blocks
         )
         check(ok, "dense_blocks", self.dense_blocks, "a list of block indices >= 0 (may be empty)")
         self.dense_blocks = tuple(self.dense_blocks)

@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..core.attention import AttentionCall, AttentionEdit, overrides
-from ..core.controls import Control, check, param
+from ..core.controls import Control, _in_range, check, param
 from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
 from ..core.layers import WorkingLayers
 from ..core.session import PerGeneration, in_steps
@@ -131,8 +131,7 @@ class AttendAndExcite(Control):
 
     def validate(self) -> None:
         ok = isinstance(self.thresholds, dict) and all(
-            isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and 0 <= v <= 1
-            for k, v in self.thresholds.items()
+            _in_range(k, True, 0, None) and _in_range(v, False, 0, 1) for k, v in self.thresholds.items()
         )
         check(ok, "thresholds", self.thresholds, "a dict {step index >= 0: threshold in [0, 1]}")
 
@@ -140,7 +139,8 @@ class AttendAndExcite(Control):
         # JSON turns int keys into strings; take them back
         if isinstance(self.thresholds, dict):
             self.thresholds = {
-                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in self.thresholds.items()
+                int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
+                for k, v in self.thresholds.items()
             }
         super().__post_init__()
 
