@@ -316,7 +316,10 @@ def test_resolved_layers_carry_their_heads():
 
 
 def test_layer_selection_errors_list_available_layers():
-    with pytest.raises(ValueError, match=r"no attention layer matches[\s\S]*blocks\.11\.attn2"):
+    with pytest.raises(
+        ValueError,
+        match=r"^layers=\[.blocks\.99.\] is not allowed: no attention layer matches; [^\n]*blocks\.11\.attn2",
+    ):
         LayerSelection(("blocks.99",)).resolve(_layers())
     with pytest.raises(ValueError, match="^kinds="):
         LayerSelection(kinds=("sideways",))
@@ -324,6 +327,12 @@ def test_layer_selection_errors_list_available_layers():
         LayerSelection(heads=(7,)).resolve(_layers())
     with pytest.raises(ValueError, match="^layers=99"):
         LayerSelection((99,)).resolve(_layers())
+    with pytest.raises(ValueError) as err:  # a control's layers of the wrong kind: one line, its kinds
+        with attnctl.control(tiny_pipeline("sd"), attnctl.PAG(["attn2"])):
+            pass
+    message = str(err.value)
+    assert message.startswith("layers=['attn2'] is not allowed: no self or joint attention layer matches")
+    assert "\n" not in message and "LayerSelection" not in message and "mid_block" in message
 
 
 def test_real_unet_layer_names_resolve():

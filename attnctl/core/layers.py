@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..families.base import KINDS, LayerInfo
-from .controls import check
+from .controls import check, shown
+
+MAX_LISTED = 40  # layers named in a "no layer matches" error; `attnctl layers` lists every one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +70,7 @@ class LayerSelection:
                     chosen |= {layer.name for layer in pool if _matches(layer.name, p)}
             pool = [layer for layer in pool if layer.name in chosen]
         if not pool:
-            raise ValueError(
-                f"no attention layer matches {self}; available layers:\n" + format_layers(layers)
-            )
+            raise ValueError(self._nothing_matches(layers))
         if self.heads is not None:
             too_many = [layer.name for layer in pool if max(self.heads) >= layer.heads]
             check(not too_many, "heads", list(self.heads), f"head indices below the heads of {too_many[:3]}")
@@ -79,6 +79,20 @@ class LayerSelection:
             SelectedLayer(**{f: getattr(layer, f) for f in fields}, selected_heads=self.heads)
             for layer in pool
         ]
+
+    def _nothing_matches(self, layers: Sequence[LayerInfo]) -> str:
+        """One line: what was asked, and the layers of the asked kinds there are (the first ones)."""
+        kinds = " or ".join(self.kinds) if self.kinds is not None else ""
+        asked = "every layer" if self.patterns is None else f"layers={shown(list(self.patterns))}"
+        there = [layer for layer in layers if self.kinds is None or layer.kind in self.kinds]
+        if not there:
+            return f"{asked} is not allowed: this model has no {kinds} attention layer"
+        names = ", ".join(layer.name for layer in there[:MAX_LISTED])
+        more = f" and {len(there) - MAX_LISTED} more" if len(there) > MAX_LISTED else ""
+        return (
+            f"{asked} is not allowed: no {kinds + ' ' if kinds else ''}attention layer matches; this model's "
+            f"{kinds + ' ' if kinds else ''}layers: {names}{more} (`attnctl layers MODEL` lists them)"
+        )
 
     def __str__(self) -> str:
         parts = []
@@ -96,12 +110,6 @@ def _matches(name: str, pattern: str) -> bool:
     parts = name.split(".")
     prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)
-
-
-def format_layers(layers: Sequence[LayerInfo]) -> str:
-    return "\n".join(
-        f"  [{layer.index}] {layer.name}  ({layer.kind}, {layer.heads} heads)" for layer in layers
-    )
 
 
 def working_layers(
