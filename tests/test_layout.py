@@ -87,6 +87,8 @@ def test_layout_round_trips_through_json():
         ((0.0, 0.0, 1.0, 1.5), "outside [0, 1]"),
         ((0.0, 0.0, 1.0), "0 <= x0 < x1 <= 1"),
         ("0,0,1,1", "0 <= x0 < x1 <= 1"),
+        ((0, 0, 10**400, 1), "0 <= x0 < x1 <= 1"),  # an int past any float: no OverflowError
+        ((0, 0, float("nan"), 1), "0 <= x0 < x1 <= 1"),
     ],
 )
 def test_bad_boxes_name_the_value(box, message):
@@ -114,6 +116,30 @@ def test_region_and_layout_validation():
         attnctl.Layout(_regions(), base_prompt_weight=1.5)
     with pytest.raises(ValueError, match="Layout does not work on WanTransformer3DModel"):
         with attnctl.control(tiny_pipeline("wan"), attnctl.Layout(_regions())):
+            pass
+
+
+@pytest.mark.parametrize(
+    "region, message",
+    [
+        ({"prompt": "a cat"}, r"^box=None is not allowed: a region's box"),
+        (
+            {"box": [0, 0, 1, 1], "prompt": "a cat", "bogus": 1},
+            r"^a region has no field 'bogus'; its fields: box",
+        ),
+    ],
+)
+def test_region_dicts_missing_or_unknown_keys_name_them(region, message):
+    with pytest.raises(ValueError, match=message):
+        attnctl.Layout([region])
+    with pytest.raises(ValueError, match=message):  # the same words from JSON, no TypeError's
+        Control.list_from_json(json.dumps([{"kind": "Layout", "regions": [region]}]))
+
+
+def test_two_layouts_in_one_control_are_refused(sd):
+    layout = attnctl.Layout(_regions())
+    with pytest.raises(ValueError, match=r"^2 Layouts in one control\(\) are not allowed: one Layout"):
+        with attnctl.control(sd, layout, attnctl.Layout(_regions())):
             pass
 
 

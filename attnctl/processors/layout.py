@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..core.attention import AttentionCall, AttentionEdit
-from ..core.controls import Control, check, check_number, param
+from ..core.controls import Control, _in_range, check, check_number, param, shown
 from ..core.denoiser import DenoiserWrapper
 from ..core.session import PerGeneration, in_steps
 from ..core.tokens import TokenNotFoundError
@@ -73,7 +73,7 @@ class Region:
     def __post_init__(self) -> None:
         box = self.box
         ok = isinstance(box, (list, tuple)) and len(box) == 4
-        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        ok = ok and all(_in_range(v, False, None, None) for v in box)  # finite numbers
         check(ok, "box", box, BOX_RULE)
         x0, y0, x1, y1 = (float(v) for v in box)
         for name, good in (("x0 < x1", x0 < x1), ("y0 < y1", y0 < y1)):
@@ -110,7 +110,14 @@ class Region:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Region:
-        """A region from `to_dict()` data, validated as the constructor does."""
+        """The region a `to_dict()` describes; an unknown or missing key is an error naming it."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ValueError(
+                f"a region has no field {', '.join(map(shown, unknown))}; its fields: {', '.join(names)}"
+            )
+        check("box" in data, "box", None, f"a region's box {BOX_RULE}")
         return cls(**data)
 
 
@@ -229,6 +236,12 @@ class Layout(Control):
         )
 
     def install(self, session: Any) -> None:
+        layouts = sum(isinstance(c, Layout) for c in session.controls)
+        if layouts > 1:
+            raise ValueError(
+                f"{layouts} Layouts in one control() are not allowed: one Layout, with every region in it "
+                "(each Layout would append its own region prompts)"
+            )
         acting = session.select(self.layers, kinds=("cross", "joint"))
         subjects = [r for r in self.regions if r.image is not None]
         if subjects:
