@@ -223,6 +223,39 @@ def test_json_round_trip_and_validation(tmp_path):
             pass
 
 
+def test_unreadable_or_damaged_result_files_are_one_error_naming_heads(tmp_path):
+    files = {
+        "/proc/self/mem": "Input/output error",  # a file that cannot be read (was an OSError)
+    }
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b"\xff\xfe{}")
+    files[str(latin1)] = "not UTF-8 text"
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"selected": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    files[str(deep)] = "nested too deeply"
+    for path, reason in files.items():
+        with pytest.raises(
+            ValueError, match=r"^heads=.* is not allowed: a JSON file with a 'selected' list"
+        ) as err:
+            attnctl.SoftPAG(path)
+        assert reason in str(err.value) and "codec" not in str(err.value), str(err.value)
+    superscript = tmp_path / "superscript.json"
+    superscript.write_text(json.dumps({"selected": ["mid_block.attentions.0.transformer_blocks.0.attn1:²"]}))
+    with pytest.raises(ValueError, match="^heads="):  # '²'.isdigit() but no int (was int()'s error)
+        attnctl.SoftPAG(str(superscript))
+    with pytest.raises(ValueError, match="^heads="):
+        attnctl.SoftPAG(["mid_block.attentions.0.transformer_blocks.0.attn1:²"])
+
+
+def test_heads_of_a_layer_the_model_lacks_name_heads():
+    with pytest.raises(
+        ValueError, match=r"^SoftPAG heads of 'nope': layers=\['nope'\] is not allowed"
+    ) as err:
+        with attnctl.control(tiny_pipeline("sd"), attnctl.SoftPAG({"nope": [0]})):
+            pass
+    assert "\n" not in str(err.value)
+
+
 def test_bench_pag_reports_paired_ratios(tmp_path):
     from attnctl.bench.pag import run_pag
 

@@ -103,7 +103,7 @@ class SoftPAG(Control):
         self._check_heads()
         if self.top is not None:
             check(isinstance(self.heads, str), "top", self.top, "None unless heads is a result JSON path")
-            n = len(json.loads(Path(self.heads).read_text())["selected"])
+            n = len(_selected(self.heads))
             check(self.top <= n, "top", self.top, f"at most the {n} heads selected in {self.heads}")
 
     def _check_heads(self) -> None:
@@ -114,12 +114,7 @@ class SoftPAG(Control):
         if isinstance(h, str):
             path = Path(h)
             check(path.is_file(), "heads", h, "an existing head-search result JSON file")
-            try:
-                selected = json.loads(path.read_text())["selected"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"heads={h!r} is not allowed: a JSON file with a 'selected' list ({e})"
-                ) from e
+            selected = _selected(h)
             check(
                 isinstance(selected, list) and bool(selected),
                 "heads",
@@ -148,7 +143,7 @@ class SoftPAG(Control):
         h = self.heads
         if isinstance(h, dict):
             return {k: list(v) for k, v in h.items()}
-        pairs = json.loads(Path(h).read_text())["selected"][: self.top] if isinstance(h, str) else h
+        pairs = _selected(h)[: self.top] if isinstance(h, str) else h
         out: dict[str, list[int]] = {}
         for layer, head in _parse_pairs(pairs, "heads"):
             out.setdefault(layer, []).append(head)
@@ -157,7 +152,11 @@ class SoftPAG(Control):
     def install(self, session: Any) -> None:
         heads: dict[str, tuple[int, ...] | None] = {}
         for pattern, chosen in self.head_map().items():
-            for layer in session.select([pattern], kinds=PERTURBABLE, heads=sorted(set(chosen))):
+            try:
+                chosen_layers = session.select([pattern], kinds=PERTURBABLE, heads=sorted(set(chosen)))
+            except ValueError as e:  # the layer of a head, or a head index, this model does not have
+                raise ValueError(f"SoftPAG heads of {pattern!r}: {e}") from None
+            for layer in chosen_layers:
                 heads[layer.name] = tuple(sorted(set(heads.get(layer.name) or ()) | set(chosen)))
         _install(session, heads, self.u, self.target, self.scope, self.scale, self.adaptive_scale, self.batch)
 
@@ -203,12 +202,30 @@ def _install(session: Any, heads: dict, u: float, target: str, scope: str, scale
     session.add_edit(layers, _PerturbHeads(heads, u, target, scope))
 
 
+def _selected(path: str) -> Any:
+    """The "selected" entry of a head-search result file; an unreadable file or one without it is
+    one error naming `heads`."""
+    try:
+        return json.loads(Path(path).read_text())["selected"]
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    except UnicodeDecodeError:
+        reason = "not UTF-8 text"
+    except RecursionError:
+        reason = "JSON nested too deeply"
+    except json.JSONDecodeError as e:
+        reason = f"not JSON: {e}"
+    except (ValueError, KeyError, TypeError):
+        reason = "no 'selected' list"
+    raise ValueError(f"heads={path!r} is not allowed: a JSON file with a 'selected' list ({reason})")
+
+
 def _parse_pairs(pairs: Any, name: str) -> list[tuple[str, int]]:
     out = []
     for p in pairs:
         layer, _, head = p.rpartition(":") if isinstance(p, str) else ("", "", "")
         check(
-            bool(layer) and head.isdigit(),
+            bool(layer) and head.isascii() and head.isdigit(),
             name,
             p,
             '"layer path:head index" strings, e.g. "mid_block.attentions.0.transformer_blocks.0.attn1:3"',
