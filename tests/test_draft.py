@@ -94,3 +94,16 @@ def test_validation_and_round_trip():
     with pytest.raises(ValueError, match="^dense_blocks="):
         with attnctl.control(tiny_pipeline("wan"), attnctl.DraftAttention(dense_blocks=(99,))):
             pass
+
+
+def test_a_pool_larger_than_the_frames_is_refused_by_name():
+    """Each frame's region would be padded to pool rows x columns tokens: 2**40 x 8 asked the
+    allocator for 140 TB. The paper's 8 x 16 stays allowed on any frame (tiny models' too)."""
+    pipe = tiny_pipeline("wan")
+    with pytest.raises(
+        ValueError, match=r"^pool=\[1099511627776, 8\] is not allowed for frames of \d+x\d+ tokens"
+    ):
+        with attnctl.control(pipe, attnctl.DraftAttention(pool=(2**40, 8), dense_steps=0.0, dense_blocks=())):
+            _run(pipe, "wan", num_inference_steps=1)
+    with attnctl.control(pipe, attnctl.DraftAttention(pool=(8, 16), dense_steps=0.0, dense_blocks=())):
+        _run(pipe, "wan", num_inference_steps=1)

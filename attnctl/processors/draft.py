@@ -19,6 +19,8 @@ from ..core.session import in_steps
 from ..families.base import LayerInfo, sdpa
 from ..kernels import BACKENDS, draft_attention
 
+DEFAULT_REGION = 8 * 16  # tokens of the paper's draft region, allowed whatever the frame's size
+
 
 @dataclasses.dataclass
 class DraftAttention(Control):
@@ -105,6 +107,13 @@ class _Sparse(AttentionEdit):
             text_first = False
         else:
             return None
+        ph, pw = self.spec.pool
+        most = max(lay.height * lay.width, DEFAULT_REGION)
+        if ph * pw > most:  # each frame's region would be padded to ph x pw tokens
+            raise ValueError(
+                f"pool={list(self.spec.pool)} is not allowed for frames of {lay.height}x{lay.width} tokens: "
+                f"regions of at most {most} tokens (one region per frame is ({lay.height}, {lay.width}))"
+            )
         options = dict(
             frames=lay.frames, height=lay.height, width=lay.width, pool=self.spec.pool,
             sparsity=self.spec.sparsity, backend=self.spec.backend, scale=call.scale,
