@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.pipelines.generate import default_size
 from attnctl.tiny import tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a cat and a frog"
@@ -65,6 +66,15 @@ def test_layout_image(sd):
         ({"steps": 0}, "^steps="),
         ({"height": -8}, "^height="),
         ({"controls": [{"kind": "AStar", "concepts": ["cat"], "scael": 1}]}, "has no field 'scael'"),
+        # found by the bad-input audit (benchmarks/audit.py)
+        ({"seed": 2**64}, r"^seed=18446744073709551616 is not allowed"),  # torch's "Overflow" before
+        ({"steps": 2**62}, r"^steps=\d+ is not allowed: an integer in \[1, 1000\]"),  # numpy's "too big"
+        ({"height": 10**30, "width": 32}, r"^height=\d+ is not allowed"),  # a torch TypeError before
+        ({"height": True}, "^height="),
+        ({"controls": 5}, r"^controls=5 is not allowed: a list of controls"),  # "'int' is not iterable"
+        ({"guidance_scale": float("nan")}, "^guidance_scale=nan"),  # ran without guidance
+        ({"guidance_scale": float("inf")}, "^guidance_scale=inf"),  # a NaN image
+        ({"prompt": "a \udcff cat"}, "^prompt=.*UTF-8"),  # a command line's undecodable byte: a TypeError
     ],
 )
 def test_bad_input_is_refused_before_generating(sd, kwargs, match):
@@ -73,6 +83,16 @@ def test_bad_input_is_refused_before_generating(sd, kwargs, match):
     with pytest.raises(ValueError, match=match):
         attnctl.generate(sd, args.pop("prompt"), args.pop("controls"), **{**_kwargs(), **args})
     assert dict(sd.unet.attn_processors) == before
+
+
+def test_one_side_given_keeps_it_and_the_other_is_the_default(sd):
+    """SD's pipeline drops a height given without a width (both become the default): generate fills
+    the other side with the pipeline's default, so the side given is the side made."""
+    kwargs = {k: v for k, v in _kwargs().items() if k not in ("height", "width")}
+    tall = attnctl.generate(sd, PROMPT, seed=0, steps=1, height=64, **kwargs)
+    wide = attnctl.generate(sd, PROMPT, seed=0, steps=1, width=64, **kwargs)
+    side = default_size(sd)
+    assert tall.image.size == (side[1], 64) and wide.image.size == (64, side[0])
 
 
 def test_video_models_give_frames():

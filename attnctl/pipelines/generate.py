@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from ..core.controls import Control, check
+from ..core.controls import Control, _in_range, _range_rule, check
 from ..core.session import control
+
+SIZE_MAX = 2**31 - 1  # pixels a side: what 32-bit kernel indices reach
 
 
 @dataclasses.dataclass
@@ -71,31 +73,34 @@ def generate(
     seed (None: unseeded). steps: denoising steps (None: the pipeline's default). on_step(step,
     total): called after each denoising step (where the pipeline has `callback_on_step_end`).
     Other keyword arguments go to the pipeline call (height, width, guidance_scale, ...)."""
-    ok = (isinstance(prompt, str) and bool(prompt.strip())) or (
-        isinstance(prompt, list) and bool(prompt) and all(isinstance(p, str) and p.strip() for p in prompt)
-    )
-    check(ok, "prompt", prompt, "non-empty text (or a non-empty list of non-empty texts)")
+    texts = prompt if isinstance(prompt, list) and prompt else [prompt]
+    ok = all(isinstance(p, str) and p.strip() and _utf8(p) for p in texts)
+    check(ok, "prompt", prompt, "non-empty UTF-8 text (or a non-empty list of such texts)")
+    check(isinstance(controls, (list, tuple)), "controls", controls, "a list of controls (or their dicts)")
     controls = [c if isinstance(c, Control) else Control.from_dict(c) for c in controls]
     if seed is not None:
-        check(
-            isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
-            "seed",
-            seed,
-            "an integer >= 0 or None",
-        )
+        check(_in_range(seed, True, 0, None), "seed", seed, f"{_range_rule(True, 0, None)} or None")
         call_kwargs["generator"] = torch.Generator().manual_seed(seed)
     if steps is not None:
-        check(
-            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-            "steps",
-            steps,
-            "an integer >= 1",
-        )
+        most = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
+        most = most if _in_range(most, True, 1, None) else None  # a schedule's steps: at most its own
+        rule = _range_rule(True, 1, most) + ("" if most is None else " (the scheduler's training timesteps)")
+        check(_in_range(steps, True, 1, most), "steps", steps, rule)
         call_kwargs["num_inference_steps"] = steps
     for name in ("height", "width"):
         value = call_kwargs.get(name)
         if value is not None:
-            check(isinstance(value, int) and value > 0, name, value, "a positive integer (pixels)")
+            check(
+                _in_range(value, True, 1, SIZE_MAX), name, value, f"{_range_rule(True, 1, SIZE_MAX)} (pixels)"
+            )
+    if (call_kwargs.get("height") is None) != (call_kwargs.get("width") is None):
+        # one side given: the other is the pipeline's default (SD's pipeline would drop the one given)
+        for name, side in zip(("height", "width"), default_size(pipe), strict=True):
+            if call_kwargs.get(name) is None:
+                call_kwargs[name] = side
+    if call_kwargs.get("guidance_scale") is not None:
+        value = call_kwargs["guidance_scale"]
+        check(_in_range(value, False, None, None), "guidance_scale", value, _range_rule(False, None, None))
     call_kwargs.setdefault("output_type", "pil")
     if on_step is not None:
         _add_step_callback(pipe, call_kwargs, on_step)
@@ -118,6 +123,29 @@ def generate(
         log=log,
         seconds=time.perf_counter() - start,
     )
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` is text a tokenizer takes (not, e.g., a command line's undecodable bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def default_size(pipe: Any) -> tuple[int, int]:
+    """The (height, width) a pipeline generates when it is given neither: its call's defaults, else
+    its denoiser's sample size times the VAE's scale."""
+    params = inspect.signature(pipe.__call__).parameters
+    given = [params[n].default if n in params else None for n in ("height", "width")]
+    scale = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
+    unet = getattr(pipe, "unet", None)
+    sample = unet.config.sample_size if unet is not None else getattr(pipe, "default_sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    side = int(sample * scale)
+    h, w = (g if isinstance(g, int) and not isinstance(g, bool) else side for g in given)
+    return h, w
 
 
 def _add_step_callback(pipe: Any, call_kwargs: dict, on_step: Callable[[int, int], None]) -> None:
