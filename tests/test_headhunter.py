@@ -126,6 +126,23 @@ def test_a_result_from_other_settings_is_refused(tmp_path):
         lambda r: r["rounds"][0]["scores"].update(z=1.0),
         lambda r: r["rounds"][0]["scores"].update(a="high"),
         lambda r: r.update(selected=["b"]),
+        # found by the bad-input audit (benchmarks/audit.py): KeyErrors, TypeErrors or silently kept
+        lambda r: r["rounds"][0]["scores"].update(e=float("nan")),
+        lambda r: r["rounds"][0]["scores"].update(e=True),
+        lambda r: r["rounds"][0]["sample_scores"].update(e=5),
+        lambda r: r["rounds"][0]["sample_scores"].update(e=["x", "y"]),
+        lambda r: r["rounds"][0]["sample_scores"].update(z=[1.0]),
+        lambda r: r["rounds"][0].pop("base"),
+        lambda r: (r["rounds"][0].update(picked=["a", "b"]), r.update(selected=["a", "b", "c", "d"])),
+        lambda r: (r["rounds"][1].update(picked=["a"]), r.update(selected=["a", "a", "d"])),
+        lambda r: (
+            r["rounds"].append({"base": r["selected"], "scores": {}, "sample_scores": {}, "picked": ["e"]}),
+            r["timing"]["rounds"].append({}),
+            r["selected"].append("e"),
+        ),
+        lambda r: r["timing"]["rounds"].__setitem__(0, None),
+        lambda r: r["timing"]["rounds"][0].update(a="x"),
+        lambda r: r["timing"].pop("wall_seconds"),
     ],
 )
 def test_a_damaged_result_is_one_error_and_left_as_it_is(tmp_path, damage):
@@ -138,6 +155,69 @@ def test_a_damaged_result_is_one_error_and_left_as_it_is(tmp_path, damage):
     with pytest.raises(ValueError, match=r"is a damaged head-search result \(.*\).*--no-resume"):
         _greedy(Known(), out=out)
     assert out.read_text() == before
+
+
+@pytest.mark.parametrize("settings", [None, [], "x"])
+def test_a_result_without_settings_is_no_head_search_result(tmp_path, settings):
+    out = tmp_path / "heads.json"
+    _greedy(Known(), out=out)
+    result = json.loads(out.read_text())
+    result["settings"] = settings
+    out.write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=r"is not a head-search result"):  # a KeyError or TypeError before
+        _greedy(Known(), out=out)
+    assert json.loads(out.read_text()) == result
+
+
+def test_an_output_that_is_no_regular_file_or_cannot_be_written_is_refused_before_scoring(tmp_path):
+    """The result is written by renaming a new file over --out: over a device (as root, /dev/null)
+    that replaced the device; an output that cannot be written failed after the first candidate."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for out, message in (
+        (fifo, "is not a regular file"),
+        (tmp_path, "is not a regular file"),
+        (a_file / "heads.json", "cannot be written"),
+    ):
+        for resume in (True, False):
+            score = Known()
+            with pytest.raises(ValueError, match=f"^out=.*{message}"):
+                _greedy(score, out=out, resume=resume)
+            assert score.calls == []
+    assert fifo.is_fifo() and a_file.read_text() == ""
+
+
+def test_search_arguments_are_checked_before_generating():
+    pipe = tiny_pipeline("sd")
+    heads = [f"{MID}:0", f"{MID}:1"]
+
+    def flat(images, prompts):
+        return [0.5] * len(images)
+
+    kwargs = dict(candidates=heads, samples=1, rounds=1, top_k=1, steps=1, progress=False)
+    for changes, message in (
+        ({"seeds": [True]}, "^seeds="),  # torch's manual_seed(bool) error, after generating
+        ({"seeds": [10**30]}, "^seeds="),
+        ({"guidance_scale": float("nan")}, "^guidance_scale="),
+        ({"guidance_scale": -1.0}, "^guidance_scale="),
+        ({"rounds": 3}, "^rounds=3 is not allowed: at most 2"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            search(pipe, ["a cat"], flat, **{**kwargs, **changes})
+    with pytest.raises(ValueError, match="^prompts=None"):
+        search(pipe, None, flat, **kwargs)
+    with pytest.raises(ValueError, match="^objective='testbed' is not allowed: a function"):
+        search(pipe, ["a cat"], "testbed", **kwargs)
+    with pytest.raises(ValueError, match=r"^objective 'strings' gave \['x'\] for 1 images"):
+
+        def strings(images, prompts):
+            return ["x"] * len(images)
+
+        search(pipe, ["a cat"], strings, **{**kwargs, "call_kwargs": tiny_call_kwargs("sd")})
 
 
 def test_search_on_a_tiny_model_and_softpag_reads_the_result(tmp_path, tiny_clip_path):

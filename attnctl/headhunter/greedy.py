@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..core.controls import check, check_number
+from ..core.controls import _in_range, _range_rule, check, check_number, shown
 from ..core.session import Session, control
 from ..processors.softpag import PERTURBABLE, SoftPAG
 from .distributed import Processes
@@ -70,23 +70,34 @@ def search(
     out, resume: the result JSON; with resume, candidates already scored in it are skipped, and a
         file from other settings is refused.
     """
+    check(
+        isinstance(prompts, (list, tuple))
+        and bool(prompts)
+        and all(isinstance(p, str) and p.strip() for p in prompts),
+        "prompts",
+        list(prompts[:3]) if isinstance(prompts, (list, tuple)) else prompts,
+        "a non-empty list of non-empty prompts",
+    )
     prompts = list(prompts)
     check(
-        bool(prompts) and all(isinstance(p, str) and p.strip() for p in prompts),
-        "prompts",
-        prompts[:3],
-        "a non-empty list of non-empty prompts",
+        callable(objective),
+        "objective",
+        objective,
+        "a function (images, prompts) -> one score per image, e.g. attnctl.headhunter.testbed",
     )
     check_number("samples", samples, low=1, integer=True)
     check_number("batch_size", batch_size, low=1, integer=True)
     if steps is not None:
         check_number("steps", steps, low=1, integer=True)
+    if guidance_scale is not None:
+        check_number("guidance_scale", guidance_scale, low=0)
+    check(isinstance(seeds, (list, tuple)) or seeds is None, "seeds", seeds, "a list of integer seeds")
     seeds = [SEARCH_SEED + i for i in range(samples)] if seeds is None else list(seeds)
     check(
-        len(seeds) == samples and all(isinstance(s, int) for s in seeds),
+        len(seeds) == samples and all(_in_range(s, True, 0, None) for s in seeds),
         "seeds",
         seeds[:3],
-        f"{samples} integer seeds, one per sample",
+        f"{samples} seeds, one per sample: {_range_rule(True, 0, None)}",
     )
     every_head = candidate_heads(pipe)
     candidates = every_head if candidates is None else list(candidates)
@@ -158,6 +169,12 @@ def greedy(
     check_number("rounds", rounds, low=1, integer=True)
     check_number("top_k", top_k, low=1, integer=True)
     check(
+        rounds <= len(candidates),
+        "rounds",
+        rounds,
+        f"at most {len(candidates)}: each round picks at least one of the {len(candidates)} candidates",
+    )
+    check(
         rounds * top_k <= len(candidates),
         "top_k",
         top_k,
@@ -168,6 +185,9 @@ def greedy(
         json.dumps({"candidates": candidates, "rounds": rounds, "top_k": top_k, **settings})
     )
     path = None if out is None else Path(out)
+    if path is not None and path.exists() and not path.is_file():
+        # the result is written by renaming a new file over it: that would replace a device or folder
+        raise ValueError(f"out={str(path)!r} is not a regular file: give a file name")
     result = _resumed(path, settings, objective) if path is not None and resume else None
     if result is None:
         result = {
@@ -185,6 +205,12 @@ def greedy(
         _add_timing(result, earlier + time.perf_counter() - started, procs.count)
         if path is not None and procs.is_main:
             _write_atomically(path, result)
+
+    if path is not None and procs.is_main:
+        try:  # written once before any scoring: an output that cannot be written is found at once
+            save()
+        except OSError as e:
+            raise ValueError(f"out={str(path)!r} cannot be written: {e.strerror or e}") from None
 
     selected: list[str] = result["selected"]
     total = sum(len(candidates) - r * top_k for r in range(rounds))
@@ -276,10 +302,14 @@ def _generation_scorer(
 
 
 def _checked(scores: Sequence[float], n: int, objective: Objective) -> list[float]:
-    values = [float(s) for s in scores]
-    if len(values) != n or any(v != v or v in (float("inf"), float("-inf")) for v in values):
+    try:
+        values = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != n or not all(_in_range(v, False, None, None) for v in values):
         raise ValueError(
-            f"objective {objective_name(objective)!r} gave {values[:4]} for {n} images: one finite score per image"
+            f"objective {objective_name(objective)!r} gave {shown(scores)} for {n} images: one finite "
+            "score per image"
         )
     return values
 
@@ -290,20 +320,20 @@ def _resumed(path: Path, settings: dict, objective: str) -> dict | None:
         return None
     try:
         saved = json.loads(path.read_text())
-        ok = saved["format"] == FORMAT
-    except (ValueError, KeyError, TypeError):
+        ok = saved["format"] == FORMAT and isinstance(saved.get("settings"), dict)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         ok = False
     if not ok:
         raise ValueError(f"out={str(path)!r} is not a head-search result: give another file or remove it")
     theirs = saved["settings"]
-    differ = ["objective"] if saved["objective"] != objective else []
+    differ = ["objective"] if saved.get("objective") != objective else []
     differ += [k for k in dict.fromkeys([*settings, *theirs]) if settings.get(k) != theirs.get(k)]
     if differ:
         raise ValueError(
             f"out={str(path)!r} holds a head search with other settings ({', '.join(differ)} differ): "
             "give another file, or start over without resuming (--no-resume, resume=False)"
         )
-    problem = _shape_problem(saved, settings["candidates"])
+    problem = _shape_problem(saved, settings)
     if problem:
         raise ValueError(
             f"out={str(path)!r} is a damaged head-search result ({problem}): give another file, or start "
@@ -312,31 +342,56 @@ def _resumed(path: Path, settings: dict, objective: str) -> dict | None:
     return saved
 
 
-def _shape_problem(saved: dict, candidates: list[str]) -> str | None:
+def _shape_problem(saved: dict, settings: dict) -> str | None:
     """What is wrong with a saved result's shape (None: nothing): its rounds, scores, picks and
-    timing as `run` writes them, every picked head a candidate, the selection the picks in order."""
+    timing as `greedy` writes them: finite scores of candidates, top_k new candidates picked per
+    round (a round unpicked only as the last), each round's base the picks before it, the selection
+    the picks in order, one timing entry of finite seconds per round."""
+    candidates, top_k = settings["candidates"], settings["top_k"]
     rounds, timing, selected = saved.get("rounds"), saved.get("timing"), saved.get("selected")
     if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
         return "'rounds' is not a list of rounds"
+    if len(rounds) > settings["rounds"]:
+        return f"{len(rounds)} rounds of a {settings['rounds']}-round search"
     if not isinstance(selected, list) or not isinstance(timing, dict):
         return "'selected' is not a list or 'timing' is not a mapping"
-    if not isinstance(timing.get("rounds"), list) or len(timing["rounds"]) != len(rounds):
+    spent = timing.get("rounds")
+    if not isinstance(spent, list) or len(spent) != len(rounds):
         return "'timing' does not have one entry per round"
+    if not all(isinstance(t, dict) and all(_finite(v) for v in t.values()) for t in spent):
+        return "'timing' has a round that is not a mapping of seconds"
+    if not _finite(timing.get("wall_seconds")):
+        return "'timing' has no wall_seconds"
     picks: list[str] = []
     for i, entry in enumerate(rounds):
         scores, samples, picked = entry.get("scores"), entry.get("sample_scores"), entry.get("picked", ())
+        if entry.get("base") != picks:
+            return f"round {i}'s base is not the heads picked before it"
         if not isinstance(scores, dict) or not isinstance(samples, dict):
             return f"round {i} has no scores"
-        if any(c not in candidates or not isinstance(v, (int, float)) for c, v in scores.items()):
-            return f"round {i} scores a head that is no candidate, or a score that is no number"
-        if picked is None:
+        if any(c not in candidates or c in picks or not _finite(v) for c, v in scores.items()):
+            return f"round {i} scores a head that is no candidate left, or a score that is no finite number"
+        if samples.keys() != scores.keys() or not all(
+            isinstance(v, list) and v and all(_finite(x) for x in v) for v in samples.values()
+        ):
+            return f"round {i}'s sample scores are not finite numbers of the scored heads"
+        if picked is None and i == len(rounds) - 1:
             continue
-        if not isinstance(picked, list) or any(c not in candidates for c in picked):
-            return f"round {i} picked a head that is no candidate: {picked!r}"
+        if (
+            not isinstance(picked, list)
+            or len(picked) != top_k
+            or len(set(picked)) != top_k
+            or any(c not in candidates or c in picks for c in picked)
+        ):
+            return f"round {i} did not pick {top_k} new candidate head(s): {shown(picked)}"
         picks += picked
     if selected != picks:
         return "'selected' is not the heads the rounds picked"
     return None
+
+
+def _finite(value: Any) -> bool:
+    return _in_range(value, False, None, None)
 
 
 def _add_timing(result: dict, wall_seconds: float, processes: int) -> None:
