@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 
 import pytest
 
@@ -107,6 +108,46 @@ def test_widget_parsing():
     with pytest.raises(ValueError, match=r"^heads=.*JSON"):
         from_widget(heads, "[1,")
     assert prompt_words("a red circle, a red square") == ["a", "red", "circle", "square"]
+
+
+def _endpoint(app):
+    """The `generate` endpoint's function, called as a request would call it."""
+    return next(f.fn for f in app.fns.values() if f.api_name == "generate")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [  # found by the bad-input audit (benchmarks/audit.py)
+        (
+            ("a cat", "[]", 10**30, 1),
+            "^seed=1000000000000000000000000000000 is not allowed",
+        ),  # torch's Overflow
+        (("a cat", "[]", 0, 1, 100_000, None), "more than this server's 4096 pixels"),  # one side: no limit
+        (("a cat", json.dumps([{"kind": "AttentionMaps", "tokens": ["cat"]}] * 3), 0, 1), "more than once"),
+    ],
+)
+def test_requests_refused_by_name(args, message, capfd):
+    from attnctl.ui.app import Limits
+
+    app = build_app(tiny_pipeline("sd"), call_kwargs=dict(SIZE), steps=2, limits=Limits(max_pixels=64 * 64))
+    with pytest.raises(gr.Error) as err:
+        _endpoint(app)(*args)
+    assert re.search(message, err.value.message) and "\n" not in err.value.message
+
+
+def test_a_side_given_alone_is_kept_and_the_other_is_the_pages():
+    app = build_app(tiny_pipeline("sd"), call_kwargs=dict(SIZE), steps=2)
+    image = _endpoint(app)("a cat", "[]", 0, 1, 64, None, False)[0]
+    assert image.size == (32, 64)  # SD's pipeline alone would have made 32 x 32
+
+
+def test_widget_values_that_cannot_be_read_name_the_field():
+    specs = {s.name: s for s in attnctl.SoftPAG.fields()}
+    with pytest.raises(ValueError, match="^heads=.* is not allowed: JSON"):
+        from_widget(specs["heads"], "[" * 100_000)  # a RecursionError before
+    layout = {s.name: s for s in attnctl.Layout.fields()}
+    with pytest.raises(ValueError, match="^priority='inf' is not allowed: a finite number"):
+        from_widget(layout["regions"], [[0, 0, 1, 1, "a cat", "", "inf", 1.0]])  # an OverflowError before
 
 
 def test_page_has_the_title(app):

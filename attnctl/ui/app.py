@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.controls import _REGISTRY, Control, FieldSpec
+from ..core.controls import _REGISTRY, INT_MAX, Control, FieldSpec, shown
 from ..families.support import METHODS
 from ..pipelines.generate import generate
 from ..processors.layout import Region, draw_boxes
@@ -79,7 +79,9 @@ def from_widget(spec: FieldSpec, value: Any) -> Any:
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{spec.name}={text!r} is not allowed: JSON ({e.msg})") from None
+            raise ValueError(f"{spec.name}={shown(text)} is not allowed: JSON ({e.msg})") from None
+        except (RecursionError, ValueError):  # nested too deeply, a number of too many digits
+            raise ValueError(f"{spec.name}={shown(text)} is not allowed: JSON this server reads") from None
     if spec.kind == "regions":
         return [_region(row) for row in _filled_rows(value)]
     if spec.kind == "words":
@@ -123,8 +125,8 @@ def _region(row: list[Any]) -> dict[str, Any]:
         cell = cells[key]
         try:
             region[key] = default if cell in (None, "") else cast(float(cell)) if cast is int else cast(cell)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}={cell!r} is not allowed: a number") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{key}={cell!r} is not allowed: a finite number") from None
     return region
 
 
@@ -229,6 +231,12 @@ class Limits:
         for name, limit in (("steps", self.max_steps), ("num_frames", self.max_frames)):
             if kwargs.get(name) is not None and kwargs[name] > limit:
                 raise ValueError(f"{name}={kwargs[name]} is more than this server's {limit}")
+        kinds = [c.get("kind") for c in controls if isinstance(c, dict)]
+        repeated = sorted({k for k in kinds if isinstance(k, str) and kinds.count(k) > 1})
+        if repeated:
+            raise ValueError(
+                f"controls: {', '.join(repeated)} more than once; the web demo takes one control of each kind"
+            )
         for c in (c for c in controls if isinstance(c, dict)):
             for name in ("iterations", "max_refinement"):
                 value = c.get(name)
@@ -269,6 +277,7 @@ def build_app(
     adapter = adapter_for(denoiser)
     family, video = adapter.name, adapter.video
     height, width = _default_size(pipe, call_kwargs)
+    default_height, default_width = height, width
     opening = {c.kind: c for c in controls or []}
     lock = threading.Lock()  # one generation at a time on the pipeline, whatever the queue does
 
@@ -282,6 +291,9 @@ def build_app(
             for name, value in (("height", height), ("width", width)):
                 if value not in (None, ""):
                     kwargs[name] = _int(name, value)
+            if ("height" in kwargs) != ("width" in kwargs):  # one side given: the other the page's
+                kwargs.setdefault("height", default_height)
+                kwargs.setdefault("width", default_width)
             kwargs.update(seed=_int("seed", seed, low=0), steps=_int("steps", steps, low=1))
             limits.check({"height": height, "width": width, **call_kwargs, **kwargs}, dicts)
             controls = Control.from_dicts(dicts)
@@ -558,8 +570,10 @@ def _log_rejected(message: str) -> None:
 def _int(name: str, value: Any, low: int | None = None) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-        raise ValueError(f"{name}={value!r} is not allowed: an integer{'' if low is None else f' >= {low}'}")
+    ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= INT_MAX
+    if not ok or (low is not None and value < low):
+        lo = -INT_MAX if low is None else low
+        raise ValueError(f"{name}={shown(value)} is not allowed: an integer in [{lo}, {INT_MAX}]")
     return value
 
 
