@@ -360,3 +360,69 @@ def test_threads_default_to_one_for_a_small_model(tmp_path, monkeypatch):
         assert runner.invoke(app, base).exit_code == 0 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+# ---- found by the bad-input audit (benchmarks/audit.py) ----------------------------------------------
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["generate", "a cat", "--threads", str(2**31)], "--threads"),  # torch's Overflow, a traceback
+        (["generate", "a cat", "--seed", str(2**64)], "--seed"),  # torch's Overflow after loading
+        (["generate", "a cat", "--steps", str(2**63)], "--steps"),  # numpy's "Maximum allowed size"
+        (["generate", "a cat", "--height", str(10**30)], "--height"),  # dropped by SD's pipeline
+        (["generate", "a cat", "--guidance", "nan"], "--guidance"),
+        (["generate", "a cat", "--guidance", "inf"], "inf is not a finite number"),  # a NaN image
+        (["bench", "maps", "--prompts", str(2**63)], "--prompts"),  # ran on and on
+        (["headhunter", "--guidance", "1e400"], "inf is not a finite number"),
+        (["testbed", "eval-detector", "--seed", str(10**30)], "--seed"),  # accepted
+        (["testbed", "train", "--ground-weight", "inf"], "inf is not a finite number"),  # accepted
+        (["ui", "--max-seconds", "inf"], "inf is not a finite number"),  # served with no time limit
+        (["ui", "--max-pixels", str(10**30)], "--max-pixels"),
+    ],
+)
+def test_numbers_past_their_type_or_not_finite_are_one_line(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+
+
+def test_files_and_values_found_by_the_audit_end_with_one_line(tmp_path, monkeypatch):
+    import attnctl.cli.headhunter
+    import attnctl.cli.ui
+
+    latin1 = tmp_path / "controls.json"
+    latin1.write_bytes(b"[\xff]")
+    empty_model = tmp_path / "empty-model"
+    empty_model.mkdir()
+
+    def no_loading(model, option="--model", **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(attnctl.cli.ui, "load_model", no_loading)
+    monkeypatch.setattr(attnctl.cli.headhunter, "load_model", no_loading)
+    for args, message in (
+        (["generate", "a cat", "--controls", str(latin1)], "is not UTF-8 text"),  # the codec's words
+        (["ui", "--controls", str(latin1)], "is not UTF-8 text"),
+        (["ui", "--host", "no such host.invalid"], "--host 'no such host.invalid' is not an address"),
+        (["bench", "draft", "--json", str(tmp_path / "d.json"), "--tokens", str(2**71)], "tokens=2361183"),
+        (["headhunter", "--layers", ",", "--out", str(tmp_path / "h.json")], "--layers ',' names nothing"),
+        (
+            ["bench", "maps", "--model", str(empty_model), "--prompts", "1", "--seeds", "1"],
+            "cannot load model",
+        ),
+    ):
+        result = runner.invoke(app, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), args
+
+
+def test_generate_keeps_a_height_given_alone(tmp_path):
+    result = runner.invoke(
+        app,
+        ["generate", "a cat", "--model", "tiny:sd", "--steps", "1", "--height", "64", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "image.png").size[1] == 64  # SD's pipeline alone made its default

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.controls import INT_MAX, _in_range, shown
 from ..kernels import BACKENDS, DraftLayout, SparsePlan, draft_attention
 from ..kernels.draft import check_sparsity, select_blocks
 from ..kernels.sparse import _pairing_works
@@ -125,9 +126,10 @@ def _check_cases(tokens: Sequence[int], sparsities: Sequence[float], backends: S
     """Every case is valid, before anything is timed or printed."""
     rows, cols = FRAME
     for n in tokens:
-        if not isinstance(n, int) or n < 1 or n % (rows * cols):
+        if not _in_range(n, True, 1, None) or n % (rows * cols):
             raise ValueError(
-                f"tokens={n!r} is not allowed: a positive multiple of {rows * cols} (frames of {rows}x{cols})"
+                f"tokens={shown(n)} is not allowed: a positive multiple of {rows * cols} (frames of "
+                f"{rows}x{cols}) of at most {INT_MAX}"
             )
     for sparsity in sparsities:
         check_sparsity(sparsity)

@@ -11,7 +11,16 @@ from typing import Any
 
 import typer
 
-from .common import check_model, check_output, fail, list_option, split_commas
+from .common import (
+    INT_MAX,
+    THREADS_MAX,
+    check_model,
+    check_output,
+    fail,
+    finite,
+    list_option,
+    split_commas,
+)
 
 app = typer.Typer(no_args_is_help=True, help="Performance and quality benchmarks (print and write JSON).")
 
@@ -19,11 +28,13 @@ app = typer.Typer(no_args_is_help=True, help="Performance and quality benchmarks
 _JSON = typer.Option(None, "--json", help="Write the report (summary + records) here.")
 # `--prompts` was this count before it became `--num-prompts` (`generate` and `headhunter` take
 # `--prompts FILE`); kept for one release, hidden.
-_OLD_PROMPTS = typer.Option(None, "--prompts", min=1, hidden=True)
+_OLD_PROMPTS = typer.Option(None, "--prompts", min=1, max=INT_MAX, hidden=True)
 _MODEL = typer.Option(None, help="Pipeline folder (default: the bundled shapes model).")
-_STEPS = typer.Option(25, min=1, help="Denoising steps.")
-_GUIDANCE = typer.Option(7.5, min=0.0, help="Classifier-free guidance scale.")
-_THREADS = typer.Option(1, min=1, help="torch threads (the testbed models are small: one is fastest).")
+_STEPS = typer.Option(25, min=1, max=INT_MAX, help="Denoising steps.")
+_GUIDANCE = typer.Option(7.5, min=0.0, callback=finite, help="Classifier-free guidance scale.")
+_THREADS = typer.Option(
+    1, min=1, max=THREADS_MAX, help="torch threads (the testbed models are small: one is fastest)."
+)
 _QUIET = typer.Option(False, help="Print only the summary table.")
 
 
@@ -35,10 +46,14 @@ def compose(
     ),
     sizes: str = typer.Option("1,2,3", help="Object counts to test, comma-separated."),
     prompts: int = typer.Option(
-        12, "--num-prompts", min=1, help="Prompts per object count (1, 2, 3) from the fixed held-out lists."
+        12,
+        "--num-prompts",
+        min=1,
+        max=INT_MAX,
+        help="Prompts per object count (1, 2, 3) from the fixed held-out lists.",
     ),
     old_prompts: int | None = _OLD_PROMPTS,
-    seeds: int = typer.Option(4, min=1, help="Seeds per prompt."),
+    seeds: int = typer.Option(4, min=1, max=INT_MAX, help="Seeds per prompt."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
     steps: int = _STEPS,
@@ -75,10 +90,14 @@ def compose(
 def maps(
     sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
     prompts: int = typer.Option(
-        12, "--num-prompts", min=1, help="Prompts per object count from the fixed held-out lists."
+        12,
+        "--num-prompts",
+        min=1,
+        max=INT_MAX,
+        help="Prompts per object count from the fixed held-out lists.",
     ),
     old_prompts: int | None = _OLD_PROMPTS,
-    seeds: int = typer.Option(2, min=1, help="Seeds per prompt."),
+    seeds: int = typer.Option(2, min=1, max=INT_MAX, help="Seeds per prompt."),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
     steps: int = _STEPS,
@@ -113,10 +132,16 @@ def layout(
     ),
     sizes: str = typer.Option("2,3", help="Object counts to test, comma-separated (2, 3)."),
     prompts: int = typer.Option(
-        10, "--num-prompts", min=1, help="Prompts per object count from the fixed held-out lists (cycled)."
+        10,
+        "--num-prompts",
+        min=1,
+        max=INT_MAX,
+        help="Prompts per object count from the fixed held-out lists (cycled).",
     ),
     old_prompts: int | None = _OLD_PROMPTS,
-    seeds: int = typer.Option(10, min=1, help="Seeds per prompt; each seed also draws the boxes."),
+    seeds: int = typer.Option(
+        10, min=1, max=INT_MAX, help="Seeds per prompt; each seed also draws the boxes."
+    ),
     json_out: Path | None = _JSON,
     model: str | None = _MODEL,
     steps: int = _STEPS,
@@ -176,6 +201,9 @@ def _run_and_report(
         report = run(*args, json_out=json_out, log=None if quiet else typer.echo, **options)
     except ValueError as e:
         fail(str(e))
+    except OSError as e:  # e.g. a --model folder that holds no pipeline
+        model = options.get("model")
+        fail(f"cannot load model {model!r}: {e}" if e.errno is None else f"{e.filename}: {e.strerror}")
     if is_main:
         if quiet:
             typer.echo(table(report))
@@ -191,21 +219,31 @@ def draft(
     sparsity: list[str] = typer.Option(
         ["0.5,0.75,0.9"], "--sparsity", help="Fractions of blocks dropped, comma-separated or repeated."
     ),
-    heads: int = typer.Option(8, "--heads", min=1),
-    head_dim: int = typer.Option(64, "--head-dim", min=1),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Back-to-back dense and sparse runs per case."),
+    heads: int = typer.Option(8, "--heads", min=1, max=INT_MAX),
+    head_dim: int = typer.Option(64, "--head-dim", min=1, max=INT_MAX),
+    repeats: int = typer.Option(
+        3, "--repeats", min=1, max=INT_MAX, help="Back-to-back dense and sparse runs per case."
+    ),
     backend: list[str] = typer.Option(
         ["flex,gather"], "--backend", help="Sparse backends to time, comma-separated or repeated."
     ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, max=THREADS_MAX, help="torch intra-op threads."
+    ),
     kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the kernel part."),
     e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end Wan pipeline part."),
     e2e_layers: int = typer.Option(
-        8, "--e2e-layers", min=1, help="Transformer blocks of the end-to-end Wan."
+        8, "--e2e-layers", min=1, max=INT_MAX, help="Transformer blocks of the end-to-end Wan."
     ),
-    e2e_frames: int = typer.Option(61, "--e2e-frames", min=1, help="Frames of the end-to-end video."),
-    e2e_size: int = typer.Option(512, "--e2e-size", min=16, help="Height and width of the end-to-end video."),
-    e2e_steps: int = typer.Option(8, "--e2e-steps", min=1, help="Denoising steps of the end-to-end run."),
+    e2e_frames: int = typer.Option(
+        61, "--e2e-frames", min=1, max=INT_MAX, help="Frames of the end-to-end video."
+    ),
+    e2e_size: int = typer.Option(
+        512, "--e2e-size", min=16, max=INT_MAX, help="Height and width of the end-to-end video."
+    ),
+    e2e_steps: int = typer.Option(
+        8, "--e2e-steps", min=1, max=INT_MAX, help="Denoising steps of the end-to-end run."
+    ),
 ) -> dict[str, Any]:
     """DraftAttention benchmark: kernels (dense SDPA vs block-sparse backends) and a Wan pipeline end to
     end (dense vs DraftAttention(0.9)); prints tables, writes JSON."""
@@ -248,10 +286,14 @@ def draft(
 
 def pag(
     models: str = typer.Option("testbed,sd3", help="Models, comma-separated: testbed (bundled), sd3 (tiny)."),
-    samples: int = typer.Option(8, min=1, help="Pairs (CFG, CFG + SoftPAG) timed back to back per model."),
+    samples: int = typer.Option(
+        8, min=1, max=INT_MAX, help="Pairs (CFG, CFG + SoftPAG) timed back to back per model."
+    ),
     batch: str = typer.Option("auto", help="SoftPAG's batch mode: auto (one batched forward) or split."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report here."),
-    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's own choice)."),
+    threads: int | None = typer.Option(
+        None, min=1, max=THREADS_MAX, help="torch threads (default: torch's own choice)."
+    ),
 ) -> None:
     """Cost of CFG + SoftPAG over CFG alone, seconds per image (median of back-to-back pairs)."""
     import torch

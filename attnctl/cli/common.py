@@ -13,6 +13,18 @@ import typer
 T = TypeVar("T")
 
 MODEL_HELP = "Hub id, local folder or tiny:<family> (default: the bundled testbed model)."
+INT_MAX = 2**63 - 1  # counts and seeds: what torch and numpy take (attnctl.core.controls.INT_MAX)
+THREADS_MAX = 2**31 - 1  # torch.set_num_threads takes a 32-bit integer
+SIZE_MAX = 2**31 - 1  # pixels a side (attnctl.pipelines.generate.SIZE_MAX)
+
+
+def finite(value: float | None) -> float | None:
+    """A float option's check that typer's range leaves out: NaN and infinity are no values."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 # Below this many denoiser parameters (the bundled and tiny models) each operation is too small to
 # share: a second thread only waits on the first, and on a busy core it waits long (the bundled
 # model, 25 steps, one core busy: 0.38 s with one thread, 1.8-19 s with two).
@@ -144,6 +156,8 @@ def read_controls(path: Path) -> list[Any]:
         return Control.list_from_json(path.read_text())
     except OSError as e:
         fail(f"cannot read controls file {str(path)!r}: {e.strerror}")
+    except UnicodeDecodeError:
+        fail(f"controls file {str(path)!r} is not UTF-8 text (a controls JSON file)")
     except ValueError as e:
         fail(f"controls file {str(path)!r}: {e}")
 

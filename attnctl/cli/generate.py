@@ -8,11 +8,15 @@ from typing import Any
 import typer
 
 from .common import (
+    INT_MAX,
     MODEL_HELP,
+    SIZE_MAX,
     THREADS_HELP,
+    THREADS_MAX,
     check_output,
     check_size,
     fail,
+    finite,
     load_model,
     read_controls,
     read_prompts,
@@ -27,18 +31,22 @@ def generate(
         help="A text file, one prompt per line: image i of its prompts is written as <i>.png (same seed for all).",
     ),
     model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    steps: int = typer.Option(25, "--steps", min=1, max=INT_MAX, help="Denoising steps."),
+    seed: int = typer.Option(0, "--seed", min=0, max=INT_MAX, help="Random seed."),
     maps: str | None = typer.Option(
         None, "--maps", help="Comma-separated prompt words to record heatmaps for."
     ),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder."),
-    height: int | None = typer.Option(None, "--height", help="Image height (default: the model's)."),
-    width: int | None = typer.Option(None, "--width", help="Image width (default: the model's)."),
-    guidance: float | None = typer.Option(
-        None, "--guidance", min=0.0, help="Guidance scale (default: the pipeline's)."
+    height: int | None = typer.Option(
+        None, "--height", max=SIZE_MAX, help="Image height (default: the model's)."
     ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    width: int | None = typer.Option(
+        None, "--width", max=SIZE_MAX, help="Image width (default: the model's)."
+    ),
+    guidance: float | None = typer.Option(
+        None, "--guidance", min=0.0, callback=finite, help="Guidance scale (default: the pipeline's)."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, max=THREADS_MAX, help=THREADS_HELP),
     region: list[str] | None = typer.Option(
         None,
         "--region",

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from .common import MODEL_HELP, THREADS_HELP, check_output, fail, load_model, read_prompts, split_commas
+from .common import (
+    INT_MAX,
+    MODEL_HELP,
+    THREADS_HELP,
+    THREADS_MAX,
+    check_output,
+    fail,
+    finite,
+    load_model,
+    read_prompts,
+    split_commas,
+)
 
 
 def headhunter(
@@ -18,13 +29,19 @@ def headhunter(
         "three-object training combinations, none of them a benchmark prompt).",
     ),
     samples: int = typer.Option(
-        16, "--samples", min=1, help="M: generations per candidate (prompt i mod P, seed 900000 + i)."
+        16,
+        "--samples",
+        min=1,
+        max=INT_MAX,
+        help="M: generations per candidate (prompt i mod P, seed 900000 + i).",
     ),
-    rounds: int = typer.Option(2, "--rounds", min=1, help="R: greedy rounds."),
-    top_k: int = typer.Option(3, "--top-k", min=1, help="k: heads added to the selection per round."),
-    steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
+    rounds: int = typer.Option(2, "--rounds", min=1, max=INT_MAX, help="R: greedy rounds."),
+    top_k: int = typer.Option(
+        3, "--top-k", min=1, max=INT_MAX, help="k: heads added to the selection per round."
+    ),
+    steps: int = typer.Option(25, "--steps", min=1, max=INT_MAX, help="Denoising steps."),
     guidance: float | None = typer.Option(
-        None, "--guidance", min=0.0, help="CFG scale (default: the pipeline's)."
+        None, "--guidance", min=0.0, callback=finite, help="CFG scale (default: the pipeline's)."
     ),
     layers: str | None = typer.Option(
         None,
@@ -39,14 +56,16 @@ def headhunter(
     ),
     u: float = typer.Option(1.0, "--u", help="SoftPAG's u, toward the identity map (1: PAG's perturbation)."),
     scale: float = typer.Option(3.0, "--scale", help="SoftPAG's guidance scale s."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples generated per pipeline call."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, max=INT_MAX, help="Samples generated per pipeline call."
+    ),
     out: Path = typer.Option(
         Path("headhunter.json"), "--out", "-o", help="Result JSON, rewritten after every candidate."
     ),
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Skip the candidates --out already scored."
     ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, max=THREADS_MAX, help=THREADS_HELP),
 ) -> None:
     """HeadHunter: greedy search for the heads whose perturbation guides best.
 
@@ -66,10 +85,18 @@ def headhunter(
         try:
             score = objective_from_name(objective, procs.device)
             if score is testbed:
-                for text in texts:  # before any generation
-                    parse_caption(text)
+                for i, text in enumerate(texts):  # before any generation
+                    try:
+                        parse_caption(text)
+                    except ValueError as e:
+                        where = "the search prompts" if prompts is None else repr(str(prompts))
+                        fail(f"--objective testbed scores testbed captions; prompt {i} of {where}: {e}")
+            patterns = None
+            if layers is not None:
+                patterns = [int(x) if x.isdigit() else x for x in split_commas(layers)]
+                if not patterns:
+                    fail(f"--layers {layers!r} names nothing; give comma-separated layer patterns")
             pipe = procs.to_device(load_model(model, threads=threads))
-            patterns = [int(x) if x.isdigit() else x for x in split_commas(layers)] if layers else None
             result = search(
                 pipe,
                 texts,

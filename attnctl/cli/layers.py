@@ -6,16 +6,16 @@ from typing import Any
 
 import typer
 
-from .common import MODEL_HELP, check_size, load_model
+from .common import MODEL_HELP, SIZE_MAX, check_size, load_model
 
 
 def layers(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
     height: int | None = typer.Option(
-        None, "--height", help="Image height for the map sizes (default: the model's)."
+        None, "--height", max=SIZE_MAX, help="Image height for the map sizes (default: the model's)."
     ),
     width: int | None = typer.Option(
-        None, "--width", help="Image width for the map sizes (default: the model's)."
+        None, "--width", max=SIZE_MAX, help="Image width for the map sizes (default: the model's)."
     ),
 ) -> None:
     """Print the attention layers with family, kind (self/cross/joint), heads and map size.
@@ -40,6 +40,11 @@ def layers(
 
     kwargs = call_defaults(model)
     kwargs.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
+    if (kwargs.get("height") is None) != (kwargs.get("width") is None):  # one side: the other the default
+        from attnctl.pipelines.generate import default_size
+
+        for name, side in zip(("height", "width"), default_size(pipe), strict=True):
+            kwargs.setdefault(name, side)
     kwargs.update(num_inference_steps=1, output_type="latent")
     with attnctl.control(pipe) as ctl:
         ctl.add_edit(ctl.layers, _Grid())

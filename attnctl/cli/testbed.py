@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import check_output
+from .common import INT_MAX, THREADS_MAX, check_output, finite
 
 app = typer.Typer(help="The bundled shapes model: train it, check its detector.", no_args_is_help=True)
 
@@ -18,16 +18,21 @@ def train(
     out: Path = typer.Option(
         Path("testbed-run"), help="Run folder: checkpoints/, model/, resumed if present."
     ),
-    seed: int = typer.Option(0, min=0, help="Seed for data, initialisation, batches and noise."),
+    seed: int = typer.Option(0, min=0, max=INT_MAX, help="Seed for data, initialisation, batches and noise."),
     smoke: bool = typer.Option(False, help="A few steps of every stage (seconds); for tests."),
-    vae_steps: int | None = typer.Option(None, min=1, help="Override the VAE stage's steps."),
+    vae_steps: int | None = typer.Option(None, min=1, max=INT_MAX, help="Override the VAE stage's steps."),
     unet_steps: int | None = typer.Option(
-        None, min=1, help="Override the UNet stage's steps (export early: a smaller value)."
+        None, min=1, max=INT_MAX, help="Override the UNet stage's steps (export early: a smaller value)."
     ),
     ground_weight: float | None = typer.Option(
-        None, min=0.0, help="Override the weight of the token grounding loss (0 turns it off)."
+        None,
+        min=0.0,
+        callback=finite,
+        help="Override the weight of the token grounding loss (0 turns it off).",
     ),
-    threads: int = typer.Option(2, min=1, help="torch threads; 1 is faster on a heavily shared CPU."),
+    threads: int = typer.Option(
+        2, min=1, max=THREADS_MAX, help="torch threads; 1 is faster on a heavily shared CPU."
+    ),
     ship: bool = typer.Option(False, help="Copy the trained model into the package (the bundled model)."),
 ) -> None:
     """Train the shapes model from scratch (or resume), then save it as a StableDiffusionPipeline."""
@@ -55,8 +60,10 @@ def train(
 
 @app.command("eval-detector")
 def eval_detector(
-    n: int = typer.Option(500, min=1, help="Number of held-out ground-truth renders."),
-    seed: int | None = typer.Option(None, min=0, help="Render seed (default: the detector's held-out seed)."),
+    n: int = typer.Option(500, min=1, max=INT_MAX, help="Number of held-out ground-truth renders."),
+    seed: int | None = typer.Option(
+        None, min=0, max=INT_MAX, help="Render seed (default: the detector's held-out seed)."
+    ),
 ) -> None:
     """Detector accuracy on ground-truth renders from a seed training never uses."""
     from attnctl.testbed.detector import DETECTOR_EVAL_SEED, evaluate

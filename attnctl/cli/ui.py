@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import MODEL_HELP, THREADS_HELP, fail, load_model, read_controls
+from .common import INT_MAX, MODEL_HELP, THREADS_HELP, THREADS_MAX, fail, finite, load_model, read_controls
 
 
 def ui(
@@ -21,17 +21,29 @@ def ui(
     prompt: str = typer.Option(
         "a red circle and a blue square", "--prompt", help="The prompt the page opens with."
     ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, max=THREADS_MAX, help=THREADS_HELP),
     max_pixels: int = typer.Option(
-        1024 * 1024, "--max-pixels", min=1, help="Largest height x width a request may ask."
+        1024 * 1024, "--max-pixels", min=1, max=INT_MAX, help="Largest height x width a request may ask."
     ),
-    max_steps: int = typer.Option(100, "--max-steps", min=1, help="Most denoising steps a request may ask."),
-    max_frames: int = typer.Option(129, "--max-frames", min=1, help="Most video frames a request may ask."),
+    max_steps: int = typer.Option(
+        100, "--max-steps", min=1, max=INT_MAX, help="Most denoising steps a request may ask."
+    ),
+    max_frames: int = typer.Option(
+        129, "--max-frames", min=1, max=INT_MAX, help="Most video frames a request may ask."
+    ),
     max_iterations: int = typer.Option(
-        50, "--max-iterations", min=1, help="Most iterations per step a request's control may ask."
+        50,
+        "--max-iterations",
+        min=1,
+        max=INT_MAX,
+        help="Most iterations per step a request's control may ask.",
     ),
     max_seconds: float = typer.Option(
-        600.0, "--max-seconds", min=1.0, help="A request's generation stops after this many seconds."
+        600.0,
+        "--max-seconds",
+        min=1.0,
+        callback=finite,
+        help="A request's generation stops after this many seconds.",
     ),
 ) -> None:
     """Serve the web demo (Gradio, in the package's ui extra).
@@ -46,6 +58,7 @@ def ui(
         )
 
     controls = read_controls(controls_file) if controls_file else []
+    _check_host(host)
     from attnctl.ui import launch
     from attnctl.ui.app import Limits
 
@@ -55,3 +68,13 @@ def ui(
         launch(model, pipe=pipe, host=host, port=port, prompt=prompt, controls=controls, limits=limits)
     except OSError as e:  # e.g. the port is taken
         fail(f"cannot serve on {host}:{port or 7860}: {e}")
+
+
+def _check_host(host: str) -> None:
+    """A --host that resolves to an address (before the model loads and the server starts)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host or "127.0.0.1", None)  # an empty host is Gradio's default, loopback
+    except (socket.gaierror, UnicodeError) as e:
+        fail(f"--host {host!r} is not an address this machine can serve on: {getattr(e, 'strerror', e)}")
