@@ -19,7 +19,10 @@ to import them on a shared CPU), each calling the command's entry point as `pyth
 cases call the demo's `generate` endpoint function in this process, on the bundled testbed model (the
 `attnctl ui` default), as a request would; their time limit is the server's own (`Limits.max_seconds`).
 
-    python benchmarks/audit.py --threads 1 --json benchmarks/results/audit.json
+    python benchmarks/audit.py --threads 1 --exec-check 6 --json benchmarks/results/audit.json
+
+(`--before OLD.json --before-label TEXT` keeps a previous run's counts, e.g. on the code before a fix,
+under "before" in the JSON.)
 """
 
 from __future__ import annotations
@@ -1933,11 +1936,20 @@ def main() -> None:
         "--exec-check", type=int, default=0, help="Rerun this many command cases as real processes."
     )
     parser.add_argument("--quiet", action="store_true", help="No progress lines.")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="A previous run's JSON (e.g. on the code before a fix): its counts and cases that were not "
+        "clear are kept in this run's JSON under 'before'.",
+    )
+    parser.add_argument("--before-label", default="", help="What the previous run was (e.g. its commit).")
     args = parser.parse_args()
     areas = [a.strip() for a in args.areas.split(",") if a.strip()]
     unknown = [a for a in areas if a not in AREAS]
     if unknown:
         parser.error(f"--areas {','.join(unknown)}: not one of {', '.join(AREAS)}")
+    if args.before is not None and not args.before.is_file():
+        parser.error(f"--before {str(args.before)!r}: no such file")
 
     import torch
 
@@ -2016,8 +2028,14 @@ def main() -> None:
     print(f"\n{len(outcomes)} cases in {seconds:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "counts": counts(outcomes),
+        report: dict[str, Any] = {"counts": counts(outcomes)}
+        if args.before:
+            before = json.loads(args.before.read_text())
+            report["before"] = {
+                "what": args.before_label,
+                **{k: before[k] for k in ("counts", "seconds", "exec_checks", "not_clear") if k in before},
+            }
+        report |= {
             "seconds": round(seconds, 1),
             "timeout_s": args.timeout,
             "threads": args.threads,
