@@ -485,3 +485,23 @@ def test_an_update_that_makes_the_latent_non_finite_stops_the_run_and_restores(m
             pipe("a cat and a frog", **tiny_call_kwargs("sd"))
     assert pipe.unet.attn_processors == processors
     assert "step" not in vars(pipe.scheduler)
+
+
+@pytest.mark.parametrize(
+    "control",
+    [attnctl.PAG(["mid_block"], scale=3e38), attnctl.AttentionRegulation(["cat"], lr=1e4)],
+    ids=["PAG", "AttentionRegulation"],
+)
+def test_a_control_that_makes_the_prediction_non_finite_stops_the_run_and_restores(control):
+    """Finite but far too large settings: the first non-finite prediction ends the run with one error
+    naming the control and the step (not a NaN image), and the pipeline is put back. Observers alone
+    never stop a run: their output is the plain pipeline's."""
+    pipe = tiny_pipeline("sd")
+    processors = dict(pipe.unet.attn_processors)
+    name = type(control).__name__
+    with pytest.raises(
+        ValueError, match=rf"^the denoiser's prediction is not finite at step \d+ under {name}: "
+    ):
+        with attnctl.control(pipe, control, attnctl.AttentionMaps(["cat"])):
+            pipe("a cat and a frog", **tiny_call_kwargs("sd"))
+    assert pipe.unet.attn_processors == processors and not vars(pipe.unet).get("forward")

@@ -173,6 +173,11 @@ def denoiser_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor],
     return (torch.stack(sample) if rows else sample), put
 
 
+# Controls that only read attention: a run with them alone gives the plain pipeline's output, NaN
+# included (a model that overflows in fp16 does so without attnctl too).
+OBSERVERS = ("AttentionMaps",)
+
+
 class DenoiserHook(ModelHook):
     """Tracks each denoiser forward and runs the wrappers around it. Stateful, so diffusers hands it
     the pipeline's cache context."""
@@ -201,8 +206,18 @@ class DenoiserHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        for wrapper in reversed(self.session.wrappers):
-            output = wrapper.after(self.session, module, output)
+        session = self.session
+        for wrapper in reversed(session.wrappers):
+            output = wrapper.after(session, module, output)
+        changing = [c.kind for c in session.controls if c.kind not in OBSERVERS]
+        if changing and not session.guiding:
+            prediction = denoiser_output(output)[0]
+            if prediction.is_floating_point() and not torch.isfinite(prediction).all():
+                raise ValueError(
+                    f"the denoiser's prediction is not finite at step {session.step} under "
+                    f"{', '.join(changing)}: a scale, step size or learning rate too large for this model; "
+                    "the pipeline is restored"
+                )
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
