@@ -150,6 +150,8 @@ def test_bench_bad_values_end_with_one_line():
         (["bench", "maps", "--sizes", "1"], "sizes=[1]"),
         (["bench", "layout", "--sizes", "1"], "sizes=[1]"),
         (["bench", "pag", "--models", "sdxl"], "models=['sdxl']"),
+        (["bench", "pag", "--against", "diffusers", "--models", "testbed"], "models=['testbed']"),
+        (["bench", "pag", "--against", "comfy"], "against='comfy'"),
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

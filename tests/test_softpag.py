@@ -267,6 +267,22 @@ def test_bench_pag_reports_paired_ratios(tmp_path):
         run_pag(("sdxl",))
 
 
+def test_bench_pag_against_diffusers_times_the_same_guidance(tmp_path):
+    from attnctl.bench.pag import run_pag
+
+    report = run_pag(
+        ("sd3",), samples=2, steps=1, against="diffusers", json_out=tmp_path / "p.json", log=None
+    )
+    row = report["sd3"]
+    assert row["diffusers_pipeline"] == "StableDiffusion3PAGPipeline" and row["attnctl"]["scope"] == "image"
+    assert row["max_abs_diff"] < 1e-4 and len(row["ratios"]) == 2 and row["attnctl_seconds"] > 0
+    assert json.loads((tmp_path / "p.json").read_text())["config"]["against"] == "diffusers"
+    with pytest.raises(ValueError, match="models"):
+        run_pag(("testbed",), against="diffusers")
+    with pytest.raises(ValueError, match="against"):
+        run_pag(against="comfy")
+
+
 @pytest.mark.parametrize("guide", ["AStar", "AttendAndExcite"])
 def test_composes_with_latent_guidance(guide):
     """Latent guidance runs its own gradient forward inside the guided call; the perturbed branch

@@ -285,17 +285,31 @@ def draft(
 
 
 def pag(
-    models: str = typer.Option("testbed,sd3", help="Models, comma-separated: testbed (bundled), sd3 (tiny)."),
-    samples: int = typer.Option(
-        8, min=1, max=INT_MAX, help="Pairs (CFG, CFG + SoftPAG) timed back to back per model."
+    models: str | None = typer.Option(
+        None,
+        help="Models, comma-separated. Against cfg: testbed (bundled), sd3 (tiny); default both. "
+        "Against diffusers: sd, sdxl, sd3 (tiny); default all three.",
     ),
-    batch: str = typer.Option("auto", help="SoftPAG's batch mode: auto (one batched forward) or split."),
+    against: str = typer.Option(
+        "cfg",
+        help="cfg: CFG + SoftPAG over CFG alone. diffusers: attnctl's PAG over diffusers' PAG pipeline "
+        "(same weights).",
+    ),
+    samples: int = typer.Option(
+        8, min=1, max=INT_MAX, help="Pairs timed back to back per model (order alternating)."
+    ),
+    steps: int | None = typer.Option(
+        None, min=1, max=INT_MAX, help="Denoising steps (default: 25 on the testbed, 10 on tiny models)."
+    ),
+    batch: str = typer.Option(
+        "auto", help="The perturbed branch's batch mode: auto (one batched forward) or split."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report here."),
     threads: int | None = typer.Option(
         None, min=1, max=THREADS_MAX, help="torch threads (default: torch's own choice)."
     ),
 ) -> None:
-    """Cost of CFG + SoftPAG over CFG alone, seconds per image (median of back-to-back pairs)."""
+    """Cost of perturbed-branch guidance: CPU seconds per image and the median of per-pair ratios."""
     import torch
 
     from attnctl.bench.pag import run_pag
@@ -304,7 +318,8 @@ def pag(
     if threads:
         torch.set_num_threads(threads)
     try:
-        run_pag(tuple(split_commas(models)), samples, batch, json_out, typer.echo)
+        chosen = None if models is None else tuple(split_commas(models))
+        run_pag(chosen, samples, batch, json_out, typer.echo, against=against, steps=steps)
     except ValueError as e:
         fail(str(e))
     if json_out:
