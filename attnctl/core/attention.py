@@ -138,13 +138,19 @@ class AttentionCall:
             total = total + p
         return total
 
-    def model_output(self) -> torch.Tensor:
-        """The model's own kernel on q, k, v: [B, H, Sq, D]. Where that kernel is PyTorch's CPU flash
-        attention and an edit will read the conditional rows' softmax denominators (maps, logit
-        edits), the same kernel call returns them too (`image_lse`), bit for bit the model's output."""
+    def model_output(self, stop: int | None = None) -> torch.Tensor:
+        """The model's own kernel on q, k, v: [B, H, Sq, D]; `stop`: on the batch rows before it only
+        (an edit computes the others itself). Where that kernel is PyTorch's CPU flash attention and
+        an edit will read the conditional rows' softmax denominators (maps, logit edits), the same
+        kernel call returns them too (`image_lse`), bit for bit the model's output."""
         reads = any(overrides(e, m) for e in self.edits for m in ("observe", "logit_bias", "post_softmax"))
         rows = self.cond_rows
         q, k, v, mask = self.query, self.key, self.value, self.mask
+        if stop is not None and stop < q.shape[0]:
+            q, k, v = q[:stop], k[:stop], v[:stop]
+            if mask is not None and mask.shape[0] > 1:
+                mask = mask[:stop]
+            reads = reads and all(r < stop for r in rows)
         if not (self.native and reads and rows and self.layout.text_k is not None):
             return self.default_kernel(q, k, v, mask, self.kernel_scale)
         if any(overrides(e, "key_bias") for e in self.edits) or torch.is_grad_enabled():

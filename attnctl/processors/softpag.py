@@ -239,39 +239,63 @@ class _PerturbHeads(AttentionEdit):
 
     def __init__(self, heads: dict[str, tuple[int, ...] | None], u: float, target: str, scope: str):
         self.heads, self.u, self.target, self.scope = heads, u, target, scope
+        self._filled = False
+        self._rest: dict[tuple[str, int], list[int]] = {}  # the heads left as they are, per layer
 
     def active(self, session: Any, layer: Any) -> bool:
         return bool(session.rows.perturbed)
 
     def kernel(self, call: AttentionCall) -> torch.Tensor | None:
-        """At u = 1 with the identity target the selected heads of the perturbed rows need no
-        attention at all (their output is V): compute the rest only. Any other kernel edit (e.g.
+        """At u = 1 with the identity target the perturbed rows' selected heads need no attention
+        over the image block: their output is V, or with the image scope each image query's mix of
+        its own value and the text keys' (`image_scope_attention`). The model's kernel runs on the
+        other rows and the perturbed rows' other heads only. Any other kernel edit (e.g.
         DraftAttention) computes everything instead, and `mix_output` overwrites those heads."""
-        if self.u != 1 or self.target != "identity" or self._image_scope(call) or call.mask is not None:
+        if self.u != 1 or self.target != "identity" or call.mask is not None:
             return None
-        if not call.rows.perturbed:  # a kernel call of other rows only (a processor that runs row by row)
+        perturbed = call.rows.perturbed  # appended last (`append_perturbed`), or a call of their own
+        if (
+            not perturbed
+            or perturbed[-1] != call.query.shape[0] - 1
+            or len(perturbed) != perturbed[-1] - perturbed[0] + 1
+        ):
             return None
         if any(e is not self and overrides(e, "kernel") for e in call.edits):
             return None
         q, k, v = call.query, call.key, call.value
+        first = perturbed[0]
+        own = slice(first, None)
         heads = self.heads[call.layer.name]
-        perturbed = list(call.rows.perturbed)
-        others = [r for r in range(q.shape[0]) if r not in call.rows.perturbed]
-        out = v.new_empty(q.shape[:3] + v.shape[3:])
-        if others:
-            out[others] = call.default_kernel(q[others], k[others], v[others], None, call.kernel_scale)
+        qp, kp, vp = q[own], k[own], v[own]
         if heads is not None:
-            rest = [h for h in range(q.shape[1]) if h not in heads]
+            chosen = list(heads)
+            qp, kp, vp = qp[:, chosen], kp[:, chosen], vp[:, chosen]
+        if self._image_scope(call):
+            layout = call.layout
+            goal = image_scope_attention(qp, kp, vp, layout.image_k, call.scale, layout.image_q)
+        else:
+            goal = _own(call, vp)
+        goal = goal if goal.dtype == v.dtype else goal.to(v.dtype)
+        if heads is not None:
+            rest = self._rest_heads(call, heads)
+            block = v.new_empty((len(perturbed),) + q.shape[1:3] + v.shape[3:])
             if rest:
-                sub = (x[perturbed][:, rest] for x in (q, k, v))
-                block = call.default_kernel(*sub, None, call.kernel_scale)
-                out[perturbed[0] : perturbed[-1] + 1, rest] = block  # perturbed rows are the last, contiguous
-        out[perturbed] = perturbed_output(out[perturbed], _own(call, v)[perturbed], heads, 1.0, "identity")
+                block[:, rest] = call.default_kernel(
+                    q[own][:, rest], k[own][:, rest], v[own][:, rest], None, call.kernel_scale
+                )
+            block[:, chosen] = goal
+            goal = block
         self._filled = True
-        return out
+        return torch.cat([call.model_output(first), goal]) if first else goal
+
+    def _rest_heads(self, call: AttentionCall, heads: tuple[int, ...]) -> list[int]:
+        key = (call.layer.name, call.query.shape[1])
+        if key not in self._rest:
+            self._rest[key] = [h for h in range(call.query.shape[1]) if h not in heads]
+        return self._rest[key]
 
     def mix_output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_filled", False):
+        if self._filled:
             self._filled = False
             return out
         rows = list(call.rows.perturbed)

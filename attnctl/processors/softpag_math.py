@@ -56,26 +56,46 @@ def image_scope_attention(
     image_q = (
         image if image_q is None else image_q
     )  # the image queries, where they sit elsewhere than its keys
-    n, device = query.shape[2], query.device
-    text_q = torch.cat([torch.arange(0, image_q.start), torch.arange(image_q.stop, n)]).to(device)
-    text = torch.cat([torch.arange(0, image.start), torch.arange(image.stop, key.shape[2])]).to(device)
-    full = query.new_empty(query.shape[:3] + (value.shape[-1],))
-    if len(text_q):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.index_select(2, text_q), key, value, scale=scale
-        )
-        full.index_copy_(2, text_q, out)
+    n = query.shape[2]
+    text_q, text = _others(image_q, n, query.device), _others(image, key.shape[2], key.device)
     acc = torch.promote_types(query.dtype, torch.float32)  # fp16/bf16 logits in fp32
-    qi = query[:, :, image_q].to(acc)
-    ki, vi = (x[:, :, image].to(acc) for x in (key, value))
-    kt, vt = (x.index_select(2, text).to(acc) for x in (key, value))
+    qi = _as(query[:, :, image_q], acc)
+    ki, vi = (_as(x[:, :, image], acc) for x in (key, value))
+    kt, vt = (_as(_take(x, text), acc) for x in (key, value))
     text_logits = (qi @ kt.transpose(-1, -2)) * scale  # [B, H, N_image, T]
     own = (qi * ki).sum(-1, keepdim=True) * scale  # [B, H, N_image, 1]
     text_lse = text_logits.logsumexp(-1, keepdim=True)
     text_out = text_logits.softmax(-1) @ vt
     # softmax over [own, text]: weight of the own key = sigmoid(own - lse(text))
-    full[:, :, image_q] = torch.lerp(text_out, vi, torch.sigmoid(own - text_lse)).to(full.dtype)
+    image_out = _as(torch.lerp(text_out, vi, torch.sigmoid(own - text_lse)), query.dtype)
+    if isinstance(text_q, slice) and text_q.start == text_q.stop:  # no text queries
+        return image_out
+    text_out = torch.nn.functional.scaled_dot_product_attention(_take(query, text_q), key, value, scale=scale)
+    if isinstance(text_q, slice):  # the text queries before or after the image queries
+        parts = (text_out, image_out) if text_q.start < image_q.start else (image_out, text_out)
+        return torch.cat(parts, dim=2)
+    full = query.new_empty(query.shape[:3] + (value.shape[-1],))
+    full.index_copy_(2, text_q, text_out)
+    full[:, :, image_q] = image_out
     return full
+
+
+def _others(block: slice, n: int, device: torch.device) -> slice | Tensor:
+    """The positions of [0, n) outside `block`: a slice where they are one run, else an index."""
+    if block.start == 0:
+        return slice(block.stop, n)
+    if block.stop == n:
+        return slice(0, block.start)
+    return torch.cat([torch.arange(0, block.start), torch.arange(block.stop, n)]).to(device)
+
+
+def _take(x: Tensor, positions: slice | Tensor) -> Tensor:
+    """`x` at the given sequence positions (dim 2)."""
+    return x[:, :, positions] if isinstance(positions, slice) else x.index_select(2, positions)
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def guidance_scale_at(scale: float, adaptive_scale: float, timestep: float) -> float:
