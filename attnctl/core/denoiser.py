@@ -91,15 +91,25 @@ def append_rows(obj: Any, rows: list[int], batch: int, dims: dict[str, int] | No
     """Every tensor with the batch as its first dimension, with copies of `rows` appended at the end
     (nested in tuples/lists/dicts); e.g. the conditional rows again, as a perturbed branch. `dims`:
     as in `take_rows`."""
+    index = row_index(rows)
     return _map_batch(
-        obj, lambda x: x + x[rows] if isinstance(x, list) else torch.cat([x, x[rows]]), batch, dims or {}
+        obj, lambda x: x + x[rows] if isinstance(x, list) else torch.cat([x, x[index]]), batch, dims or {}
     )
+
+
+def row_index(rows: list[int] | tuple[int, ...]) -> slice | list[int]:
+    """Batch rows as an index of the same rows: a slice where they are consecutive (a view, no
+    index tensor to build), else the list."""
+    rows = list(rows)
+    if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return rows
 
 
 def _map_batch(obj: Any, fn: Callable[[Any], Any], batch: int, dims: dict[str, int], dim: int = 0) -> Any:
     if isinstance(obj, torch.Tensor):
         if obj.dim() > dim and obj.shape[dim] == batch:
-            return fn(obj.movedim(dim, 0)).movedim(0, dim)
+            return fn(obj) if dim == 0 else fn(obj.movedim(dim, 0)).movedim(0, dim)
         return obj
     if isinstance(obj, tuple):
         return tuple(_map_batch(o, fn, batch, dims, dim) for o in obj)

@@ -123,6 +123,7 @@ class Session:
         self._forwards_since_prompt = 0
         self._step_forwards = 0  # the pipeline's own denoiser forwards at this step (not controls')
         self._edits: dict[str, list[AttentionEdit]] = {}
+        self._signatures: dict[Any, inspect.Signature | None] = {}  # of the denoisers' forwards
         self._installed: list[_Installed] = []  # attnctl's processors, and what each stands in for
         self._undo: list[Callable[[], None]] = []
 
@@ -361,7 +362,8 @@ class Session:
     ) -> None:
         self._follow_processor_changes()
         self._forwards_since_prompt += 1
-        t = _named_inputs(module, args, kwargs).get(adapter.timestep_arg)
+        inputs = self._named_inputs(module, args, kwargs)
+        t = inputs.get(adapter.timestep_arg)
         t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
         if t != self.timestep:
             self.step += 1
@@ -371,7 +373,7 @@ class Session:
                 self._check_steps()
         if self.branch is None:  # controls name the branch of the forwards they make
             self._step_forwards += 1
-        self._read_batch(module, adapter, args, kwargs)
+        self._read_batch(module, adapter, args, kwargs, inputs=inputs)
         context = _GUIDER_BRANCHES.get(context, context)
         if context is not None and context.startswith(_UNCOND_PREFIX):
             context = "uncond"
@@ -411,9 +413,12 @@ class Session:
         args: tuple,
         kwargs: dict,
         changed_by: DenoiserWrapper | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> None:
-        """Batch size, token grid and text length of the call as it will enter the denoiser."""
-        inputs = _named_inputs(module, args, kwargs)
+        """Batch size, token grid and text length of the call as it will enter the denoiser
+        (`inputs`: its arguments by name, where the caller has them already)."""
+        if inputs is None:
+            inputs = self._named_inputs(module, args, kwargs)
         text = inputs.get("encoder_hidden_states")
         self.text_len = None if text is None else text.shape[1]
         adapter.observe_forward(self, inputs)
@@ -424,6 +429,23 @@ class Session:
                 f"{type(changed_by).__name__} made the denoiser batch {self.batch} rows but session.rows "
                 f"declares {self.rows.size} ({self.rows}); declare added rows, e.g. rows.append_perturbed(n)"
             )
+
+    def _named_inputs(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The denoiser call's arguments by parameter name, however the pipeline passed them (the
+        signature of each forward read once per session)."""
+        forward = module.forward
+        if forward not in self._signatures:
+            try:
+                self._signatures[forward] = inspect.signature(forward)
+            except TypeError:
+                self._signatures[forward] = None
+        signature = self._signatures[forward]
+        if signature is not None:
+            try:
+                return dict(signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                pass
+        return dict(kwargs)  # a signature we cannot bind: keyword arguments are all we can name
 
     def _batched_cfg(self, context: str | None) -> bool:
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
@@ -511,11 +533,3 @@ def _fullgraph(module: torch.nn.Module) -> bool:
     call = vars(module).get("_compiled_call_impl")
     contexts += [c.cell_contents for c in getattr(call, "__closure__", None) or ()]
     return any(getattr(c, "fullgraph", False) is True for c in contexts)
-
-
-def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The denoiser call's arguments by parameter name, however the pipeline passed them."""
-    try:
-        return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
-    except TypeError:  # a signature we cannot bind: keyword arguments are all we can name
-        return dict(kwargs)

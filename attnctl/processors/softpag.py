@@ -26,7 +26,7 @@ import torch
 
 from ..core.attention import AttentionCall, AttentionEdit, overrides
 from ..core.controls import Control, check, param
-from ..core.denoiser import DenoiserWrapper, append_rows, denoiser_output, take_rows
+from ..core.denoiser import DenoiserWrapper, append_rows, denoiser_output, row_index, take_rows
 from .softpag_math import TARGETS, fold_into_cond, guidance_scale_at, image_scope_attention, perturbed_output
 
 SCOPES = ("joint", "image")
@@ -396,13 +396,13 @@ class PerturbedGuidance(DenoiserWrapper):
             perturbed = self._perturbed_forward(session, module)
             base = prediction
         else:
-            perturbed = prediction[list(rows.perturbed)]
+            perturbed = prediction[row_index(rows.perturbed)]
             base = prediction[: rows.size - len(rows.perturbed)]
-        cond = list(rows.cond)
+        if perturbed.dtype != base.dtype:
+            perturbed = perturbed.to(base.dtype)
+        cond = row_index(rows.cond)
         folded = base.clone()
-        folded[cond] = fold_into_cond(
-            base[cond], perturbed.to(base.dtype), self._scale_now, _cfg_scale(session)
-        )
+        folded[cond] = fold_into_cond(base[cond], perturbed, self._scale_now, _cfg_scale(session))
         return put(folded)
 
     def _split(self, module: torch.nn.Module) -> bool:
