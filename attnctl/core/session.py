@@ -130,7 +130,9 @@ class Session:
     # ---- installing -------------------------------------------------------------------------
     def install(self, controls: tuple[Control, ...]) -> None:
         """Check that the controls work on this pipeline and together, then install each; `control()` calls it."""
-        self._check_not_controlled()
+        # every attention module of each denoiser, found once for the checks and the snapshot
+        attention = [attention_modules(d) for d in self.denoisers]
+        self._check_not_controlled(attention)
         self._check_not_fullgraph(controls)
         caches = [c for d in self.denoisers for c in caches_of(d)]
         for c in controls:
@@ -144,22 +146,21 @@ class Session:
                 if (c.kind, cache) in CACHE_REFUSALS:
                     raise ValueError(f"{c.kind} does not work with {cache}: {CACHE_REFUSALS[c.kind, cache]}")
         self.controls = list(controls)
-        for denoiser, adapter in zip(self.denoisers, self.adapters, strict=True):
-            self._snapshot_backends(denoiser)
+        for denoiser, adapter, modules in zip(self.denoisers, self.adapters, attention, strict=True):
+            self._snapshot_backends(modules)
             self._install_hook(denoiser, adapter)
         self._wrap_method(self.pipe, "encode_prompt", self._on_encode_prompt)
         for c in controls:
             c.install(self)
 
-    def _check_not_controlled(self) -> None:
+    def _check_not_controlled(self, attention: list[dict[str, torch.nn.Module]]) -> None:
         """One session per pipeline: a second one would stack hooks and processors on the first's,
-        and its exit could not restore them in order. Checked before anything is installed."""
-        for denoiser in self.denoisers:
+        and its exit could not restore them in order. Checked before anything is installed.
+        `attention`: each denoiser's attention modules."""
+        for denoiser, modules in zip(self.denoisers, attention, strict=True):
             registry = getattr(denoiser, "_diffusers_hook", None)
             hooked = registry is not None and HOOK_NAME in getattr(registry, "hooks", {})
-            swapped = any(
-                isinstance(m.processor, AttnctlProcessor) for m in attention_modules(denoiser).values()
-            )
+            swapped = any(isinstance(m.processor, AttnctlProcessor) for m in modules.values())
             if hooked or swapped:
                 raise ValueError(
                     f"attnctl.control: this {type(self.pipe).__name__} is already inside an attnctl.control "
@@ -261,11 +262,12 @@ class Session:
 
         self._undo.append(undo)
 
-    def _snapshot_backends(self, denoiser: torch.nn.Module) -> None:
-        """Put every processor's attention backend settings back on exit, even if changed meanwhile."""
+    def _snapshot_backends(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Put every processor's attention backend settings back on exit, even if changed meanwhile
+        (`modules`: a denoiser's attention modules)."""
         saved = [
             (proc, {a: vars(proc)[a] for a in ("_attention_backend", "_parallel_config") if a in vars(proc)})
-            for proc in (m.processor for m in attention_modules(denoiser).values())
+            for proc in (m.processor for m in modules.values())
             if hasattr(proc, "_attention_backend")
         ]
 
@@ -529,7 +531,10 @@ def in_steps(
 def _fullgraph(module: torch.nn.Module) -> bool:
     """Whether `module` was compiled with fullgraph=True: `torch.compile(module, ...)` (the
     wrapper's context says it) or `module.compile(...)` (its compiled call holds that context)."""
-    contexts = [getattr(module, "dynamo_ctx", None)]
-    call = vars(module).get("_compiled_call_impl")
+    # read from the instance (both are set as attributes): a getattr miss on a module costs an
+    # exception in nn.Module.__getattr__, and this runs on every submodule of the denoisers
+    attrs = vars(module)
+    contexts = [attrs.get("dynamo_ctx", getattr(type(module), "dynamo_ctx", None))]
+    call = attrs.get("_compiled_call_impl")
     contexts += [c.cell_contents for c in getattr(call, "__closure__", None) or ()]
     return any(getattr(c, "fullgraph", False) is True for c in contexts)

@@ -236,6 +236,13 @@ def attention_layers(
 
 
 def _has_processor(module: torch.nn.Module) -> bool:
+    # Most modules have no processor: tell without getattr, whose miss on a module goes through
+    # nn.Module.__getattr__ and an exception. A processor is an attribute, a submodule (processors
+    # that are nn.Modules) or something of the class (a property).
+    if not (
+        "processor" in vars(module) or "processor" in module._modules or hasattr(type(module), "processor")
+    ):
+        return False
     processor = getattr(module, "processor", None)
     if processor is None:
         return False

@@ -100,7 +100,9 @@ def caches_of(denoiser: Any) -> list[str]:
     """The diffusers caches enabled on a denoiser, found by their hooks."""
     found = []
     for module in denoiser.modules():
-        registry = getattr(module, "_diffusers_hook", None)
+        registry = vars(module).get(
+            "_diffusers_hook"
+        )  # set as an attribute (HookRegistry); vars: no miss costs
         found += [CACHES[name] for name in getattr(registry, "hooks", {}) if name in CACHES]
     return list(dict.fromkeys(found))
 
