@@ -281,6 +281,8 @@ def test_bench_pag_against_diffusers_times_the_same_guidance(tmp_path):
         run_pag(("testbed",), against="diffusers")
     with pytest.raises(ValueError, match="against"):
         run_pag(against="comfy")
+    with pytest.raises(ValueError, match="size"):
+        run_pag(("sd3",), size=64)  # a size only for the diffusers comparison
 
 
 @pytest.mark.parametrize("guide", ["AStar", "AttendAndExcite"])

@@ -56,12 +56,15 @@ def run_pag(
     log: Any = print,
     against: str = "cfg",
     steps: int | None = None,
+    size: int | None = None,
 ) -> dict:
     """Time each model's pairs; returns the report (also written to `json_out`).
 
     against: "cfg" (CFG + SoftPAG over CFG alone; models from MODELS) or "diffusers" (attnctl's PAG
     over diffusers' PAG pipeline; models from DIFFUSERS_PAG). steps: denoising steps (None: each
-    comparison's own, 25 on the testbed and 10 on tiny models)."""
+    comparison's own, 25 on the testbed and 10 on tiny models). size: with "diffusers", the image
+    height and width in pixels (None: the tiny model's own small size; tiny SD3 has a token per 4 px
+    side, so 256 gives SD3's 4,096 image tokens at 1024 px)."""
     if against not in AGAINST:
         raise ValueError(f"against={against!r} is not allowed: one of {list(AGAINST)}")
     allowed = MODELS if against == "cfg" else tuple(DIFFUSERS_PAG)
@@ -73,12 +76,15 @@ def run_pag(
         raise ValueError(f"samples={samples} is not allowed: an integer >= 1")
     if steps is not None and steps < 1:
         raise ValueError(f"steps={steps} is not allowed: an integer >= 1")
+    if size is not None and (against != "diffusers" or size < 8 or size % 8):
+        raise ValueError(f"size={size} is not allowed: a multiple of 8 pixels, with against='diffusers'")
     report: dict[str, Any] = {
         "config": {
             "against": against,
             "samples": samples,
             "batch": batch,
             "steps": steps,
+            "size": size,
             "threads": torch.get_num_threads(),
         }
     }
@@ -86,7 +92,7 @@ def run_pag(
         if against == "cfg":
             report[name] = _versus_cfg(name, samples, batch, steps)
         else:
-            report[name] = _versus_diffusers(name, samples, batch, steps)
+            report[name] = _versus_diffusers(name, samples, batch, steps, size)
         if log:
             log(_summary(name, report[name], against, samples))
     if json_out:
@@ -117,7 +123,7 @@ def _versus_cfg(name: str, samples: int, batch: str, steps: int | None) -> dict:
     return row | _ratios(ours, plain)
 
 
-def _versus_diffusers(name: str, samples: int, batch: str, steps: int | None) -> dict:
+def _versus_diffusers(name: str, samples: int, batch: str, steps: int | None, size: int | None) -> dict:
     import diffusers
 
     from ..tiny import tiny_call_kwargs, tiny_pipeline
@@ -128,6 +134,8 @@ def _versus_diffusers(name: str, samples: int, batch: str, steps: int | None) ->
     for p in (pipe, theirs):
         p.set_progress_bar_config(disable=True)
     kwargs = tiny_call_kwargs(name, num_inference_steps=steps or 10, output_type="latent")
+    if size is not None:
+        kwargs |= {"height": size, "width": size}
     pag = PAG(**ours_args, scale=PAG_SCALE, batch=batch)
 
     def diffusers_run(seed: int) -> Any:

@@ -301,6 +301,12 @@ def pag(
     steps: int | None = typer.Option(
         None, min=1, max=INT_MAX, help="Denoising steps (default: 25 on the testbed, 10 on tiny models)."
     ),
+    size: int | None = typer.Option(
+        None,
+        min=8,
+        help="Against diffusers: image height and width in pixels (default: the tiny models' own; "
+        "tiny SD3 at 256 has SD3's 4,096 image tokens at 1024 px).",
+    ),
     batch: str = typer.Option(
         "auto", help="The perturbed branch's batch mode: auto (one batched forward) or split."
     ),
@@ -319,7 +325,7 @@ def pag(
         torch.set_num_threads(threads)
     try:
         chosen = None if models is None else tuple(split_commas(models))
-        run_pag(chosen, samples, batch, json_out, typer.echo, against=against, steps=steps)
+        run_pag(chosen, samples, batch, json_out, typer.echo, against=against, steps=steps, size=size)
     except ValueError as e:
         fail(str(e))
     if json_out:
