@@ -123,7 +123,7 @@ class Session:
         self._forwards_since_prompt = 0
         self._step_forwards = 0  # the pipeline's own denoiser forwards at this step (not controls')
         self._edits: dict[str, list[AttentionEdit]] = {}
-        self._signatures: dict[Any, inspect.Signature | None] = {}  # of the denoisers' forwards
+        self._signatures: dict[Any, _Binder | None] = {}  # of the denoisers' forwards
         self._installed: list[_Installed] = []  # attnctl's processors, and what each stands in for
         self._undo: list[Callable[[], None]] = []
 
@@ -366,7 +366,10 @@ class Session:
         self._forwards_since_prompt += 1
         inputs = self._named_inputs(module, args, kwargs)
         t = inputs.get(adapter.timestep_arg)
-        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (None if t is None else float(t))
+        if isinstance(t, torch.Tensor):  # one timestep per row (or one for all): the first
+            t = float(t) if t.numel() == 1 else float(t.reshape(-1)[0])
+        else:
+            t = None if t is None else float(t)
         if t != self.timestep:
             self.step += 1
             self.timestep = t
@@ -438,13 +441,13 @@ class Session:
         forward = module.forward
         if forward not in self._signatures:
             try:
-                self._signatures[forward] = inspect.signature(forward)
+                self._signatures[forward] = _Binder(inspect.signature(forward))
             except TypeError:
                 self._signatures[forward] = None
-        signature = self._signatures[forward]
-        if signature is not None:
+        binder = self._signatures[forward]
+        if binder is not None:
             try:
-                return dict(signature.bind_partial(*args, **kwargs).arguments)
+                return binder(args, kwargs)
             except TypeError:
                 pass
         return dict(kwargs)  # a signature we cannot bind: keyword arguments are all we can name
@@ -490,6 +493,31 @@ class Session:
                 "(the prompt is truncated there): shorten the prompt or raise max_sequence_length"
             )
         return rows
+
+
+class _Binder:
+    """`signature.bind_partial(*args, **kwargs).arguments` as a dict, without binding through
+    inspect where the call is plain (positional arguments within the named parameters, keywords
+    that name parameters and repeat none of them): what a denoiser forward gets at every call."""
+
+    def __init__(self, signature: inspect.Signature):
+        kinds = inspect.Parameter
+        params = list(signature.parameters.values())
+        self.signature = signature
+        self.positional = [
+            p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+        ]
+        self.keyword = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+        self.order = [p.name for p in params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+
+    def __call__(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        n = len(args)
+        plain = n <= len(self.positional) and all(k in self.keyword for k in kwargs)
+        if plain and not any(name in kwargs for name in self.positional[:n]):
+            given = dict(zip(self.positional, args, strict=False))
+            given.update(kwargs)
+            return {name: given[name] for name in self.order if name in given}  # in parameter order
+        return dict(self.signature.bind_partial(*args, **kwargs).arguments)
 
 
 @dataclasses.dataclass

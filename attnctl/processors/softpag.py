@@ -377,7 +377,10 @@ class PerturbedGuidance(DenoiserWrapper):
         self._scale_now = 0.0
         if not session.rows.cond:
             return args, kwargs
-        self._scale_now = guidance_scale_at(self.scale, self.adaptive_scale, _scheduler_timestep(session))
+        if self.adaptive_scale:
+            self._scale_now = guidance_scale_at(self.scale, self.adaptive_scale, _scheduler_timestep(session))
+        else:
+            self._scale_now = self.scale
         if self._scale_now == 0:
             return args, kwargs  # s_t = 0 (adaptive schedule): the unguided call, exactly
         cond = session.cond_rows
@@ -401,8 +404,11 @@ class PerturbedGuidance(DenoiserWrapper):
         if perturbed.dtype != base.dtype:
             perturbed = perturbed.to(base.dtype)
         cond = row_index(rows.cond)
+        guided = fold_into_cond(base[cond], perturbed, self._scale_now, _cfg_scale(session))
+        if isinstance(cond, slice) and cond.stop == len(base):  # [uncond, cond] or cond alone
+            return put(torch.cat([base[: cond.start], guided]) if cond.start else guided)
         folded = base.clone()
-        folded[cond] = fold_into_cond(base[cond], perturbed, self._scale_now, _cfg_scale(session))
+        folded[cond] = guided
         return put(folded)
 
     def _split(self, module: torch.nn.Module) -> bool:
