@@ -130,11 +130,12 @@ class Session:
     # ---- installing -------------------------------------------------------------------------
     def install(self, controls: tuple[Control, ...]) -> None:
         """Check that the controls work on this pipeline and together, then install each; `control()` calls it."""
-        # every attention module of each denoiser, found once for the checks and the snapshot
-        attention = [attention_modules(d) for d in self.denoisers]
+        # one walk over each denoiser's modules serves the checks and the backend snapshot
+        walked = [list(d.named_modules()) for d in self.denoisers]
+        attention = [attention_modules(d, modules) for d, modules in zip(self.denoisers, walked, strict=True)]
         self._check_not_controlled(attention)
-        self._check_not_fullgraph(controls)
-        caches = [c for d in self.denoisers for c in caches_of(d)]
+        self._check_not_fullgraph(controls, [m for modules in walked for _, m in modules])
+        caches = [c for d, modules in zip(self.denoisers, walked, strict=True) for c in caches_of(d, modules)]
         for c in controls:
             mark, why = status(self.adapter, c.kind) if c.kind in METHODS else (SUPPORTED, "")
             if mark != SUPPORTED:
@@ -168,11 +169,11 @@ class Session:
                     "instead of nesting them"
                 )
 
-    def _check_not_fullgraph(self, controls: tuple[Control, ...]) -> None:
+    def _check_not_fullgraph(self, controls: tuple[Control, ...], modules: list[torch.nn.Module]) -> None:
         """attnctl's denoiser hook and processors run Python that a graph compiled with
-        fullgraph=True cannot hold: refused before anything is installed, naming what breaks it."""
-        compiled = [getattr(self.pipe, a, None) for a in DENOISER_ATTRS]
-        compiled += [m for d in self.denoisers for m in d.modules()]
+        fullgraph=True cannot hold: refused before anything is installed, naming what breaks it.
+        `modules`: every module of the denoisers."""
+        compiled = [getattr(self.pipe, a, None) for a in DENOISER_ATTRS] + modules
         if any(_fullgraph(m) for m in compiled if isinstance(m, torch.nn.Module)):
             names = ", ".join(c.kind for c in controls) or "control() itself"
             raise ValueError(

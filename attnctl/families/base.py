@@ -217,11 +217,16 @@ class FamilyAdapter:
         return self.name
 
 
-def attention_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def attention_modules(
+    denoiser: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]] | None = None
+) -> dict[str, torch.nn.Module]:
     """Every attention module of a denoiser (one with a processor), by path, in model order. Not
     `attn_processors`: some diffusers transformers (Lumina2, CogView4, Z-Image) do not have it, and
-    some attention modules (Mochi's) no `set_processor` either, only a processor attribute."""
-    return {name: m for name, m in denoiser.named_modules() if _has_processor(m)}
+    some attention modules (Mochi's) no `set_processor` either, only a processor attribute.
+    `modules`: the denoiser's `named_modules()`, where the caller has walked them already."""
+    return {
+        name: m for name, m in (denoiser.named_modules() if modules is None else modules) if _has_processor(m)
+    }
 
 
 def attention_layers(

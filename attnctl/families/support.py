@@ -96,10 +96,11 @@ CACHE_REFUSALS = {
 }
 
 
-def caches_of(denoiser: Any) -> list[str]:
-    """The diffusers caches enabled on a denoiser, found by their hooks."""
+def caches_of(denoiser: Any, modules: list[tuple[str, Any]] | None = None) -> list[str]:
+    """The diffusers caches enabled on a denoiser, found by their hooks (`modules`: its
+    `named_modules()`, where the caller has walked them already)."""
     found = []
-    for module in denoiser.modules():
+    for module in denoiser.modules() if modules is None else (m for _, m in modules):
         registry = vars(module).get(
             "_diffusers_hook"
         )  # set as an attribute (HookRegistry); vars: no miss costs
