@@ -302,26 +302,30 @@ class _PerturbHeads(AttentionEdit):
         if not rows:  # a kernel call of other rows only (a processor that runs row by row)
             return out
         heads = self.heads[call.layer.name]
-        idx = torch.tensor(rows, device=out.device)
+        index = row_index(rows)  # a slice: the perturbed rows come last
         if self._image_scope(call):
             goal = image_scope_attention(
-                call.query[rows],
-                call.key[rows],
-                call.value[rows],
+                call.query[index],
+                call.key[index],
+                call.value[index],
                 call.layout.image_k,
                 call.scale,
                 call.layout.image_q,
             )
-            mixed = perturbed_output(out[rows], goal, heads, self.u, "identity")
+            mixed = perturbed_output(out[index], goal, heads, self.u, "identity")
         else:
-            mixed = perturbed_output(out[rows], _values(call, rows, self.target), heads, self.u, self.target)
-        return out.index_copy(0, idx, mixed)
+            mixed = perturbed_output(
+                out[index], _values(call, index, self.target), heads, self.u, self.target
+            )
+        if isinstance(index, slice) and index.stop == out.shape[0]:
+            return torch.cat([out[: index.start], mixed]) if index.start else mixed
+        return out.index_copy(0, torch.tensor(rows, device=out.device), mixed)
 
     def _image_scope(self, call: AttentionCall) -> bool:
         return self.scope == "image" and call.layer.kind == "joint" and call.layout.text_k is not None
 
 
-def _values(call: AttentionCall, rows: list[int], target: str) -> torch.Tensor:
+def _values(call: AttentionCall, rows: list[int] | slice, target: str) -> torch.Tensor:
     """The values the target mixes in: each query's own (identity) or, for the uniform target, the
     keys' values with masked keys left out of the mean."""
     v = call.value[rows]
