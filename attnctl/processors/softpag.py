@@ -27,7 +27,14 @@ import torch
 from ..core.attention import AttentionCall, AttentionEdit, overrides
 from ..core.controls import Control, check, param
 from ..core.denoiser import DenoiserWrapper, append_rows, denoiser_output, row_index, take_rows
-from .softpag_math import TARGETS, fold_into_cond, guidance_scale_at, image_scope_attention, perturbed_output
+from .softpag_math import (
+    TARGETS,
+    cat_tokens_last,
+    fold_into_cond,
+    guidance_scale_at,
+    image_scope_attention,
+    perturbed_output,
+)
 
 SCOPES = ("joint", "image")
 BATCH_MODES = ("auto", "split")
@@ -286,7 +293,7 @@ class _PerturbHeads(AttentionEdit):
             block[:, chosen] = goal
             goal = block
         self._filled = True
-        return torch.cat([call.model_output(first), goal]) if first else goal
+        return cat_tokens_last([call.model_output(first), goal], dim=0) if first else goal
 
     def _rest_heads(self, call: AttentionCall, heads: tuple[int, ...]) -> list[int]:
         key = (call.layer.name, call.query.shape[1])

@@ -53,9 +53,7 @@ def image_scope_attention(
     everything as usual. Computed from [image query, text keys] logits and one self logit per query,
     merged exactly by log-sum-exp, so no N x N matrix or mask is built. Inputs [B, H, S, D].
     """
-    image_q = (
-        image if image_q is None else image_q
-    )  # the image queries, where they sit elsewhere than its keys
+    image_q = image if image_q is None else image_q  # image queries sitting elsewhere than its keys
     n = query.shape[2]
     text_q, text = _others(image_q, n, query.device), _others(image, key.shape[2], key.device)
     acc = torch.promote_types(query.dtype, torch.float32)  # fp16/bf16 logits in fp32
@@ -73,11 +71,18 @@ def image_scope_attention(
     text_out = torch.nn.functional.scaled_dot_product_attention(_take(query, text_q), key, value, scale=scale)
     if isinstance(text_q, slice):  # the text queries before or after the image queries
         parts = (text_out, image_out) if text_q.start < image_q.start else (image_out, text_out)
-        return torch.cat(parts, dim=2)
+        return cat_tokens_last(parts, dim=2)
     full = query.new_empty(query.shape[:3] + (value.shape[-1],))
     full.index_copy_(2, text_q, text_out)
     full[:, :, image_q] = image_out
     return full
+
+
+def cat_tokens_last(parts: Sequence[Tensor], dim: int) -> Tensor:
+    """`torch.cat(parts, dim)` of [B, H, S, D] tensors (dim 0 or 2), laid out in memory as
+    [B, S, H, D], as SDPA returns its output: the processor's transpose(1, 2).reshape(B, S, H * D)
+    that follows is then a view, not another copy. The same values as `torch.cat`."""
+    return torch.cat([p.transpose(1, 2) for p in parts], dim={0: 0, 2: 1}[dim]).transpose(1, 2)
 
 
 def _others(block: slice, n: int, device: torch.device) -> slice | Tensor:
