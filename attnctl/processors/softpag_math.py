@@ -60,10 +60,10 @@ def image_scope_attention(
     qi = _as(query[:, :, image_q], acc)
     ki, vi = (_as(x[:, :, image], acc) for x in (key, value))
     kt, vt = (_as(_take(x, text), acc) for x in (key, value))
-    text_logits = (qi @ kt.transpose(-1, -2)) * scale  # [B, H, N_image, T]
+    text_logits = _bmm(qi, kt.transpose(-1, -2)) * scale  # [B, H, N_image, T]
     own = (qi * ki).sum(-1, keepdim=True) * scale  # [B, H, N_image, 1]
     text_lse = text_logits.logsumexp(-1, keepdim=True)
-    text_out = text_logits.softmax(-1) @ vt
+    text_out = _bmm(text_logits.softmax(-1), vt)
     # softmax over [own, text]: weight of the own key = sigmoid(own - lse(text))
     image_out = _as(torch.lerp(text_out, vi, torch.sigmoid(own - text_lse)), query.dtype)
     if isinstance(text_q, slice) and text_q.start == text_q.stop:  # no text queries
@@ -97,6 +97,15 @@ def _others(block: slice, n: int, device: torch.device) -> slice | Tensor:
 def _take(x: Tensor, positions: slice | Tensor) -> Tensor:
     """`x` at the given sequence positions (dim 2)."""
     return x[:, :, positions] if isinstance(positions, slice) else x.index_select(2, positions)
+
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for [..., n, k] and [..., k, m] of the same leading dims: the batched product matmul
+    computes for them (the same values), without its broadcasting steps around it."""
+    if a.shape[:-2] != b.shape[:-2]:
+        return a @ b
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*a.shape[:-2], *out.shape[-2:])
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
