@@ -563,7 +563,8 @@ def _fullgraph(module: torch.nn.Module) -> bool:
     # read from the instance (both are set as attributes): a getattr miss on a module costs an
     # exception in nn.Module.__getattr__, and this runs on every submodule of the denoisers
     attrs = vars(module)
-    contexts = [attrs.get("dynamo_ctx", getattr(type(module), "dynamo_ctx", None))]
-    call = attrs.get("_compiled_call_impl")
-    contexts += [c.cell_contents for c in getattr(call, "__closure__", None) or ()]
+    context, call = attrs.get("dynamo_ctx"), attrs.get("_compiled_call_impl")
+    if context is None and call is None:  # neither compiled way: most modules
+        return False
+    contexts = [context, *(c.cell_contents for c in getattr(call, "__closure__", None) or ())]
     return any(getattr(c, "fullgraph", False) is True for c in contexts)

@@ -101,10 +101,10 @@ def caches_of(denoiser: Any, modules: list[tuple[str, Any]] | None = None) -> li
     `named_modules()`, where the caller has walked them already)."""
     found = []
     for module in denoiser.modules() if modules is None else (m for _, m in modules):
-        registry = vars(module).get(
-            "_diffusers_hook"
-        )  # set as an attribute (HookRegistry); vars: no miss costs
-        found += [CACHES[name] for name in getattr(registry, "hooks", {}) if name in CACHES]
+        # the HookRegistry is an instance attribute: vars(), no getattr miss through nn.Module
+        registry = vars(module).get("_diffusers_hook")
+        if registry is not None:
+            found += [CACHES[name] for name in getattr(registry, "hooks", {}) if name in CACHES]
     return list(dict.fromkeys(found))
 
 
