@@ -112,10 +112,10 @@ def _map_batch(obj: Any, fn: Callable[[Any], Any], batch: int, dims: dict[str, i
             return fn(obj) if dim == 0 else fn(obj.movedim(dim, 0)).movedim(0, dim)
         return obj
     if isinstance(obj, tuple):
-        return tuple(_map_batch(o, fn, batch, dims, dim) for o in obj)
-    if is_row_list(obj, batch):  # one entry per row (Z-Image's latents and captions, Qwen's img_shapes)
-        return fn(_Rows(obj))
+        return tuple([_map_batch(o, fn, batch, dims, dim) for o in obj])
     if isinstance(obj, list):
+        if is_row_list(obj, batch):  # one entry per row (Z-Image's latents and captions, Qwen's img_shapes)
+            return fn(_Rows(obj))
         return [_map_batch(o, fn, batch, dims, dim) for o in obj]
     if isinstance(obj, dict):
         return {k: _map_batch(v, fn, batch, dims, dims.get(k, dim)) for k, v in obj.items()}
