@@ -149,6 +149,43 @@ def test_pag_image_scope_equals_diffusers_sd3_pag(guidance):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "family, control",
+    [
+        ("sd3", attnctl.PAG(["transformer_blocks.1"], scope="image")),
+        ("sd3", attnctl.SoftPAG(["transformer_blocks.0.attn:1"], scope="image")),
+        ("flux", attnctl.PAG(["single_transformer_blocks.0"], scope="image")),
+        ("sd", attnctl.SoftPAG(["mid_block.attentions.0.transformer_blocks.0.attn1:0"])),
+    ],
+)
+def test_the_short_way_is_taken_only_where_it_gives_the_long_ways_bits(family, control, monkeypatch):
+    """The perturbed part computed alone (and, at the first perturbed layer, the unperturbed part
+    taken from the conditional rows it still copies) gives the bits of the model's kernel on every
+    row with the perturbed part overwritten; a shape where it would not takes the long way."""
+    from attnctl.processors import softpag
+    from attnctl.processors.softpag import _PerturbHeads
+
+    pipe = tiny_pipeline(family)
+    monkeypatch.setattr(softpag, "_SAME_BITS", {})
+    with attnctl.control(pipe, control):
+        short = _run(pipe, family)
+    assert softpag._SAME_BITS and all(softpag._SAME_BITS.values())  # the short way, taken
+    monkeypatch.setattr(
+        _PerturbHeads,
+        "_short",
+        lambda self, call, first, heads, scope, *_: self._whole(call, first, heads, scope),
+    )
+    with attnctl.control(pipe, control):
+        whole = _run(pipe, family)
+    assert torch.equal(short, whole)
+    monkeypatch.undo()
+    short_way = _PerturbHeads._short  # a short way that does differ: found at the first call, not taken
+    monkeypatch.setattr(_PerturbHeads, "_short", lambda *args: short_way(*args) + 1e-3)
+    monkeypatch.setattr(softpag, "_SAME_BITS", {})
+    with attnctl.control(pipe, control):
+        assert torch.equal(_run(pipe, family), whole)
+
+
 def test_adaptive_scale_matches_diffusers():
     from diffusers import StableDiffusionPAGPipeline
 

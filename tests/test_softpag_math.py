@@ -61,6 +61,17 @@ def test_image_scope_equals_diffusers_masked_attention(image):
     torch.testing.assert_close(image_scope_attention(q, k, v, image, scale), expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("image", [slice(0, 9), slice(3, 12)])
+def test_image_scope_takes_the_text_queries_from_a_given_plain_output(image):
+    q, k, v = _qkv(s=12)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    given = image_scope_attention(q, k, v, image, 0.3, plain=plain)
+    text = [i for i in range(12) if not image.start <= i < image.stop]
+    assert torch.equal(given[:, :, text], plain[:, :, text])
+    computed = image_scope_attention(q, k, v, image, 0.3)
+    assert torch.equal(given[:, :, image], computed[:, :, image])
+
+
 def test_fold_makes_the_cfg_formula_perturbation_guided():
     g = torch.Generator().manual_seed(1)
     eu, ec, ep = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))

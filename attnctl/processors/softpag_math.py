@@ -45,13 +45,21 @@ def perturbed_output(
 
 
 def image_scope_attention(
-    query: Tensor, key: Tensor, value: Tensor, image: slice, scale: float, image_q: slice | None = None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    image: slice,
+    scale: float,
+    image_q: slice | None = None,
+    plain: Tensor | None = None,
 ) -> Tensor:
     """Joint attention with the image block replaced by the identity (diffusers' SD3 PAG).
 
     Image queries attend only to their own image key and to every text key; text queries attend to
     everything as usual. Computed from [image query, text keys] logits and one self logit per query,
     merged exactly by log-sum-exp, so no N x N matrix or mask is built. Inputs [B, H, S, D].
+    plain: the ordinary attention output of these q, k, v [B, H, Sq, D] where the caller has it
+    already: the text queries' output is taken from it instead of computed.
     """
     image_q = image if image_q is None else image_q  # image queries sitting elsewhere than its keys
     n = query.shape[2]
@@ -68,7 +76,12 @@ def image_scope_attention(
     image_out = _as(torch.lerp(text_out, vi, torch.sigmoid(own - text_lse)), query.dtype)
     if isinstance(text_q, slice) and text_q.start == text_q.stop:  # no text queries
         return image_out
-    text_out = torch.nn.functional.scaled_dot_product_attention(_take(query, text_q), key, value, scale=scale)
+    if plain is not None:
+        text_out = _take(plain, text_q)
+    else:
+        text_out = torch.nn.functional.scaled_dot_product_attention(
+            _take(query, text_q), key, value, scale=scale
+        )
     if isinstance(text_q, slice):  # the text queries before or after the image queries
         parts = (text_out, image_out) if text_q.start < image_q.start else (image_out, text_out)
         return cat_tokens_last(parts, dim=2)
