@@ -300,7 +300,8 @@ class _PerturbHeads(AttentionEdit):
         layout = call.layout
         shape = (q.shape, q.stride(), k.shape[2], k.stride(), q.dtype, call.rows.cond, heads, twins is None)
         shape += (layout.image_q.start, layout.image_q.stop, layout.image_k.start, layout.image_k.stop)
-        shape += (torch.get_num_threads(), torch._fused_sdp_choice(q, k, call.value), call.native)
+        choice = torch._fused_sdp_choice(q, k, call.value) if call.native else None  # PyTorch's CPU kernel
+        shape += (torch.get_num_threads(), choice, call.native)
         same = _SAME_BITS.get(shape)
         if same is None:
             expected = self._whole(call, first, heads, image_scope)  # last: its cached denominators stay
