@@ -112,6 +112,12 @@ def _matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes)
 
 
+def one_grid(layers: Sequence[LayerInfo]) -> bool:
+    """Whether every attention layer attends at the denoiser's own token grid: a DiT (a UNet's levels
+    downsample)."""
+    return all(layer.downsample == 1 for layer in layers)
+
+
 def working_layers(
     layers: Sequence[LayerInfo], height: int, width: int, min_side: int = 1, depth: float = 1.0
 ) -> list[LayerInfo]:
@@ -136,7 +142,7 @@ def working_layers(
     usable = [s for s in side.values() if s >= max(-(-short // 4), min_side)]
     chosen = min(usable) if usable else max(side.values())
     picked = [layer for layer in text if side[layer.name] == chosen]
-    if depth < 1 and all(layer.downsample == 1 for layer in layers):  # one token grid: a DiT
+    if depth < 1 and one_grid(layers):
         blocks = list(dict.fromkeys(layer.block for layer in picked))
         kept = set(blocks[: max(1, math.ceil(depth * len(blocks)))])
         picked = [layer for layer in picked if layer.block in kept]

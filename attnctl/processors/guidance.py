@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from ..core.attention import AttentionCall, AttentionEdit, overrides
 from ..core.controls import Control, _in_range, check, param
 from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
-from ..core.layers import WorkingLayers
+from ..core.layers import WorkingLayers, one_grid
 from ..core.session import PerGeneration, in_steps
 from ..families.base import LayerInfo
 from .guidance_math import (
@@ -457,8 +457,7 @@ def _checkpointed(session: Any, module: torch.nn.Module, collector: _Collector) 
     keep."""
     layers = session.layers
     names = collector.layers.names(session)
-    dit = all(layer.downsample == 1 for layer in layers)
-    if not dit or not names or not all(e.replayable for e in session.installed_edits()):
+    if not one_grid(layers) or not names or not all(e.replayable for e in session.installed_edits()):
         yield
         return
     last = max((layer for layer in layers if layer.name in names), key=lambda layer: layer.index).block
