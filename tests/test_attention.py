@@ -45,11 +45,13 @@ class _Kernel(AttentionEdit):
 
 
 class _Observer(AttentionEdit):
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, columns=None):
+        self.calls, self.columns, self.seen = 0, columns, None
 
     def observe(self, call):
         self.calls += 1
+        if self.columns is not None:
+            self.seen = call.text_probs(self.columns)
 
 
 def _mixed(out, value, rows, u=0.25):
@@ -98,8 +100,8 @@ class _TextEdit(AttentionEdit):
 def test_text_column_edits_equal_the_explicit_softmax(masked):
     """Logit and probability edits change the output through the text columns and the rows'
     softmax denominators only; the result equals the whole edited softmax, computed explicitly."""
-    call = _joint_call(masked)
-    out = attend(call, [_TextEdit()])
+    call, observer = _joint_call(masked), _Observer([0, 1])
+    out = attend(call, [_TextEdit(), observer])
     q, k, v = call.query[1], call.key[1], call.value[1]
     logits = q @ k.transpose(-1, -2) * call.scale + (0 if call.mask is None else call.mask[0])
     unedited = logits.softmax(-1)
@@ -110,7 +112,8 @@ def test_text_column_edits_equal_the_explicit_softmax(masked):
     plain = sdpa(call.query, call.key, call.value, call.mask, None)
     assert torch.equal(out[0], plain[0])  # the unconditional row: the kernel's output
     assert torch.equal(out[1, :, :3], plain[1, :, :3])  # text queries are not edited
-    assert torch.allclose(call.text_probs([0, 1]), probs[:, 3:, :2].mean(0)[None], atol=1e-6)
+    # what observers read: the edited probabilities
+    assert torch.allclose(observer.seen, probs[:, 3:, :2].mean(0)[None], atol=1e-6)
 
 
 def test_mix_sees_the_logit_edited_conditional_rows():

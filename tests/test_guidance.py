@@ -250,6 +250,29 @@ class _Calls:
 
 
 @pytest.mark.parametrize(
+    ("family", "overrides"), [("sd", {}), ("flux", {"num_layers": 2, "num_single_layers": 2})]
+)
+def test_guided_runs_leave_no_graph_behind(family, overrides):
+    """A guided generation's gradient graphs end with it: no tensor of a gradient forward outlives
+    the run (a graph held in a cycle through autograd's nodes, which Python's collector cannot see,
+    kept each run's activations until the process ended)."""
+    import gc
+
+    pipe = tiny_pipeline(family, **overrides)
+
+    def graph_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+    before = graph_tensors()
+    for _ in range(2):
+        with attnctl.control(pipe, attnctl.AStar(["cat", "frog"], iterations=2)) as ctl:
+            _run(pipe, family, num_inference_steps=2)
+        assert ctl.log["AStar"]  # it guided
+        assert graph_tensors() == before
+
+
+@pytest.mark.parametrize(
     "control", [attnctl.AttendAndExcite(["cat", "frog"], max_refinement=2), attnctl.AStar(["cat", "frog"])]
 )
 def test_gradient_forward_ends_at_the_last_map(pipe, control, monkeypatch):

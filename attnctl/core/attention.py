@@ -113,6 +113,15 @@ class AttentionCall:
         self._text_probs: dict[tuple[int, ...], torch.Tensor] = {}
         self._cache: dict[tuple, torch.Tensor] = {}
 
+    def release(self) -> None:
+        """Drop what the call derived from q and k (denominators, text and edited probabilities) when
+        it ends. Under a gradient, those tensors' graph holds this call (the chunked denominators'
+        backward reads its bias), and a cycle through autograd's nodes is one Python's collector
+        cannot see: each guided step would keep its layers' activations until the process ends."""
+        self._cache.clear()
+        self._text_probs.clear()
+        self.probs = None
+
     @property
     def cond_rows(self) -> list[int]:
         """Batch rows of this call that belong to the conditional (prompted) branch."""
@@ -244,20 +253,19 @@ class _ChunkedLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, scale: float, bias_at: Callable) -> torch.Tensor:
         ctx.scale, ctx.bias_at = scale, bias_at
-        ctx.save_for_backward(q, k)
         parts = [logits.logsumexp(-1) for _, logits in _logit_chunks(q, k, scale, bias_at)]
         lse = torch.cat(parts, dim=2) if parts else q.new_zeros(*q.shape[:3], dtype=torch.float32)
-        ctx.lse = lse
+        ctx.save_for_backward(q, k, lse)  # the output through save_for_backward: no reference cycle
         return lse
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        q, k = ctx.saved_tensors
+        q, k, lse = ctx.saved_tensors
         kf = k.float()
         grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         for part, logits in _logit_chunks(q, k, ctx.scale, ctx.bias_at):
-            weights = (logits - ctx.lse[:, :, part, None]).exp_().mul_(grad[:, :, part, None])
+            weights = (logits - lse[:, :, part, None]).exp_().mul_(grad[:, :, part, None])
             grad_q[:, :, part] = (weights @ kf) * ctx.scale
             grad_k += (weights.transpose(-1, -2) @ q[:, :, part].float()) * ctx.scale
         return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None
@@ -314,6 +322,13 @@ def attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
     mixes see every row and choose their own (e.g. `call.rows.perturbed`).
     """
     call.edits = edits
+    try:
+        return _attend(call, edits)
+    finally:
+        call.release()
+
+
+def _attend(call: AttentionCall, edits: list[AttentionEdit]) -> torch.Tensor:
     biases = [e for e in edits if overrides(e, "logit_bias")]
     posts = [e for e in edits if overrides(e, "post_softmax")]
     out = None

@@ -302,10 +302,12 @@ class _Collector(AttentionEdit):
             raise _MapsRecorded
 
     def mean(self) -> torch.Tensor:
-        """The maps averaged over the recorded layers: [images, h, w, columns]."""
+        """The maps averaged over the recorded layers: [images, h, w, columns]; the record is handed
+        over (the collector keeps no graph between updates)."""
         if self.total is None:
             raise RuntimeError("latent guidance recorded no attention map: no working layer ran")
-        return self.total / self.count
+        total, self.total = self.total, None
+        return total / self.count
 
 
 class _Guide(DenoiserWrapper):
