@@ -169,6 +169,31 @@ def test_kernel_layout_round_trips_exactly(layout):
     assert (y[:, :, ~lay.indices(x.device).key_valid] == 0).all()
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [(0, False, 2, 8, 16, (4, 8)), (16, True, 2, 4, 8, (2, 4)), (8, False, 1, 8, 8, (4, 2))],
+)
+def test_unpadded_layout_copies_match_the_token_index(layout):
+    # Without padding, to_kernel/from_kernel copy whole regions (strided copies): the same as
+    # gathering token by token through the layout's index, also into a scratch buffer and for
+    # non-contiguous inputs.
+    text, text_first, frames, height, width, pool = layout
+    lay = DraftLayout.of(
+        text=text, text_first=text_first, frames=frames, height=height, width=width, pool=pool
+    )
+    assert not lay.padded
+    idx = lay.indices(torch.device("cpu"))
+    x = torch.randn(3, lay.seq, 2, 5).transpose(1, 2)
+    y = lay.to_kernel(x)
+    assert torch.equal(y, x.index_select(2, idx.source))
+    assert torch.equal(lay.to_kernel(x, "test_layout"), y)
+    assert torch.equal(lay.from_kernel(y), y.index_select(2, idx.scatter))
+    assert torch.equal(lay.from_kernel(y), x)
+    x.requires_grad_(True)
+    lay.from_kernel(lay.to_kernel(x, "test_layout")).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.9, 0.95])
 def test_kept_fraction_per_head(sparsity):
     frames, height, width, pool = 3, 10, 12, (4, 8)  # g = 3 * 3 * 2 = 18 blocks per side
