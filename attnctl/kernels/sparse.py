@@ -263,13 +263,15 @@ def _pair_blocks(sets: torch.Tensor) -> torch.Tensor:
     partner = torch.full((m, G), -1, dtype=torch.long, device=sets.device)
     free = torch.ones(m, G, dtype=torch.bool, device=sets.device)
     for _ in range(PAIR_ROUNDS):
-        score = shared.masked_fill(~(free[:, :, None] & free[:, None, :]), -1)
-        best_score, best = score.max(2)
+        best_score, best = shared.max(2)
         mutual = (best.gather(1, best) == own) & (best_score >= 0) & free
         if not mutual.any():
             break
         partner = torch.where(mutual, best, partner)
         free &= ~mutual
+        # Paired blocks leave the matching: their rows and columns of the scores drop to -1 in
+        # place (cheaper than masking the whole [m, G, G] table each round).
+        shared.masked_fill_(mutual[:, :, None], -1).masked_fill_(mutual[:, None, :], -1)
     return torch.where(partner >= 0, partner + (torch.arange(m, device=sets.device) * G)[:, None], partner)
 
 
