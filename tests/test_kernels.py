@@ -492,3 +492,30 @@ def test_gather_without_pairing_where_the_lse_op_cannot_run(monkeypatch):
     plain = draft_attention(q, k, v, sparsity=0.5, backend="gather", block_mask=keep.clone(), **shape)
     assert _kinds(_gather_plan(keep, shape)._plain_groups.phases) == {"plain"}
     assert (plain - paired).abs().max() <= 1e-5
+
+
+def test_release_free_memory_hands_freed_heap_back():
+    """Tensors of a few MB come from glibc's heap once a larger one was freed; freed between kept ones
+    they stay resident until the heap is trimmed."""
+    import os
+    import sys
+
+    from attnctl.kernels.memory import release_free_memory
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if not sys.platform.startswith("linux"):
+        assert release_free_memory() is None  # nothing to do elsewhere
+        return
+    big = torch.ones(4 << 20)  # 16 MB, mapped on its own; freeing it raises glibc's mmap threshold
+    del big
+    keep, free = [], []
+    for i in range(40):
+        (keep if i % 2 else free).append(torch.ones(2 << 18))  # 2 MB each, from the heap now
+    free.clear()
+    before = rss()
+    release_free_memory()
+    assert before - rss() >= 30 << 20  # the 20 freed tensors' 40 MB, less what glibc keeps
+    assert all(t.eq(1).all() for t in keep)  # what is in use stays

@@ -1,11 +1,15 @@
-"""Thread counts and per-thread scratch buffers for the kernels' memory-bound CPU work."""
+"""Thread counts, per-thread scratch buffers for the kernels' memory-bound CPU work, and handing
+free heap memory back to the OS."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -64,3 +68,27 @@ def take(src: torch.Tensor, dim: int, index: torch.Tensor, name: str) -> torch.T
         return src.index_select(dim, index)
     shape = src.shape[:dim] + index.shape + src.shape[dim + 1 :]
     return torch.index_select(src, dim, index, out=scratch(src, shape, name))
+
+
+def release_free_memory() -> None:
+    """Hand the C allocator's free heap memory back to the OS (glibc's `malloc_trim`; elsewhere
+    nothing). Frees nothing that is in use; the next allocations fault their pages in again.
+
+    PyTorch's CPU tensors of up to 32 MB come from glibc's heap once a larger one has been freed,
+    and a gradient forward and backward, which keep some tensors while freeing others around them,
+    leave freed heap that the process keeps resident: at FLUX's width and 1024 px, 0.85 GB of a
+    latent update's 1.4 GB peak above the weights was such free memory.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library
+    except OSError:
+        return None

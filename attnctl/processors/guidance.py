@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..core.denoiser import DenoiserWrapper, latent_input, take_rows
 from ..core.layers import WorkingLayers, one_grid
 from ..core.session import PerGeneration, in_steps
 from ..families.base import LayerInfo
+from ..kernels.memory import release_free_memory
 from .guidance_math import (
     REFINEMENT_MAX_ITERS,
     REFINEMENT_THRESHOLDS,
@@ -440,11 +442,16 @@ class _Guide(DenoiserWrapper):
                 maps = normalize_concept_maps(attn[row], groups, softmax, smooth=self.spec.smooth)
                 losses.append(self.spec._loss(maps, self.states[i]))
             # each loss depends on its own row of x only, so the gradient of the sum is each one's own
+            on_cpu = x.device.type == "cpu"
+            if on_cpu:
+                release_free_memory()  # what the forward freed, before the backward allocates again
             self.collector.replaying = True
             try:
                 (grad,) = torch.autograd.grad(torch.stack(losses).sum(), x)
             finally:
                 self.collector.replaying = False
+        if on_cpu:
+            release_free_memory()
         return [float(v) for v in losses], grad
 
 
@@ -464,13 +471,19 @@ def _checkpointed(session: Any, module: torch.nn.Module, collector: _Collector) 
         return
     last = max((layer for layer in layers if layer.name in names), key=lambda layer: layer.index).block
     blocks = list(dict.fromkeys(layer.block for layer in layers))
+    on_cpu = any(p.device.type == "cpu" for p in module.parameters())
     patched = []
+
+    def before() -> None:  # each recomputation in the backward starts on a trimmed heap
+        if on_cpu and collector.replaying:
+            release_free_memory()
+
     for path in blocks[: blocks.index(last)]:
         block = module.get_submodule(path)
         if isinstance(block, (torch.nn.ModuleList, torch.nn.ModuleDict)) or _hooked(block):
             continue
         own = block.__dict__.get("forward")  # a forward set on the instance (diffusers' hooks), else None
-        block.forward = _checkpoint_call(block.forward)
+        block.forward = _checkpoint_call(block.forward, before)
         patched.append((block, own))
     try:
         yield
@@ -488,9 +501,14 @@ def _hooked(block: torch.nn.Module) -> bool:
     return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in block.modules())
 
 
-def _checkpoint_call(forward: Callable) -> Callable:
+def _checkpoint_call(forward: Callable, before: Callable[[], None]) -> Callable:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:  # the forward, and in the backward its recomputation
+        before()
+        return forward(*args, **kwargs)
+
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     return checkpointed
 
