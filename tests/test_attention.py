@@ -234,3 +234,22 @@ def test_text_probs_gradients_equal_the_explicit_softmax():
     (explicit * weights).sum().backward()
     assert torch.allclose(probs, explicit, atol=1e-6)
     assert torch.allclose(got[0], q.grad, atol=1e-5) and torch.allclose(got[1], k.grad, atol=1e-5)
+
+
+def test_chunked_denominators_over_several_chunks(monkeypatch):
+    """The chunked log-sum-exp and its backward, in chunks of 5 query rows (the last one of 2) with a
+    bias: the explicit computation's values and gradients."""
+    from attnctl.core import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 37, 8, requires_grad=True)
+    k = torch.randn(2, 3, 45, 8, requires_grad=True)
+    bias = torch.randn(2, 1, 37, 45)
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 2 * 3 * 45 * 5)
+    lse = attention._ChunkedLSE.apply(q, k, 0.3, lambda start, stop: bias[:, :, start:stop])
+    weights = torch.randn(lse.shape)
+    got = torch.autograd.grad((lse * weights).sum(), (q, k))
+    explicit = ((q @ k.transpose(-1, -2)) * 0.3 + bias).logsumexp(-1)
+    expected = torch.autograd.grad((explicit * weights).sum(), (q, k))
+    assert torch.allclose(lse, explicit, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected, strict=True))
