@@ -3,17 +3,21 @@
 Cost does not depend on the weights, so the denoiser has a real model's attention width and token
 count with random weights; a few blocks stand for the full depth (every block costs the same).
 Each variant runs in its own process (peak resident set after a reset, as `maps_memory.py`), after a
-warm-up call; plain runs before and after the variants, and every ratio is against their mean.
+warm-up call (the first call's peak is in the JSON too); plain runs before and after the variants, and every ratio is against their mean.
 
-    python benchmarks/realscale.py --model flux --json out.json [--variants plain,maps,regulation]
+    python benchmarks/realscale.py --model flux --json out.json [--variants maps,regulation]
+    python benchmarks/realscale.py --model wan --frames 33 --json out.json
 
 flux: FLUX.1's attention width (24 heads x 128) with 2 double- and 2 single-stream blocks, 4,096
 image tokens (1024 px) and 512 text tokens, bf16, one denoising step, latent output. The text
 encoders are attnctl's tiny ones (their cost is not under test), so the context embedding is 32 wide.
 sd15: SD 1.5's UNet (the whole of it) at 512 px (a 64x64 latent), fp32, CFG, one step; tiny text encoder
 (77 tokens, 32 wide) and VAE.
+sdxl: SDXL's UNet (the whole of it) at 1024 px (a 128x128 latent), bf16, CFG, one step; tiny text
+encoders (77 tokens, 32 + 32 wide) and VAE.
 wan: Wan 2.1 1.3B's width (12 heads x 128, feed-forward 8,960) with 2 of its 30 blocks, 480x832 px
-and 81 frames (32,760 video tokens), 512 text tokens, CFG, bf16, one step; tiny text encoder and VAE.
+and 81 frames (32,760 video tokens; `--frames 33`: 14,040), 512 text tokens, CFG, bf16, one step;
+tiny text encoder and VAE.
 DraftAttention is measured on a sparse step (dense_steps=0; the first block dense, as the paper).
 Each model's "depth" is the real model's (`benchmarks/gpu.py` builds it on a GPU).
 """
@@ -62,6 +66,24 @@ MODELS = {
         "dtype": "float32",
         "variants": ("plain", "maps", "regulation", "excite", "astar", "softpag", "layout"),
     },
+    "sdxl": {
+        "family": "sdxl",
+        "config": {  # SDXL's UNet; cross-attention from the tiny text encoders' 32 + 32-wide states
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20),
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 6 * 256 + 32,
+            "norm_num_groups": 32,
+            "sample_size": 128,
+        },
+        "depth": {},
+        "call": {"height": 256, "width": 256, "guidance_scale": 5.0},  # tiny VAE: 2 px a latent side
+        "dtype": "bfloat16",
+        "variants": ("plain", "maps", "regulation", "softpag", "layout"),
+    },
     "wan": {
         "family": "wan",
         "config": {"num_layers": 2, "num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960},
@@ -102,11 +124,14 @@ def main() -> None:
         "--variants", help="comma-separated, from " + ", ".join(VARIANTS) + " (default: the model's)"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--frames", type=int, help="video models: this many frames instead of the model's")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.frames is not None and "num_frames" not in MODELS[args.model]["call"]:
+        parser.error(f"--frames {args.frames}: only for the video models (wan)")
     if args.child:
-        print(json.dumps(measure(args.model, args.child, args.threads)))
+        print(json.dumps(measure(args.model, args.child, args.threads, args.frames)))
         return
     known = MODELS[args.model]["variants"]
     variants = [v for v in (args.variants or ",".join(known)).split(",") if v and v != "plain"]
@@ -133,6 +158,11 @@ def main() -> None:
             "benchmark": "realscale",
             "model": args.model,
             **MODELS[args.model],
+            **(
+                {}
+                if args.frames is None
+                else {"call": {**MODELS[args.model]["call"], "num_frames": args.frames}}
+            ),
             "runs": runs,
             "ratios": rows,
         }
@@ -142,12 +172,15 @@ def main() -> None:
 
 
 def _in_subprocess(args: argparse.Namespace, variant: str) -> dict:
+    frames = [] if args.frames is None else ["--frames", str(args.frames)]
     return run_child(
-        __file__, ["--model", args.model, "--threads", str(args.threads), "--child", variant], variant
+        __file__,
+        ["--model", args.model, "--threads", str(args.threads), *frames, "--child", variant],
+        variant,
     )
 
 
-def measure(model: str, variant: str, threads: int) -> dict:
+def measure(model: str, variant: str, threads: int, frames: int | None = None) -> dict:
     """Build the model, run one warm-up step, then measure one step."""
     import torch
 
@@ -157,7 +190,8 @@ def measure(model: str, variant: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     spec = MODELS[model]
     pipe = tiny_pipeline(spec["family"], dtype=getattr(torch, spec["dtype"]), **spec["config"])
-    kwargs = tiny_call_kwargs(spec["family"], num_inference_steps=1, output_type="latent", **spec["call"])
+    call = spec["call"] if frames is None else {**spec["call"], "num_frames": frames}
+    kwargs = tiny_call_kwargs(spec["family"], num_inference_steps=1, output_type="latent", **call)
     with attnctl.control(pipe) as probe:
         layers = [x for x in probe.layers if x.kind in ("self", "joint")]
     chosen = controls(variant, layers)
@@ -167,7 +201,9 @@ def measure(model: str, variant: str, threads: int) -> dict:
             pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
         return ctl
 
-    generate()  # warm-up
+    _reset_peak_rss()
+    generate()  # warm-up: the process's first call
+    first_peak = _peak_rss_bytes()
     gc.collect()
     _reset_peak_rss()
     before = _rss_bytes()
@@ -180,6 +216,7 @@ def measure(model: str, variant: str, threads: int) -> dict:
         "controls": [c.to_dict() for c in chosen],
         "peak_mib": peak / MIB,
         "before_mib": before / MIB,
+        "first_call_peak_mib": first_peak / MIB,
         "seconds": seconds,
         "time": "CPU time of the measured call (process_time)",
         "threads": threads,
