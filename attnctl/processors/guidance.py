@@ -425,11 +425,12 @@ class _Guide(DenoiserWrapper):
         """The loss of each of `images` at latent input x (one row each), and its gradient w.r.t. x."""
         union, columns = self.columns.get(session)
         x = x.detach().requires_grad_(True)
+        on_cpu = x.device.type == "cpu"
         with torch.enable_grad():
             args, kwargs = latent_input(session, *inputs)[1](x)  # a list latent's rows: views of x
             self.collector.start(union)
             try:
-                with _checkpointed(session, module, self.collector):
+                with _checkpointed(session, module, self.collector, on_cpu):
                     module(*args, **kwargs)
             except _MapsRecorded:
                 pass  # every map the loss reads is recorded; the rest of the denoiser cannot change it
@@ -442,7 +443,6 @@ class _Guide(DenoiserWrapper):
                 maps = normalize_concept_maps(attn[row], groups, softmax, smooth=self.spec.smooth)
                 losses.append(self.spec._loss(maps, self.states[i]))
             # each loss depends on its own row of x only, so the gradient of the sum is each one's own
-            on_cpu = x.device.type == "cpu"
             if on_cpu:
                 release_free_memory()  # what the forward freed, before the backward allocates again
             self.collector.replaying = True
@@ -456,14 +456,16 @@ class _Guide(DenoiserWrapper):
 
 
 @contextlib.contextmanager
-def _checkpointed(session: Any, module: torch.nn.Module, collector: _Collector) -> Iterator[None]:
+def _checkpointed(
+    session: Any, module: torch.nn.Module, collector: _Collector, on_cpu: bool
+) -> Iterator[None]:
     """On a DiT, the gradient forward keeps only the inputs of the blocks before the last one it reads
     and recomputes each block in the backward (torch.utils.checkpoint), so its memory is about one
     block's activations whatever the depth, for one more forward of those blocks. Exact: the
     recomputation runs the same operations (the collector repeats its maps unrecorded). Not where an
     edit active in the gradient forward keeps state per call (`AttentionEdit.replayable`), not for a
     block with diffusers' hooks inside (`_hooked`), nor on a UNet, whose early exit leaves little to
-    keep."""
+    keep. `on_cpu`: where the gradient forward runs (there each recomputation trims the heap first)."""
     layers = session.layers
     names = collector.layers.names(session)
     if not one_grid(layers) or not names or not all(e.replayable for e in session.installed_edits()):
@@ -471,7 +473,6 @@ def _checkpointed(session: Any, module: torch.nn.Module, collector: _Collector) 
         return
     last = max((layer for layer in layers if layer.name in names), key=lambda layer: layer.index).block
     blocks = list(dict.fromkeys(layer.block for layer in layers))
-    on_cpu = any(p.device.type == "cpu" for p in module.parameters())
     patched = []
 
     def before() -> None:  # each recomputation in the backward starts on a trimmed heap

@@ -309,18 +309,6 @@ class _PerturbHeads(AttentionEdit):
             return expected
         return out if same else self._whole(call, first, heads, image_scope)
 
-    def _short(
-        self,
-        call: AttentionCall,
-        first: int,
-        heads: tuple[int, ...] | None,
-        image_scope: bool,
-        others: torch.Tensor | None,
-        twins: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The output with the perturbed rows' perturbed part computed alone (see `kernel`)."""
-        return self._alone(call, first, heads, image_scope, others, twins)
-
     def _alone(
         self,
         call: AttentionCall,
@@ -358,6 +346,8 @@ class _PerturbHeads(AttentionEdit):
             goal = block
         return goal if others is None else cat_tokens_last([others, goal], dim=0)
 
+    _short = _alone  # the short way `kernel` takes: a name of its own, which the tests replace
+
     def _whole(
         self, call: AttentionCall, first: int, heads: tuple[int, ...] | None, image_scope: bool
     ) -> torch.Tensor:
@@ -372,7 +362,7 @@ class _PerturbHeads(AttentionEdit):
         layout = call.layout
         goal = image_scope_attention(q[own], k[own], v[own], layout.image_k, call.scale, layout.image_q)
         mixed = perturbed_output(out[own], goal, heads, 1.0, "identity")
-        return torch.cat([out[:first], mixed]) if first else mixed
+        return _with_last_rows(out, first, mixed)
 
     def _rest_heads(self, call: AttentionCall, heads: tuple[int, ...]) -> list[int]:
         key = (call.layer.name, call.query.shape[1])
@@ -404,11 +394,17 @@ class _PerturbHeads(AttentionEdit):
                 out[index], _values(call, index, self.target), heads, self.u, self.target
             )
         if isinstance(index, slice) and index.stop == out.shape[0]:
-            return torch.cat([out[: index.start], mixed]) if index.start else mixed
+            return _with_last_rows(out, index.start, mixed)
         return out.index_copy(0, torch.tensor(rows, device=out.device), mixed)
 
     def _image_scope(self, call: AttentionCall) -> bool:
         return self.scope == "image" and call.layer.kind == "joint" and call.layout.text_k is not None
+
+
+def _with_last_rows(x: torch.Tensor, start: int, rows: torch.Tensor) -> torch.Tensor:
+    """`x` with its batch rows from `start` on (the last ones) replaced by `rows`: a new tensor, `x`
+    unchanged."""
+    return torch.cat([x[:start], rows]) if start else rows
 
 
 def _twin_output(call: AttentionCall, first: int, others: torch.Tensor | None) -> torch.Tensor | None:
@@ -512,7 +508,7 @@ class PerturbedGuidance(DenoiserWrapper):
         cond = row_index(rows.cond)
         guided = fold_into_cond(base[cond], perturbed, self._scale_now, _cfg_scale(session))
         if isinstance(cond, slice) and cond.stop == len(base):  # [uncond, cond] or cond alone
-            return put(torch.cat([base[: cond.start], guided]) if cond.start else guided)
+            return put(_with_last_rows(base, cond.start, guided))
         folded = base.clone()
         folded[cond] = guided
         return put(folded)
