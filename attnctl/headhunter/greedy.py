@@ -306,7 +306,7 @@ def _checked(scores: Sequence[float], n: int, objective: Objective) -> list[floa
         values = [float(s) for s in scores]
     except (TypeError, ValueError):
         values = []
-    if len(values) != n or not all(_in_range(v, False, None, None) for v in values):
+    if len(values) != n or not all(_finite(v) for v in values):
         raise ValueError(
             f"objective {objective_name(objective)!r} gave {shown(scores)} for {n} images: one finite "
             "score per image"
